@@ -1,0 +1,1 @@
+"""splitc.cost_models."""

@@ -1,0 +1,38 @@
+"""Stable names for the vars of a Relax function: the link between IR and OpGraph.
+
+AnnotateCosts names ops and tensors with these names, SplitModule finds them again with the
+same function, so a Plan (which holds only names) maps back to the IR exactly.
+Names are the vars' ``name_hint``; a repeated hint gets ``_1``, ``_2``... in program order
+(parameters first, then bindings).
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+
+__all__ = ["binding_names"]
+
+
+def binding_names(func: relax.Function) -> dict[relax.Var, str]:
+    names: dict[relax.Var, str] = {}
+    used: dict[str, int] = {}
+
+    def name(var: relax.Var) -> None:
+        hint = var.name_hint or "v"
+        if hint in used:
+            used[hint] += 1
+            hint = f"{hint}_{used[hint]}"
+            while hint in used:  # a hint that already looked like "x_1"
+                used[hint.rsplit("_", 1)[0]] += 1
+                hint = f"{var.name_hint}_{used[var.name_hint]}"
+        used.setdefault(hint, 0)
+        names[var] = hint
+
+    for p in func.params:
+        name(p)
+    body = func.body
+    if isinstance(body, relax.SeqExpr):
+        for block in body.blocks:
+            for b in block.bindings:
+                name(b.var)
+    return names
