@@ -1,0 +1,156 @@
+"""The library entry points the CLI calls: ONNX -> annotated OpGraph -> Plan -> split.tar.
+
+Each function takes one config dataclass and returns plain results; nothing here prints or
+reads argv (``tools/cli.py`` does). Order of passes:
+
+  load_onnx (frontend) -> AnnotateCosts (visitor, no mutation) -> solve (IR-free)
+  -> SplitModule + build + package (``passes/package.py: compile_split``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from splitc import InputError
+from splitc.cost_models.link import Link
+from splitc.passes.opgraph import OpGraph
+from splitc.passes.plan import Plan
+
+__all__ = ["PlanConfig", "PlanResult", "plan_model", "CompileConfig", "compile_model",
+           "resolve_input_shapes"]
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    model: Path
+    device: str = "local-cpu"  # profile name or JSON path
+    server: str = "local-cpu"
+    uplink: str = "100Mbps"
+    downlink: str | None = None  # defaults to the uplink rate
+    latency: str = "0"
+    batch_size: int | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    objective: str = "training"
+    algorithm: str = "mincut"
+    pins: dict[str, str] = field(default_factory=dict)
+    engine: str = "ortools"
+    loss: str = "cross-entropy"
+    tied_policy: str = "sync"
+    allow_raw_upload: bool = False
+    baselines: bool = True  # also solve every other algorithm for comparison
+
+    @property
+    def link(self) -> Link:
+        return Link.parse(self.uplink, self.downlink, self.latency)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Plan
+    graph: OpGraph
+    comparison: dict[str, Plan]  # algorithm -> plan (includes the chosen one)
+    module: object = None  # the imported tvm.IRModule, kept for compile_model
+    info: object = None  # frontend ModelInfo (input names, initial parameter values)
+
+
+def resolve_input_shapes(model: Path, input_shapes: dict, batch_size: int | None) -> dict:
+    """Fill symbolic leading (batch) dims of model inputs with ``batch_size``.
+
+    Explicit ``input_shapes`` win. Other symbolic dims are left for the frontend to report.
+    """
+    shapes = dict(input_shapes)
+    if batch_size is None:
+        return shapes
+    if batch_size <= 0:
+        raise InputError(f"Plan: --batch-size must be positive, got {batch_size}")
+    try:
+        import onnx
+
+        m = onnx.load(str(model), load_external_data=False)
+    except Exception:  # the frontend reports missing / corrupt files with its own message
+        return shapes
+    inits = {i.name for i in m.graph.initializer}
+    for inp in m.graph.input:
+        if inp.name in inits or inp.name in shapes:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if not dims or not any(d.dim_param or not d.HasField("dim_value") for d in dims):
+            continue
+        resolved = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        if resolved[0] is None:
+            resolved[0] = batch_size
+        if all(v is not None for v in resolved):
+            shapes[inp.name] = tuple(int(v) for v in resolved)
+    return shapes
+
+
+def _cost_models(cfg: PlanConfig):
+    from splitc.cost_models.profiles import load_profile
+    from splitc.cost_models.roofline import RooflineModel
+
+    dev, srv = load_profile(cfg.device), load_profile(cfg.server)
+    return RooflineModel(dev), RooflineModel(srv), dev.name, srv.name
+
+
+def annotate_model(cfg: PlanConfig):
+    """Import and annotate: returns (IRModule, ModelInfo, OpGraph)."""
+    from splitc.passes.annotate_costs import annotate_costs
+    from splitc.passes.frontend import load_onnx
+
+    shapes = resolve_input_shapes(Path(cfg.model), cfg.input_shapes, cfg.batch_size)
+    mod, info = load_onnx(cfg.model, shapes or None)
+    dev, srv, _, _ = _cost_models(cfg)
+    graph = annotate_costs(mod, dev, srv, loss=cfg.loss, model_info=info)
+    return mod, info, graph
+
+
+def plan_model(cfg: PlanConfig, progress: Callable[[str], None] | None = None) -> PlanResult:
+    from splitc.passes.partition import compare, solve
+
+    say = progress or (lambda msg: None)
+    say(f"importing {cfg.model}")
+    mod, info, graph = annotate_model(cfg)
+    _, _, dev_name, srv_name = _cost_models(cfg)
+    kw = dict(objective=cfg.objective, pins=cfg.pins, tied_policy=cfg.tied_policy,
+              allow_raw_upload=cfg.allow_raw_upload, device_profile=dev_name,
+              server_profile=srv_name)
+    say(f"solving ({cfg.algorithm}) over {len(graph.ops)} ops")
+    plan = solve(graph, cfg.link, algorithm=cfg.algorithm, engine=cfg.engine, **kw)
+    comparison = {cfg.algorithm: plan}
+    if cfg.baselines:
+        say("solving baselines")
+        comparison = compare(graph, cfg.link, **kw)
+        comparison[cfg.algorithm] = plan
+    return PlanResult(plan, graph, comparison, mod, info)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    plan: PlanConfig
+    output: Path = Path("split.tar")
+    device_target: str = "llvm"
+    server_target: str = "llvm"
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    recompute: bool = False
+    cross_compiler: str | None = None
+    tuning_records: Path | None = None
+
+
+def compile_model(cfg: CompileConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Plan, split, build both halves and write split.tar; returns the build summary."""
+    from splitc.passes.package import compile_split
+
+    say = progress or (lambda msg: None)
+    result = plan_model(cfg.plan, progress=say)
+    summary = compile_split(
+        result.module, result.plan, device_target=cfg.device_target,
+        server_target=cfg.server_target, loss=cfg.plan.loss, optimizer=cfg.optimizer,
+        lr=cfg.lr, recompute=cfg.recompute, cross_compiler=cfg.cross_compiler,
+        output=cfg.output, progress=say,
+    )
+    summary.setdefault("plan", result.plan.to_json())
+    return summary
+
