@@ -13,18 +13,23 @@ from tvm import relax
 __all__ = ["binding_names"]
 
 
+def _hint(var: relax.Var) -> str:
+    # TVM 0.27 renamed ``Var.name_hint`` to ``Var.name``; accept both.
+    return getattr(var, "name", None) or getattr(var, "name_hint", None) or "v"
+
+
 def binding_names(func: relax.Function) -> dict[relax.Var, str]:
     names: dict[relax.Var, str] = {}
     used: dict[str, int] = {}
 
     def name(var: relax.Var) -> None:
-        hint = var.name_hint or "v"
+        hint = _hint(var)
         if hint in used:
             used[hint] += 1
             hint = f"{hint}_{used[hint]}"
             while hint in used:  # a hint that already looked like "x_1"
                 used[hint.rsplit("_", 1)[0]] += 1
-                hint = f"{var.name_hint}_{used[var.name_hint]}"
+                hint = f"{_hint(var)}_{used[_hint(var)]}"
         used.setdefault(hint, 0)
         names[var] = hint
 
