@@ -1,0 +1,320 @@
+"""The partition problem as plain data, and the baseline placements every solver is judged by.
+
+:class:`Problem` resolves what a placement may do (pins, model-input readers, tied weights)
+once for all algorithms and prices placements in floats, mirroring ``passes/plan.py``'s
+``evaluate`` line by line; every answer is re-costed exactly by ``evaluate`` before it is
+returned. Baselines (IR-free, no TVM):
+
+- ``device_only``: every op on the device (except ops pins force onto the server); in
+  training the model outputs still cross to the loss on the server.
+- ``server_only``: every op on the server; the raw input is uploaded (allowed only here).
+- ``layerwise``: the best single cut of the topological order (first k ops on the device,
+  Neurosurgeon-style), all n+1 cuts priced in O(n + tensors) with difference arrays.
+- ``exhaustive``: every valid placement (down-closed device sets that respect the pins);
+  refused above :data:`EXHAUSTIVE_LIMIT` free ops.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from splitc import InputError, PlanError
+from splitc.cost_models.link import Link
+from splitc.passes.opgraph import OpGraph, needs_grad
+from splitc.passes.plan import OBJECTIVES, Placement, evaluate
+
+__all__ = ["Problem", "device_only", "server_only", "layerwise", "exhaustive",
+           "EXHAUSTIVE_LIMIT", "TIED_POLICIES"]
+
+EXHAUSTIVE_LIMIT = 20  # 2**20 placements at ~50 us each in Python: under a minute
+TIED_POLICIES = ("sync", "pin")
+# Float prices of near-best placements are re-costed exactly; 1e-9 relative is far above the
+# ~1e-13 relative error of summing a few hundred float64 terms.
+_NEAR = 1e-9
+
+
+def _resolve_pins(graph: OpGraph, pins: dict | None) -> dict[str, tuple[str, str]]:
+    """Op -> (side, pattern). Exact names win over globs; a pattern must match some op."""
+    names = [op.name for op in graph.ops]
+    out: dict[str, tuple[str, str]] = {}
+    for pat, side in (pins or {}).items():
+        if side not in ("device", "server"):
+            raise InputError(f"Partition: pin {pat!r}={side!r}; the side must be device or server")
+        hits = [pat] if pat in names else fnmatch.filter(names, pat)
+        if not hits:
+            raise InputError(f"Partition: pin {pat!r} matches no op; use an op name or a glob "
+                             f"such as {names[0]!r} or 'conv*' (see the graph's op list)")
+        for h in hits:
+            if h in out and out[h][0] != side:
+                raise PlanError(f"Partition: op {h!r} is pinned to {out[h][0]} by {out[h][1]!r} "
+                                f"and to {side} by {pat!r}; remove one of the two pins")
+            out[h] = (side, pat)
+    return out
+
+
+@dataclass
+class Problem:
+    """Everything the solvers share: per-op costs, tensors, pins and forced sides."""
+
+    graph: OpGraph
+    link: Link
+    objective: str = "training"
+    pins: dict | None = None
+    tied_policy: str = "sync"
+    allow_raw_upload: bool = False
+    groups: tuple[tuple[str, ...], ...] = ()  # extra "same side" groups (blockwise)
+    index: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        g, obj = self.graph, self.objective
+        if obj not in OBJECTIVES:
+            raise InputError(f"Partition: unknown objective {obj!r}; use training or inference")
+        if self.tied_policy not in TIED_POLICIES:
+            raise InputError(f"Partition: unknown tied_policy {self.tied_policy!r}; use sync or pin")
+        self.index = {op.name: i for i, op in enumerate(g.ops)}
+        n = len(g.ops)
+        self.cd = np.array([op.device.for_objective(obj) for op in g.ops], dtype=float)
+        self.cs = np.array([op.server.for_objective(obj) for op in g.ops], dtype=float)
+        grads = needs_grad(g) if obj == "training" else frozenset()
+        up, down = self.link.uplink, self.link.downlink
+        self.tensors = []  # (name, producer index or -1, distinct consumer indices, output, comm)
+        for t in g.tensors.values():
+            comm = t.nbytes / up + (t.nbytes / down if t.name in grads else 0.0)
+            p = -1 if t.producer is None else self.index[t.producer]
+            cons = tuple(sorted({self.index[c] for c in t.consumers}))
+            self.tensors.append((t.name, p, cons, t.is_output and obj == "training", comm))
+        self.out_down = np.zeros(n)  # inference: result bytes down when made on the server
+        self.makes_result = np.zeros(n, dtype=bool)
+        if obj == "inference":
+            for name in g.outputs:
+                t = g.tensors[name]
+                if t.producer is not None:
+                    self.out_down[self.index[t.producer]] += t.nbytes / down
+                    self.makes_result[self.index[t.producer]] = True
+        self.tied = []  # (param, reader indices) for weights read by two or more ops
+        for p in g.params.values():
+            unknown = [r for r in p.readers if r not in self.index]
+            if unknown:
+                raise InputError(f"Partition: param {p.name!r} lists reader {unknown[0]!r} "
+                                 "that is no op; re-run AnnotateCosts")
+            readers = tuple(sorted({self.index[r] for r in p.readers}))
+            if len(readers) > 1:
+                self.tied.append((p.name, readers, p.nbytes / up + p.nbytes / down))
+        self.constant = 0.0  # training constants evaluate() adds: loss, labels, latency
+        if obj == "training":
+            self.constant = (g.loss_server.training + 2 * self.link.latency
+                             + sum(t.nbytes for t in g.labels) / up)
+        self._forced()
+
+    # -- pins and forced sides ----------------------------------------------------------
+    def _forced(self) -> None:
+        g, idx, n = self.graph, self.index, len(self.graph.ops)
+        reason: dict[int, tuple[str, str]] = {}
+        for name, (side, pat) in _resolve_pins(g, self.pins).items():
+            reason[idx[name]] = (side, f"pinned to {side} by {pat!r}")
+        if not self.allow_raw_upload:
+            for name in g.inputs:
+                for c in g.tensors[name].consumers:
+                    i = idx[c]
+                    if reason.get(i, ("device",))[0] == "server":
+                        raise PlanError(f"Partition: op {c!r} is {reason[i][1]} but reads model "
+                                        f"input {name!r} and raw data never leaves the device; "
+                                        "unpin it or pass allow_raw_upload=True")
+                    reason.setdefault(i, ("device", f"reads model input {name!r}"))
+        self.reason = reason
+        # "x on the device => y on the device": consumer -> producer, and same-side groups.
+        dev_next: list[list[int]] = [[] for _ in range(n)]
+        srv_next: list[list[int]] = [[] for _ in range(n)]
+        for _, p, cons, _, _ in self.tensors:
+            if p >= 0:
+                for c in cons:
+                    dev_next[c].append(p)
+                    srv_next[p].append(c)
+        groups = [list(gr) for gr in self.groups]
+        if self.tied_policy == "pin":
+            groups += [[g.ops[r].name for r in rd] for _, rd, _ in self.tied]
+        self.same = [[idx[x] for x in gr] for gr in groups if len(gr) > 1]
+        for gr in self.same:
+            for a, b in zip(gr, gr[1:]):
+                for nxt in (dev_next, srv_next):
+                    nxt[a].append(b)
+                    nxt[b].append(a)
+        dev_par = self._closure([i for i, r in reason.items() if r[0] == "device"], dev_next)
+        srv_par = self._closure([i for i, r in reason.items() if r[0] == "server"], srv_next)
+        both = sorted(set(dev_par) & set(srv_par))
+        if both:
+            x = both[0]
+            d, p = self._root(x, dev_par), self._root(x, srv_par)
+            chain = self._chain(x, srv_par)[::-1] + self._chain(x, dev_par)[1:]
+            names = " -> ".join(g.ops[i].name for i in chain)
+            raise PlanError(
+                f"Partition: contradictory pins: {g.ops[p].name!r} ({reason[p][1]}) must run on "
+                f"the server and {g.ops[d].name!r} ({reason[d][1]}) on the device, but the first "
+                f"feeds the second ({names}) and nothing on the server may feed the device; "
+                "change one of these pins")
+        self.forced_dev = np.zeros(n, dtype=bool)
+        self.forced_srv = np.zeros(n, dtype=bool)
+        self.forced_dev[list(dev_par)] = True
+        self.forced_srv[list(srv_par)] = True
+
+    @staticmethod
+    def _closure(start, nxt):
+        par = {i: -1 for i in start}
+        stack = list(start)
+        while stack:
+            u = stack.pop()
+            for v in nxt[u]:
+                if v not in par:
+                    par[v] = u
+                    stack.append(v)
+        return par
+
+    @staticmethod
+    def _chain(x, par):
+        out = [x]
+        while par[out[-1]] != -1:
+            out.append(par[out[-1]])
+        return out
+
+    def _root(self, x, par):
+        return self._chain(x, par)[-1]
+
+    @property
+    def free(self) -> int:
+        return int((~(self.forced_dev | self.forced_srv)).sum())
+
+    # -- pricing ------------------------------------------------------------------------
+    def cost(self, dev) -> float:
+        """Float price of a placement (``dev[i]``: op i on the device), inf when infeasible.
+
+        Mirrors ``evaluate`` term by term; used to rank candidates before the exact re-cost.
+        """
+        dev = np.asarray(dev, dtype=bool)
+        tot = float(self.cd[dev].sum() + self.cs[~dev].sum()) + self.constant
+        crossed = False
+        for _, p, cons, out, comm in self.tensors:
+            if p >= 0 and not dev[p]:
+                if any(dev[c] for c in cons):
+                    return float("inf")
+                continue
+            if out or any(not dev[c] for c in cons):
+                tot += comm
+                crossed = True
+        for _, rd, c in self.tied:
+            if self.objective == "training" and len({bool(dev[r]) for r in rd}) == 2:
+                tot += c
+        if self.objective == "inference":
+            tot += float(self.out_down[~dev].sum())
+            if crossed or bool(self.makes_result[~dev].any()):
+                tot += 2 * self.link.latency
+        return tot
+
+    def valid(self, dev) -> bool:
+        dev = np.asarray(dev, dtype=bool)
+        if (self.forced_dev & ~dev).any() or (self.forced_srv & dev).any():
+            return False
+        if any(len({bool(dev[i]) for i in gr}) > 1 for gr in self.same):
+            return False
+        return all(not (p >= 0 and not dev[p] and any(dev[c] for c in cons))
+                   for _, p, cons, _, _ in self.tensors)
+
+    def placement(self, dev) -> Placement:
+        return Placement.of(op.name for op, d in zip(self.graph.ops, dev) if d)
+
+    def exact(self, dev) -> Fraction:
+        return evaluate(self.graph, self.placement(dev), self.link, self.objective).total
+
+    def best_exact(self, candidates):
+        """The exactly cheapest of ``(float cost, dev mask)`` candidates near the float best."""
+        lo = min(c for c, _ in candidates)
+        near = [d for c, d in candidates if c <= lo + _NEAR * max(abs(lo), 1e-300)]
+        return min(near, key=self.exact)
+
+
+def device_only(pb: Problem) -> np.ndarray:
+    """Every op on the device, except ops that pins force onto the server."""
+    return ~pb.forced_srv
+
+
+def server_only(pb: Problem) -> np.ndarray:
+    """Every op on the server: the raw input is uploaded (raw data leaves the device)."""
+    return np.zeros(len(pb.graph.ops), dtype=bool)
+
+
+def layerwise(pb: Problem) -> np.ndarray | None:
+    """Best prefix ``ops[:k]`` on the device over valid k, or ``None`` when no k is valid.
+
+    Cost(k) = sum of range contributions: device compute of op i for k > i, server compute
+    for k <= i, a tensor made at p and last read at m crosses for p < k <= m (always, from
+    p < k, when it is a training output), a tied weight read at a..b is split for a < k <= b.
+    """
+    n = len(pb.graph.ops)
+    acc = np.zeros(n + 2)  # difference array over k = 0..n
+    cnt = np.zeros(n + 2)  # how many things cross (inference: fixed latency when > 0)
+
+    def add(lo, hi, v, count=True):  # add v for k in [lo, hi]
+        if lo <= hi:
+            acc[lo] += v
+            acc[hi + 1] -= v
+            if count:
+                cnt[lo] += 1
+                cnt[hi + 1] -= 1
+
+    for i in range(n):
+        add(i + 1, n, pb.cd[i], False)
+        add(0, i, pb.cs[i] + pb.out_down[i], pb.makes_result[i])
+    for _, p, cons, out, comm in pb.tensors:
+        hi = n if out else (max(cons) if cons else -1)
+        add(p + 1, hi, comm)
+    if pb.objective == "training":
+        for _, rd, c in pb.tied:
+            add(rd[0] + 1, rd[-1], c)
+    cost = np.cumsum(acc)[: n + 1] + pb.constant
+    if pb.objective == "inference":
+        cost = cost + np.where(np.cumsum(cnt)[: n + 1] > 0, 2 * pb.link.latency, 0.0)
+    ks = np.arange(n + 1)
+    dev_idx = np.nonzero(pb.forced_dev)[0]
+    srv_idx = np.nonzero(pb.forced_srv)[0]
+    ok = ks >= (dev_idx.max() + 1 if len(dev_idx) else 0)
+    ok &= ks <= (srv_idx.min() if len(srv_idx) else n)
+    for gr in pb.same:  # same-side groups: the cut may not fall inside one
+        ok &= (ks <= min(gr)) | (ks > max(gr))
+    if not ok.any():
+        return None
+    order = np.argsort(np.where(ok, cost, np.inf), kind="stable")
+    cands = [(float(cost[k]), np.arange(n) < k) for k in order[:8] if ok[k]]
+    return pb.best_exact(cands)
+
+
+def exhaustive(pb: Problem) -> np.ndarray:
+    """The exact optimum over every valid placement (raises above the size limit)."""
+    g, n = pb.graph, len(pb.graph.ops)
+    if pb.free > EXHAUSTIVE_LIMIT:
+        raise InputError(f"Partition: exhaustive search over {pb.free} free ops is too large "
+                         f"(limit {EXHAUSTIVE_LIMIT}); use algorithm 'mincut' (exact)")
+    prods = [sorted({pb.index[g.tensors[t].producer] for t in op.inputs
+                     if g.tensors[t].producer is not None}) for op in g.ops]
+    cands: list[tuple[float, np.ndarray]] = []
+    dev = np.zeros(n, dtype=bool)
+
+    def rec(i):
+        if i == n:
+            if all(len({bool(dev[j]) for j in gr}) == 1 for gr in pb.same):
+                cands.append((pb.cost(dev), dev.copy()))
+            return
+        can_dev = not pb.forced_srv[i] and all(dev[p] for p in prods[i])
+        if can_dev:
+            dev[i] = True
+            rec(i + 1)
+            dev[i] = False
+        if not pb.forced_dev[i]:
+            rec(i + 1)
+
+    rec(0)
+    if not cands:
+        raise PlanError("Partition: no valid placement; check the pins")
+    return pb.best_exact(cands)
