@@ -33,6 +33,10 @@ class OpFeatures:
     # Whether the backward pass of this op needs a gradient w.r.t. its inputs: ops that read
     # only model inputs (no trainable ancestor and no parameters) still need weight grads.
     has_params: bool = False
+    # Whether some activation input of this op needs a gradient (it depends on a trainable
+    # parameter): False for the first layer (reads only model inputs) and for mask arithmetic
+    # on inputs, whose backward then computes weight gradients only, or nothing at all.
+    input_grad: bool = True
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,133 @@
+"""The one home of version-sensitive TVM calls (apache-tvm 0.27, Relax only).
+
+TVM 0.27 renamed much of the Python API: ``struct_info`` is ``ty``, ``Var.name_hint`` is
+``Var.name``, ``tir`` is ``tirx``, dlight is ``tvm.s_tir.dlight``. Every other module goes
+through the helpers below so the next rename is a one-file change. Keep it in sections;
+append new helpers to the section they belong to (or add a section).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+__all__ = [
+    # vars and names
+    "var_name",
+    # types
+    "expr_ty", "is_tensor_ty", "is_tuple_ty", "is_shape_ty", "is_prim_ty", "tensor_dtype",
+    "tensor_shape", "static_shape", "tensor_ty_of", "tuple_fields",
+    # ops
+    "get_op", "call_op_name", "is_op_call",
+    # functions
+    "func_num_inputs", "func_param_values",
+    # arrays
+    "to_numpy",
+]
+
+
+# -- vars and names --------------------------------------------------------------------------
+def var_name(var: relax.Var) -> str:
+    """The user-visible name of a Relax var (``name_hint`` before 0.27, ``name`` since)."""
+    name = getattr(var, "name", None)
+    if name is None:  # pragma: no cover - older TVM
+        name = var.name_hint
+    return str(name)
+
+
+# -- types (formerly struct info) ------------------------------------------------------------
+def expr_ty(expr: relax.Expr):
+    """The Relax type of an expression (``struct_info`` before 0.27)."""
+    ty = getattr(expr, "ty", None)
+    if ty is None:  # pragma: no cover - older TVM
+        ty = expr.struct_info
+    return ty
+
+
+def is_tensor_ty(ty) -> bool:
+    return isinstance(ty, relax.TensorType)
+
+
+def is_tuple_ty(ty) -> bool:
+    return isinstance(ty, relax.TupleType)
+
+
+def is_shape_ty(ty) -> bool:
+    return isinstance(ty, relax.ShapeType)
+
+
+def is_prim_ty(ty) -> bool:
+    return isinstance(ty, relax.type.PrimType)
+
+
+def tuple_fields(ty) -> list:
+    return list(ty.fields)
+
+
+def tensor_dtype(ty) -> str:
+    return str(ty.dtype)
+
+
+def tensor_shape(ty) -> tuple | None:
+    """Dims as python ints where static, the symbolic ``PrimExpr`` where not; ``None`` when
+    the rank itself is unknown."""
+    shape = ty.shape
+    if shape is None:
+        return None
+    values = getattr(shape, "values", None)
+    if values is None:
+        return None
+    out = []
+    for d in values:
+        out.append(int(d.value) if isinstance(d, tvm.tirx.IntImm) else d)
+    return tuple(out)
+
+
+def static_shape(ty) -> tuple[int, ...] | None:
+    """``tensor_shape`` if every dim is a python int, else ``None``."""
+    s = tensor_shape(ty)
+    if s is None or not all(isinstance(d, int) for d in s):
+        return None
+    return s
+
+
+def tensor_ty_of(expr: relax.Expr):
+    ty = expr_ty(expr)
+    return ty if is_tensor_ty(ty) else None
+
+
+# -- ops ------------------------------------------------------------------------------------
+def get_op(name: str) -> tvm.ir.Op:
+    """``tvm.ir.Op.get`` (raises at import time for a typo: that is the point)."""
+    return tvm.ir.Op.get(name)
+
+
+def is_op_call(expr) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)
+
+
+def call_op_name(expr) -> str:
+    return str(expr.op.name)
+
+
+# -- functions -------------------------------------------------------------------------------
+def func_num_inputs(func: relax.Function) -> int:
+    """``num_input`` attr set by the ONNX importer: the real inputs before the weights."""
+    attrs = func.attrs
+    if attrs is not None and "num_input" in attrs:
+        return int(attrs["num_input"])
+    return len(func.params)
+
+
+def func_param_values(func: relax.Function) -> list[np.ndarray]:
+    """Initial weight values kept by ``from_onnx(keep_params_in_input=True)`` (attr ``params``)."""
+    attrs = func.attrs
+    if attrs is None or "params" not in attrs:
+        return []
+    return [to_numpy(a) for a in attrs["params"]]
+
+
+# -- arrays ----------------------------------------------------------------------------------
+def to_numpy(arr) -> np.ndarray:
+    return arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr)

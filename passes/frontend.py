@@ -1,0 +1,284 @@
+"""ONNX file -> Relax ``IRModule`` with the weights kept as function parameters.
+
+``load_onnx`` is the first step of the flow (shared/ARCHITECTURE.md). It checks the file
+before TVM sees it so that bad input gives one line, never a traceback:
+
+- missing file, not ONNX, truncated or corrupt protobuf -> ``InputError``
+- ONNX ops the Relax importer has no converter for -> ``UnsupportedError`` naming every op
+  type and the nodes that use it
+- symbolic dims (``N``) not pinned by ``input_shapes`` -> ``InputError`` naming the input and
+  the dim; an ``input_shapes`` name that is no model input -> ``InputError``
+
+The module it returns: ``main(inputs..., weights...)`` with one dataflow block, attrs
+``num_input`` (how many real inputs come first) and ``params`` (initial weight values, in
+parameter order), exactly as ``from_onnx(keep_params_in_input=True)`` makes it, normalised.
+Runs before ``AnnotateCosts``; nothing runs before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from splitc import InputError, UnsupportedError
+
+__all__ = ["ModelInfo", "InputInfo", "load_onnx", "parse_input_shapes", "onnx_op_support"]
+
+_MAX_LISTED = 8  # ops / nodes named in one error line before "..."
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One real model input: ``name`` is the Relax parameter name (ONNX name sanitised)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    onnx_name: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the frontend knows about the model besides the IR.
+
+    ``params`` maps each weight's Relax parameter name to its initial value, in the order of
+    ``main``'s parameters after the inputs. ``buffers`` are the params that are state, not
+    trained (batch-norm running mean / variance): updated in training mode, never by the
+    optimizer.
+    """
+
+    name: str
+    path: str
+    sha256: str
+    opset: int
+    inputs: tuple[InputInfo, ...]
+    outputs: tuple[str, ...]
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    buffers: frozenset[str] = frozenset()
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(self.params)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(int(v.nbytes) for v in self.params.values())
+
+
+# -- --input-shapes ---------------------------------------------------------------------------
+_SHAPE_ITEM = re.compile(r"\s*([^\s,\[\]]+?)\s*:\s*\[([^\]]*)\]\s*(?:,|\s|$)")
+
+
+def parse_input_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
+    """Parse tvmc-style shapes ``'x:[8,3,224,224],mask:[8,128]'`` into ``{name: shape}``.
+
+    >>> parse_input_shapes("x:[8,3,224,224],mask:[8,128]")
+    {'x': (8, 3, 224, 224), 'mask': (8, 128)}
+    """
+    if text is None or not text.strip():
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _SHAPE_ITEM.match(text, pos)
+        if not m:
+            raise InputError(
+                f"Frontend: cannot parse input shapes {text!r} at {text[pos:]!r}; "
+                "use the form 'x:[8,3,224,224],mask:[8,128]'")
+        name, dims = m.group(1), m.group(2).strip()
+        try:
+            shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+        except ValueError:
+            raise InputError(
+                f"Frontend: input shape of {name!r} has a non-integer dim in [{dims}]; "
+                "use whole numbers such as 'x:[8,3,224,224]'") from None
+        if any(d <= 0 for d in shape):
+            raise InputError(f"Frontend: input shape of {name!r} has a dim <= 0 in [{dims}]; "
+                             "every dim must be a positive integer")
+        if name in out:
+            raise InputError(f"Frontend: input {name!r} is given twice in --input-shapes")
+        out[name] = shape
+        pos = m.end()
+    return out
+
+
+# -- checks before the import ----------------------------------------------------------------
+def onnx_op_support() -> frozenset[str]:
+    """ONNX op types the installed Relax importer converts."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return frozenset(onnx_frontend._get_convert_map()) | {"If", "Constant"}
+
+
+def _read_model(path: Path):
+    import onnx
+
+    if not path.exists():
+        raise InputError(f"Frontend: model file {str(path)!r} does not exist; check the path")
+    if not path.is_file():
+        raise InputError(f"Frontend: {str(path)!r} is not a file; pass an .onnx model file")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:  # DecodeError, RuntimeError on bad wire types, ...
+        raise InputError(
+            f"Frontend: {str(path)!r} is not a readable ONNX model (corrupt or truncated "
+            f"protobuf: {str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            "re-export it with torch.onnx.export") from None
+    # Protobuf parses many non-ONNX byte strings into an empty message: check the content.
+    if model.ir_version < 3 or not model.graph.node or not model.graph.output:
+        raise InputError(
+            f"Frontend: {str(path)!r} is not an ONNX model (no graph nodes or outputs, ir_version "
+            f"{model.ir_version}); pass a model exported with torch.onnx.export")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as e:
+            raise InputError(f"Frontend: external weights of {str(path)!r} cannot be read "
+                             f"({type(e).__name__}); keep the .data file next to the model") from None
+    return model, digest
+
+
+def _check_ops(model) -> None:
+    supported = onnx_op_support()
+    bad: dict[str, list[str]] = {}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in supported:
+            bad.setdefault(node.op_type, []).append(node.name or f"#{i}")
+    if not bad:
+        return
+    parts = []
+    for op, nodes in list(bad.items())[:_MAX_LISTED]:
+        more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+        parts.append(f"{op} (node{'s' if len(nodes) > 1 else ''} {', '.join(nodes[:3])}{more})")
+    raise UnsupportedError(
+        f"Frontend: unsupported ONNX op{'s' if len(bad) > 1 else ''} {'; '.join(parts)}; "
+        "the TVM Relax importer has no converter for them: re-export without them "
+        "or decompose them")
+
+
+def _dtype_name(elem_type: int) -> str:
+    import onnx
+
+    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+
+
+def _resolve_shapes(model, input_shapes: dict[str, tuple[int, ...]]):
+    """Static shape of every real input; raise on a symbolic dim or an unknown shape name."""
+    inits = {t.name for t in model.graph.initializer}
+    real = [i for i in model.graph.input if i.name not in inits]
+    by_name = {i.name: i for i in real}
+    # accept the sanitised Relax name as well as the ONNX name (x.1 and x_1)
+    alias = {i.name.replace(".", "_"): i.name for i in real}
+    given: dict[str, tuple[int, ...]] = {}
+    for name, shape in input_shapes.items():
+        onnx_name = name if name in by_name else alias.get(name)
+        if onnx_name is None:
+            names = ", ".join(sorted(by_name)) or "(none)"
+            raise InputError(f"Frontend: --input-shapes names {name!r}, which is not a model "
+                             f"input; the inputs are: {names}")
+        given[onnx_name] = shape
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for inp in real:
+        tt = inp.type.tensor_type
+        dtypes[inp.name] = _dtype_name(tt.elem_type)
+        dims = list(tt.shape.dim) if tt.HasField("shape") else None
+        if inp.name in given:
+            shape = given[inp.name]
+            if dims is not None and len(dims) != len(shape):
+                raise InputError(
+                    f"Frontend: --input-shapes gives {inp.name!r} rank {len(shape)}, the model "
+                    f"says rank {len(dims)}; give {len(dims)} dims")
+            for k, d in enumerate(dims or []):
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != shape[k]:
+                    raise InputError(
+                        f"Frontend: --input-shapes gives {inp.name!r} dim {k} = {shape[k]}, the "
+                        f"model fixes it to {d.dim_value}; use {d.dim_value}")
+            shapes[inp.name] = shape
+            continue
+        if dims is None:
+            raise InputError(f"Frontend: input {inp.name!r} has unknown rank; pass "
+                             f"--input-shapes \"{inp.name}:[...]\"")
+        for k, d in enumerate(dims):
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                sym = d.dim_param or "?"
+                raise InputError(
+                    f"Frontend: input {inp.name!r} has symbolic dim {k} ({sym!r}); pass "
+                    f"--input-shapes \"{inp.name}:[...]\" with every dim fixed")
+        shapes[inp.name] = tuple(int(d.dim_value) for d in dims)
+    return real, shapes, dtypes
+
+
+def _buffers(model) -> set[str]:
+    """Initializers read only as BatchNormalization's running mean / var (inputs 3 and 4)."""
+    bn_state, other = set(), set()
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            (bn_state if node.op_type == "BatchNormalization" and k >= 3 else other).add(name)
+    return bn_state - other
+
+
+# -- the import -----------------------------------------------------------------------------
+def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None):
+    """Read ``path`` into ``(IRModule, ModelInfo)``; see the module docstring for the errors."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from splitc.passes import compat
+
+    path = Path(path)
+    model, digest = _read_model(path)
+    _check_ops(model)
+    real, shapes, dtypes = _resolve_shapes(model, dict(input_shapes or {}))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # renaming and checker chatter, not user errors
+            mod = from_onnx(model, shape_dict={k: list(v) for k, v in shapes.items()},
+                            keep_params_in_input=True)
+    except tvm.error.OpNotImplemented as e:
+        raise UnsupportedError(f"Frontend: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise UnsupportedError(
+            f"Frontend: the TVM ONNX importer failed on {path.name}: {type(e).__name__}: "
+            f"{msg[-1] if msg else ''}; check the ONNX ops and attributes it uses") from None
+    mod = _normalise(mod)
+    func = mod["main"]
+    n_in = compat.func_num_inputs(func)
+    values = compat.func_param_values(func)
+    params = func.params
+    inputs = []
+    for var, onnx_inp in zip(params[:n_in], real):
+        ty = compat.expr_ty(var)
+        inputs.append(InputInfo(compat.var_name(var), compat.static_shape(ty) or (),
+                                compat.tensor_dtype(ty), onnx_inp.name))
+    pnames = [compat.var_name(v) for v in params[n_in:]]
+    # initializer names lose an "onnx::" prefix in the importer, nothing else
+    buffers = {n.removeprefix("onnx::") for n in _buffers(model)}
+    info = ModelInfo(
+        name=model.graph.name or path.stem, path=str(path), sha256=digest, opset=int(opset),
+        inputs=tuple(inputs), outputs=tuple(o.name for o in model.graph.output),
+        params=dict(zip(pnames, values)), buffers=frozenset(buffers & set(pnames)),
+    )
+    return mod, info
+
+
+def _normalise(mod):
+    """Normalise and drop dead bindings; weights stay parameters (no binding of params)."""
+    import tvm
+    from tvm import relax
+
+    return tvm.transform.Sequential([relax.transform.Normalize()])(mod)
