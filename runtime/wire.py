@@ -238,10 +238,15 @@ def decode(frames, expect: Expect) -> Message:
             raise TransportError(f"Wire: tensor {i} ({spec.name}) is {dtype}, codecs are for floats")
         bound = codec.max_encoded_bytes(shape, dtype)
         limit = spec.max_bytes or expect.max_bytes
-        if nbytes > bound or nbytes > limit or total + nbytes > expect.max_bytes:
+        if nbytes > bound or nbytes > limit:
             raise TransportError(
                 f"Wire: tensor {i} ({spec.name}) is oversized: {nbytes} bytes, limit "
                 f"{min(bound, limit)}"
+            )
+        if total + nbytes > expect.max_bytes:
+            raise TransportError(
+                f"Wire: message is oversized: {total + nbytes} bytes in tensors 0..{i}, limit "
+                f"{expect.max_bytes}"
             )
         got = len(_buf(frames[3 + 2 * i]))
         if got != nbytes:
