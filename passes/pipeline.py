@@ -102,7 +102,8 @@ def annotate_model(cfg: PlanConfig):
     shapes = resolve_input_shapes(Path(cfg.model), cfg.input_shapes, cfg.batch_size)
     mod, info = load_onnx(cfg.model, shapes or None)
     dev, srv, _, _ = _cost_models(cfg)
-    graph = annotate_costs(mod, dev, srv, loss=cfg.loss, model_info=info)
+    graph = annotate_costs(mod, dev, srv, loss=cfg.loss, model_hash=info.sha256, name=info.name,
+                           buffers=info.buffers)
     return mod, info, graph
 
 

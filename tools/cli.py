@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -30,28 +29,14 @@ def parse_pins(values: tuple[str, ...]) -> dict[str, str]:
     return pins
 
 
-_SHAPE_ITEM = re.compile(r"\s*([^:,\[\]]+)\s*:\s*\[([0-9,\s]*)\]\s*")
-
-
 def parse_input_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
-    """tvmc syntax: ``"x:[8,3,224,224],mask:[8,128]"``."""
-    if not text:
-        return {}
-    shapes, pos = {}, 0
-    while pos < len(text):
-        m = _SHAPE_ITEM.match(text, pos)
-        if not m:
-            raise click.BadParameter(f"cannot parse {text!r}; expected 'x:[8,3,224,224],y:[8]'",
-                                     param_hint="--input-shapes")
-        dims = [d for d in m.group(2).replace(" ", "").split(",") if d]
-        shapes[m.group(1).strip()] = tuple(int(d) for d in dims)
-        pos = m.end()
-        if pos < len(text):
-            if text[pos] != ",":
-                raise click.BadParameter(f"cannot parse {text!r} at {text[pos:]!r}",
-                                         param_hint="--input-shapes")
-            pos += 1
-    return shapes
+    """tvmc syntax: ``"x:[8,3,224,224],mask:[8,128]"`` (the frontend's parser)."""
+    from splitc.passes.frontend import parse_input_shapes as parse
+
+    try:
+        return parse(text)
+    except SplitcError as e:
+        raise click.BadParameter(str(e), param_hint="--input-shapes") from None
 
 
 def _errors(fn):

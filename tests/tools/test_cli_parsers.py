@@ -1,0 +1,33 @@
+"""The CLI's pure parsers and its error mapping (no TVM needed)."""
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from splitc.tools.cli import cli, parse_input_shapes, parse_pins
+
+
+def test_parse_input_shapes_tvmc_syntax():
+    assert parse_input_shapes("x:[8,3,224,224],mask:[8, 128]") == {
+        "x": (8, 3, 224, 224), "mask": (8, 128)}
+    assert parse_input_shapes(None) == {}
+
+
+@pytest.mark.parametrize("bad", ["x[8,3]", "x:[8,a]", "x:[8],,y:[2]", "x:[8] y:[2]"])
+def test_parse_input_shapes_rejects(bad):
+    with pytest.raises(click.BadParameter, match="cannot parse"):
+        parse_input_shapes(bad)
+
+
+def test_parse_pins():
+    assert parse_pins(("conv*=device", "lv9=server")) == {"conv*": "device", "lv9": "server"}
+    with pytest.raises(click.BadParameter, match="expected OP=device or OP=server"):
+        parse_pins(("lv9=gpu",))
+
+
+def test_plan_missing_file_is_one_line_error(tmp_path):
+    r = CliRunner().invoke(cli, ["plan", str(tmp_path / "nope.onnx")])
+    assert r.exit_code == 2
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
