@@ -1,0 +1,229 @@
+"""Build: targets per side by name, compile each half, export its library.
+
+Runs after ``passes/split_module.py`` (functions ``device_*`` / ``server_*``); before
+``passes/package.py`` (which writes split.tar).
+
+Target names accepted (``resolve_target``):
+- ``llvm`` (this machine) and any other plain kind or tag (``nvidia/jetson-orin-nano``,
+  ``nvidia/jetson-agx-orin-32gb``... see ``tvm.target.list_tags()``);
+- tvmc-style strings with options, ``"cuda -arch=sm_90"``, which TVM 0.27 no longer parses:
+  translated to a dict target (``{"kind": "cuda", "arch": "sm_90"}``);
+- a JSON object.
+
+TVM 0.27 pitfalls handled here: every Jetson Orin tag carries the Xavier host
+``mcpu=carmel``; Orin is Cortex-A78AE, so the host becomes ``cortex-a78ae``. An aarch64 host
+needs a cross compiler (``aarch64-linux-gnu-gcc`` by default) to link the library. CUDA code
+is compiled at build time with nvcc (``TVM_CUDA_COMPILE_MODE=nvcc``, a fatbin for the tag's
+``arch``), so a board never JIT-compiles; the CUDA version used is recorded for JetPack.
+GPU functions get dlight default schedules (TVM's CUDA pipeline applies
+``dl.ApplyDefaultSchedule(Matmul, GEMV, Reduction, GeneralReduction, Fallback)``); CPU
+functions get ``passes/schedules.py: default_cpu_schedule`` when the perf pass is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+from splitc import BuildError
+
+__all__ = ["resolve_target", "BuiltSide", "build_side", "cuda_version", "side_module"]
+
+# Tags whose host is an Orin (Cortex-A78AE) though TVM's tag says Xavier's "carmel".
+_ORIN_HOST_CPU = "cortex-a78ae"
+_OPT = re.compile(r"^-{1,2}([A-Za-z0-9_.-]+)=(.*)$")
+
+
+def _value(v: str):
+    if re.fullmatch(r"-?\d+", v):
+        return int(v)
+    if v in ("true", "false"):
+        return v == "true"
+    return v
+
+
+def _target_dict(text: str) -> dict:
+    """``"cuda -arch=sm_90 -max_num_threads=1024"`` -> ``{"kind": "cuda", "arch": ...}``."""
+    kind, *opts = text.split()
+    d: dict = {"kind": kind}
+    for o in opts:
+        m = _OPT.match(o)
+        if not m:
+            raise BuildError(f"Build: cannot read option {o!r} of target {text!r}; write options "
+                             "as -key=value, e.g. 'cuda -arch=sm_90'")
+        k, v = m.group(1), m.group(2)
+        d[k] = v.split(",") if k in ("mattr", "libs", "keys") else _value(v)
+    return d
+
+
+def resolve_target(text: str) -> tvm.target.Target:
+    """A ``tvm.target.Target`` for a name, tag, tvmc-style string or JSON (module docstring)."""
+    spec = str(text).strip()
+    try:
+        if spec.startswith("{"):
+            target = tvm.target.Target(json.loads(spec))
+        elif " " in spec:
+            target = tvm.target.Target(_target_dict(spec))
+        else:
+            target = tvm.target.Target(spec)
+    except BuildError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TVM raises ValueError / TVMError subclasses
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise BuildError(f"Build: TVM rejects target {spec!r} ({why}); use llvm, a tag such as "
+                         "nvidia/jetson-orin-nano, 'cuda -arch=sm_90' or a JSON target") from None
+    host = target.host
+    if (spec.startswith("nvidia/jetson") and "orin" in spec and host is not None
+            and str(host.attrs.get("mcpu", "")) == "carmel"):
+        d = dict(target.export())
+        h = dict(d.pop("host"))
+        h["mcpu"] = _ORIN_HOST_CPU
+        d.pop("tag", None)
+        target = tvm.target.Target(d, host=h)
+    return target
+
+
+def _is_gpu(target: tvm.target.Target) -> bool:
+    return target.kind.name in ("cuda", "rocm", "vulkan", "metal", "opencl")
+
+
+def _host(target: tvm.target.Target) -> tvm.target.Target:
+    return target.host if target.host is not None else target
+
+
+def _is_aarch64(target: tvm.target.Target) -> bool:
+    h = _host(target)
+    return "aarch64" in str(h.attrs.get("mtriple", ""))
+
+
+def cuda_version() -> str | None:
+    """``"13.0"`` for the nvcc on PATH (or under /usr/local/cuda), None without CUDA."""
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
+                                    if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None:
+        return None
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+@contextmanager
+def _env(**kv):
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update(kv)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def side_module(mod: tvm.IRModule, side: str) -> tvm.IRModule:
+    """The functions of one side (``device_*`` or ``server_*``), GlobalVars kept."""
+    keep = {gv: f for gv, f in mod.functions.items() if gv.name_hint.startswith(side + "_")}
+    if not keep:
+        raise BuildError(f"Build: the module has no {side}_* functions; run SplitModule first")
+    return tvm.IRModule(keep)
+
+
+@dataclass(frozen=True)
+class BuiltSide:
+    side: str
+    target: dict  # Target.export(), JSON-able
+    library: str  # path of the exported .so
+    seconds: float
+    cuda: str | None  # CUDA version the GPU code was compiled with
+    cross_compiler: str | None
+
+
+def _cpu_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    try:  # the perf engineer's schedules; optional
+        from splitc.passes.schedules import default_cpu_schedule
+    except ImportError:
+        return mod
+    return default_cpu_schedule(mod, target)
+
+
+def build_side(mod: tvm.IRModule, side: str, target: str | tvm.target.Target, out_path: str,
+               cross_compiler: str | None = None) -> BuiltSide:
+    """Compile ``side``'s functions of ``mod`` for ``target`` and export ``out_path`` (.so)."""
+    tgt = resolve_target(target) if isinstance(target, str) else target
+    sub = side_module(mod, side)
+    fcompile, cc = None, None
+    if _is_aarch64(tgt) and os.uname().machine != "aarch64":
+        # --cross-compiler applies to the aarch64 side(s); an x86 server links natively
+        cc = cross_compiler or "aarch64-linux-gnu-gcc"
+        if shutil.which(cc) is None:
+            raise BuildError(f"Build: cross compiler {cc!r} not found for the aarch64 {side} "
+                             "target; apt-get install g++-aarch64-linux-gnu or pass "
+                             "--cross-compiler")
+        from tvm.support import cc as tcc
+
+        fcompile = tcc.cross_compiler(cc)
+    gpu = _is_gpu(tgt)
+    cuda = cuda_version() if tgt.kind.name == "cuda" else None
+    if tgt.kind.name == "cuda" and cuda is None:
+        raise BuildError(f"Build: {side} target {tgt.kind.name} needs nvcc (CUDA toolkit) to "
+                         "compile kernels; install CUDA or use an llvm target")
+    t0 = time.perf_counter()
+    try:
+        with _env(TVM_CUDA_COMPILE_MODE="nvcc"), tgt:
+            if gpu:
+                ex = tvm.compile(sub, target=tgt, relax_pipeline=_gpu_pipeline(tgt))
+            else:
+                sub = _cpu_schedule(relax.transform.LegalizeOps()(sub), tgt)
+                ex = tvm.compile(sub, target=tgt)
+        ex.export_library(out_path, fcompile=fcompile)
+    except BuildError:
+        raise
+    except Exception as e:  # noqa: BLE001 - compiler errors come as many TVM types
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise BuildError(f"Build: compiling the {side} half for {tgt.kind.name} failed "
+                         f"({lines[-1][:200] if lines else type(e).__name__}); check the "
+                         "target and toolchain") from None
+    return BuiltSide(side, _export(tgt), out_path, time.perf_counter() - t0, cuda, cc)
+
+
+def _export(t: tvm.target.Target) -> dict:
+    return json.loads(str(t))
+
+
+def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CUDA pipeline with dlight rules that cannot abort the build.
+
+    In 0.27 ``dl.gpu.Reduction`` asserts on some backward kernels (``detect_dominant_read`` on
+    the fused nll_loss backward); a failing rule now falls through to the next one, ending
+    with ``Fallback``, instead of failing the whole compile.
+    """
+    from tvm.relax.backend.cuda import pipeline as cp
+    from tvm.s_tir import dlight as dl
+
+    class _Safe(dl.ScheduleRule):
+        def __init__(self, rule):
+            self.rule = rule
+
+        def apply(self, func, target, tunable):  # noqa: D102
+            try:
+                return self.rule.apply(func, target, tunable)
+            except Exception:  # noqa: BLE001 - try the next rule
+                return None
+
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+             dl.gpu.Fallback()]
+    legalize = cp.legalize_passes(target)[:-1]  # all but TVM's ApplyDefaultSchedule
+    return tvm.transform.Sequential(
+        cp.library_dispatch_passes(target) + legalize
+        + [dl.ApplyDefaultSchedule(*[_Safe(r) for r in rules])]
+        + cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
