@@ -81,9 +81,11 @@ class _Client:
         frames = wire.encode(msg, codec)
         deadline = time.monotonic() + self.timeout_s
         while True:
-            self.t.send(frames)
             resend_at = time.monotonic() + self.retry_s
-            while (now := time.monotonic()) < min(resend_at, deadline):
+            sent = self.t.send(frames)  # False: not even queued (server down), retry below
+            if not sent:
+                self.t.check_events()
+            while sent and (now := time.monotonic()) < min(resend_at, deadline):
                 got = self.t.recv(min(resend_at, deadline) - now)
                 if got is None:
                     break

@@ -191,7 +191,8 @@ class ServerAgent:
         tensors = {
             Kind.HELLO: (), Kind.BYE: (), Kind.FEDAVG_PUSH: None,
             Kind.INFER: self.cut,
-            Kind.FORWARD: self.cut + (sess.label,) if sess else None,
+            Kind.FORWARD: self.cut + (
+                sess.label if sess else TensorSpec("labels", None, None, MAX_LABEL_BYTES),),
         }
         return Expect(self.plan_id, frozenset(tensors), tensors,
                       sess.codec if sess else (self.codec or Codec()), self.max_bytes)

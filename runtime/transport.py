@@ -147,7 +147,9 @@ class DeviceTransport:
         s.setsockopt(zmq.LINGER, LINGER_MS)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
-        s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        # While the server is down there is no pipe and send blocks: give up after 1 s, the
+        # agent's resend loop tries again until its own deadline.
+        s.setsockopt(zmq.SNDTIMEO, 1000)
         if curve:
             security.apply_client(s, curve)
         # Handshake failures are the only sign of a refused key: watch them.
@@ -163,20 +165,22 @@ class DeviceTransport:
         self.bytes_up = self.bytes_down = 0
         self.link_wait_s = 0.0
 
-    def send(self, frames) -> int:
+    def send(self, frames) -> bool:
+        """Queue a message; False if no connection took it within 1 s (server down: retry)."""
         n = _nbytes(frames)
         if self.up:
             self.link_wait_s += self.up.consume(n)
         try:
             self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            return False
         except zmq.ZMQError as e:
-            raise TransportError(
-                f"Transport: cannot send to {self.connect_to} ({e}); is the server running?"
-            ) from None
+            raise TransportError(f"Transport: cannot send to {self.connect_to} ({e})") from None
         self.bytes_up += n
-        return n
+        return True
 
-    def _check_monitor(self) -> None:
+    def check_events(self) -> None:
+        """Raise if the security handshake failed (a refused key, mismatched settings)."""
         while self._mon.poll(0):
             ev = recv_monitor_message(self._mon)
             if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -185,8 +189,8 @@ class DeviceTransport:
                     f"its public key to the server's allow-list"
                 )
             raise TransportError(
-                f"Transport: security handshake with {self.connect_to} failed (event "
-                f"{ev['event']}); both ends need matching CurveZMQ settings"
+                f"Transport: security handshake with {self.connect_to} failed; both ends "
+                f"need matching CurveZMQ settings"
             )
 
     def recv(self, timeout_s: float):
@@ -201,7 +205,7 @@ class DeviceTransport:
                 return None
             ready = dict(poller.poll(min(left, 0.5) * 1000))
             if self._mon in ready:
-                self._check_monitor()
+                self.check_events()
             if self.sock in ready:
                 frames = self.sock.recv_multipart(copy=False)
                 n = _nbytes(frames)
