@@ -8,6 +8,8 @@ append new helpers to the section they belong to (or add a section).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -23,7 +25,9 @@ __all__ = [
     # functions
     "func_num_inputs", "func_param_values",
     # arrays
-    "to_numpy",
+    "to_numpy", "is_constant", "constant_value",
+    # importer
+    "onnx_convert_map", "clip_as_maximum_minimum",
 ]
 
 
@@ -128,6 +132,77 @@ def func_param_values(func: relax.Function) -> list[np.ndarray]:
     return [to_numpy(a) for a in attrs["params"]]
 
 
-# -- arrays ----------------------------------------------------------------------------------
+# -- arrays and constants ------------------------------------------------------------------
 def to_numpy(arr) -> np.ndarray:
     return arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr)
+
+
+def is_constant(expr) -> bool:
+    """A Relax constant (``relax.Constant`` before 0.27, ``tvm.ir.expr.Constant`` since)."""
+    return isinstance(expr, tvm.ir.expr.Constant)
+
+
+def constant_value(expr) -> np.ndarray:
+    data = getattr(expr, "data", None)
+    if data is None:
+        data = expr.value
+    return to_numpy(data)
+
+
+# -- ONNX importer ---------------------------------------------------------------------------
+def onnx_convert_map() -> dict:
+    """The importer's ONNX op type -> converter table (a private function in 0.27)."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return onnx_frontend._get_convert_map()
+
+
+@contextlib.contextmanager
+def clip_as_maximum_minimum():
+    """Import ONNX ``Clip`` with constant bounds as ``minimum(maximum(x, lo), hi)``.
+
+    The 0.27 importer lowers Clip to ``emit_te(topi.maximum/minimum)``: opaque ``call_tir``
+    kernels (plus ``isnan``/``where`` on the bounds) with no FLOP rule and no gradient, while
+    ``relax.maximum`` / ``relax.minimum`` have both (ReLU6 in MobileNetV2 is a Clip(0, 6)).
+    Non-constant or NaN bounds keep the importer's own lowering.
+    """
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    clip = onnx_frontend.Clip
+    orig_v13, orig_v1 = clip.__dict__["_impl_v13"], clip.__dict__["_impl_v1"]
+
+    def const_bound(e):
+        if is_constant(e):
+            v = constant_value(e)
+            if v.size == 1 and not np.isnan(v).any():
+                return v
+        return None
+
+    def v13(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        lo = const_bound(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else None
+        hi = const_bound(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
+        if (len(inputs) > 1 and inputs[1] is not None and lo is None) or (
+                len(inputs) > 2 and inputs[2] is not None and hi is None):
+            return orig_v13.__func__(cls, bb, inputs, attr, params)
+        dtype = str(expr_ty(x).dtype)
+        if lo is not None:
+            x = bb.normalize(relax.op.maximum(x, relax.const(lo.item(), dtype)))
+        if hi is not None:
+            x = bb.normalize(relax.op.minimum(x, relax.const(hi.item(), dtype)))
+        return x
+
+    def v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(expr_ty(x).dtype)
+        if "min" in attr:
+            x = bb.normalize(relax.op.maximum(x, relax.const(float(attr["min"]), dtype)))
+        if "max" in attr:
+            x = bb.normalize(relax.op.minimum(x, relax.const(float(attr["max"]), dtype)))
+        return x
+
+    clip._impl_v13, clip._impl_v1 = classmethod(v13), classmethod(v1)
+    try:
+        yield
+    finally:
+        clip._impl_v13, clip._impl_v1 = orig_v13, orig_v1

@@ -176,16 +176,16 @@ def _mobilenet_v2():
 # -- transformers -----------------------------------------------------------------------------
 class _Logits:
     @staticmethod
-    def wrap(model):
+    def wrap(model, names):
         from torch import nn
 
-        class Logits(nn.Module):
+        class Logits(nn.Module):  # by keyword: GPT-2's second positional is past_key_values
             def __init__(self):
                 super().__init__()
                 self.model = model
 
             def forward(self, *args):
-                return self.model(*args, return_dict=False)[0]
+                return self.model(**dict(zip(names, args)), return_dict=False)[0]
 
         return Logits()
 
@@ -194,7 +194,8 @@ def _vit():
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig(num_labels=10, attn_implementation="eager")
-    return _Logits.wrap(ViTForImageClassification(cfg)), {"pixel_values": (1, 3, 224, 224)}, False
+    model = _Logits.wrap(ViTForImageClassification(cfg), ["pixel_values"])
+    return model, {"pixel_values": (1, 3, 224, 224)}, False
 
 
 def _bert():
@@ -202,7 +203,7 @@ def _bert():
 
     cfg = BertConfig(num_labels=2, attn_implementation="eager")
     shapes = {"input_ids": (1, 32), "attention_mask": (1, 32)}
-    return _Logits.wrap(BertForSequenceClassification(cfg)), shapes, False
+    return _Logits.wrap(BertForSequenceClassification(cfg), list(shapes)), shapes, False
 
 
 def _gpt2():
@@ -212,7 +213,7 @@ def _gpt2():
     # An explicit attention mask: without one, transformers 5 probes for packed sequences with
     # aten::diff, which has no ONNX export.
     shapes = {"input_ids": (1, 32), "attention_mask": (1, 32)}
-    return _Logits.wrap(GPT2LMHeadModel(cfg)), shapes, False
+    return _Logits.wrap(GPT2LMHeadModel(cfg), list(shapes)), shapes, False
 
 
 # name -> builder returning (module, {input name: shape}, has batch norm)
@@ -247,6 +248,27 @@ def model_path(name: str, directory: Path | None = None) -> Path:
     return (directory or cache_dir()) / f"{name}-{_key(name)}.onnx"
 
 
+def _distinct_values(model) -> None:
+    """Perturb every weight and BN statistic so that no two initializers are equal.
+
+    The TorchScript exporter merges initializers with identical values: with fresh inits
+    every LayerNorm weight (all ones) and bias (all zeros) of GPT-2 became one shared
+    initializer, i.e. fake tied weights. Tied parameters (GPT-2's wte / lm_head) are one
+    ``nn.Parameter`` and stay tied.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.add_(0.02 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.add_(0.1 * torch.rand(b.shape, generator=gen))
+
+
 def export_model(name: str, directory: Path | None = None) -> Path:
     """Export ``MODELS[name]`` to ONNX (once; later calls return the cached file)."""
     import torch
@@ -257,6 +279,7 @@ def export_model(name: str, directory: Path | None = None) -> Path:
     torch.manual_seed(0)
     model, shapes, has_bn = MODELS[name]()
     model.train(has_bn)  # BN models in training mode; transformers in eval (no dropout)
+    _distinct_values(model)
     gen = torch.Generator().manual_seed(0)
     args = []
     for inp, shape in shapes.items():
@@ -280,4 +303,7 @@ def export_model(name: str, directory: Path | None = None) -> Path:
         torch.onnx.export(model, tuple(args), str(tmp), input_names=list(shapes),
                           output_names=["logits"], opset_version=OPSET, dynamo=False, **kw)
     os.replace(tmp, path)  # atomic: parallel test workers never see a half-written file
+    for old in path.parent.glob(f"{name}-*.onnx"):  # exports of older builder versions
+        if old != path:
+            old.unlink(missing_ok=True)
     return path
