@@ -141,6 +141,7 @@ def _read_model(path: Path):
         raise InputError(
             f"Frontend: {str(path)!r} is not an ONNX model (no graph nodes or outputs, ir_version "
             f"{model.ir_version}); pass a model exported with torch.onnx.export")
+    _check_references(model.graph, path)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
@@ -148,6 +149,22 @@ def _read_model(path: Path):
             raise InputError(f"Frontend: external weights of {str(path)!r} cannot be read "
                              f"({type(e).__name__}); keep the .data file next to the model") from None
     return model, digest
+
+
+def _check_references(graph, path: Path) -> None:
+    """Every value read is defined earlier: a protobuf cut at a field boundary still parses."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    for i, node in enumerate(graph.node):
+        missing = [x for x in node.input if x not in defined]
+        if missing:
+            raise InputError(
+                f"Frontend: {str(path)!r} is corrupt or truncated: node {node.name or i!r} "
+                f"({node.op_type}) reads undefined value {missing[0]!r}; re-export the model")
+        defined.update(node.output)
+    for o in graph.output:
+        if o.name not in defined:
+            raise InputError(f"Frontend: {str(path)!r} is corrupt or truncated: output "
+                             f"{o.name!r} is never computed; re-export the model")
 
 
 def _check_ops(model) -> None:
