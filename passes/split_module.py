@@ -371,6 +371,16 @@ def _update(side: str, params, optimizer: str, lr: float):
                             f"{side}_update")
 
 
+def _check_opaque(main: relax.Function) -> None:
+    names = binding_names(main)
+    left = [f"{b.value.args[0].name_hint} ({names[b.var]})" for blk in main.body.blocks
+            for b in blk.bindings if isinstance(b.value, relax.Call) and b.value.op == T._CALL_TIR]
+    if left:
+        raise UnsupportedError(f"SplitModule: opaque kernels {', '.join(left[:5])} from the "
+                               "importer cannot be split or differentiated; export the model "
+                               "with plain ONNX ops")
+
+
 def split_module(mod: tvm.IRModule, plan: Plan, *, loss: str = "cross-entropy",
                  optimizer: str = "sgd", lr: float = 0.01, recompute: bool = False
                  ) -> tuple[tvm.IRModule, SplitSpec]:
@@ -386,6 +396,8 @@ def split_module(mod: tvm.IRModule, plan: Plan, *, loss: str = "cross-entropy",
     if optimizer not in T.OPTIMIZERS:
         raise BuildError(f"SplitModule: unknown optimizer {optimizer!r}; use one of "
                          f"{', '.join(T.OPTIMIZERS)}")
+    mod = T.LiftOpaqueElementwise()(mod)
+    _check_opaque(mod["main"])
     h = _Halves(mod["main"], plan)
     dfwd, dbwd, inputs, dtrain, dstate, rspec = _device_functions(h, plan, recompute)
     out, strain, sstate, labels = _server_functions(h, plan, loss)

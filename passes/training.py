@@ -35,7 +35,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from splitc import InputError, UnsupportedError
 
 __all__ = [
-    "DecomposeForTraining", "register_gradients", "check_gradients", "running_stat_params",
+    "DecomposeForTraining", "LiftOpaqueElementwise", "register_gradients", "check_gradients", "running_stat_params",
     "make_loss", "make_optimizer", "LOSSES", "OPTIMIZERS",
 ]
 
@@ -150,6 +150,45 @@ class DecomposeForTraining:
                 m.builder_.update_func(gv, m.visit_expr(func))
         out = m.builder_.get()
         return relax.transform.CanonicalizeBindings()(out)
+
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+# PrimFuncs the ONNX importer emits through topi for Clip (ReLU6 = minimum(maximum(x, 0), 6)):
+# opaque to Gradient, so they go back to the Relax ops that compute the same thing.
+_TOPI_BINARY = {"maximum": R.maximum, "minimum": R.minimum, "add": R.add,
+                "subtract": R.subtract, "multiply": R.multiply, "divide": R.divide}
+
+
+@mutator
+class _Lift(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = super().visit_call_(call)
+        if call.op != _CALL_TIR or len(call.args) < 2:
+            return call
+        base = call.args[0].name_hint.rstrip("0123456789").rstrip("_")
+        fn, args = _TOPI_BINARY.get(base), list(call.args[1].fields)
+        if fn is None or len(args) != 2:
+            return call
+        new = self.builder_.normalize(fn(*args))
+        if str(new.ty) != str(call.ty):
+            return call  # not the plain elementwise op its name says: leave it (and report)
+        return new
+
+
+@tvm.transform.module_pass(opt_level=0, name="LiftOpaqueElementwise")
+class LiftOpaqueElementwise:
+    """Turn ``call_tir`` of the importer's topi ``maximum``/``minimum``/... kernels back into
+    Relax ops, keeping every binding var (so OpGraph names still match). Runs on ``main``
+    before SplitModule; SplitModule reports any ``call_tir`` left."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        m = _Lift(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        # no DeadCodeElimination: it drops unused bindings (BN running-stat items) and so
+        # would shift the names the Plan refers to
+        return m.builder_.get()
 
 
 # --------------------------------------------------------------------------- gradients

@@ -56,13 +56,17 @@ class TransformerBlock(nn.Module):
     def __init__(self, d=8, h=16):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        # separate q/k/v projections: a fused qkv + chunk exports as Split, which TVM 0.27's
+        # importer turns into dynamic_strided_slice with unknown shapes
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
         self.head = nn.Linear(d, 4)
         self.d = d
 
     def forward(self, x):
-        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        h = self.ln1(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
         a = torch.softmax(q @ k.transpose(-1, -2) / self.d**0.5, dim=-1) @ v
         x = x + self.proj(a)
         x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
@@ -182,3 +186,63 @@ def manual_plan(mod, device_ops, name: str = "m") -> Plan:
 
 def op_names(mod) -> list[str]:
     return [o.name for o in manual_graph(mod).ops]
+
+
+def compile_sides(smod):
+    """``(device VM, server VM)`` of a split module compiled for llvm."""
+    import tvm
+    from tvm import relax
+
+    from splitc.passes.build import side_module
+
+    dev = tvm.cpu()
+    return tuple(relax.VirtualMachine(tvm.compile(side_module(smod, s), target="llvm"), dev)
+                 for s in ("device", "server"))
+
+
+def _t(a):
+    import tvm
+
+    return tvm.runtime.tensor(np.asarray(a), tvm.cpu())
+
+
+def split_step(vms, spec, values, x, y):
+    """One training step through the raw functions, no update: ``(loss, grads by param name,
+    new running stats by name)``."""
+    vd, vs = vms
+    nc, nr = len(spec.cut), len(spec.residuals)
+    out = list(vd["device_forward"](_t(x), *[_t(values[n]) for n in spec.device_params
+                                             + spec.device_state]))
+    cut, res, dstate = out[:nc], out[nc:nc + nr], out[nc + nr:]
+    sargs = cut + [_t(values[n]) for n in spec.server_params + spec.server_state]
+    o = list(vs["server_step"](*sargs, _t(y)))
+    ng = sum(c.grad for c in spec.cut)
+    ns = len(spec.server_params)
+    grads = dict(zip(spec.server_params, [a.numpy() for a in o[1 + ng:1 + ng + ns]]))
+    gd = list(vd["device_backward"](*res, *o[1:1 + ng])) if spec.device_params else []
+    grads |= dict(zip(spec.device_params, [a.numpy() for a in gd]))
+    stats = dict(zip(spec.device_state, [a.numpy() for a in dstate]))
+    stats |= dict(zip(spec.server_state, [a.numpy() for a in o[1 + ng + ns:]]))
+    return float(o[0].numpy()), grads, stats
+
+
+def split_infer(vms, spec, values, x):
+    vd, vs = vms
+    cut = list(vd["device_infer"](_t(x), *[_t(values[n]) for n in spec.device_params
+                                           + spec.device_state]))
+    out = vs["server_infer"](*cut, *[_t(values[n]) for n in spec.server_params
+                                     + spec.server_state])
+    return [a.numpy() for a in out]
+
+
+def torch_name(name: str) -> str:
+    """ONNX/TVM parameter name -> PyTorch state_dict key (both use dots after the import)."""
+    return name
+
+
+def torch_step(model, x, y):
+    """Loss and gradients (by state_dict key) of one cross-entropy step in PyTorch."""
+    model.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return float(loss), {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
