@@ -120,7 +120,7 @@ def annotate_costs(mod: tvm.IRModule, device: CostModel, server: CostModel,
 
 
 def _structural_hash(func) -> str:
-    return hashlib.sha256(str(tvm.ir.structural_hash(func)).encode()).hexdigest()
+    return hashlib.sha256(str(compat.structural_hash(func)).encode()).hexdigest()
 
 
 class _Op:

@@ -23,11 +23,13 @@ __all__ = [
     # ops
     "get_op", "call_op_name", "is_op_call",
     # functions
-    "func_num_inputs", "func_param_values",
+    "func_num_inputs", "func_param_values", "structural_hash",
     # arrays
     "to_numpy", "is_constant", "constant_value",
     # importer
     "onnx_convert_map", "clip_as_maximum_minimum",
+    # errors
+    "register_splitc_errors",
 ]
 
 
@@ -132,6 +134,16 @@ def func_param_values(func: relax.Function) -> list[np.ndarray]:
     return [to_numpy(a) for a in attrs["params"]]
 
 
+def structural_hash(node) -> int:
+    """``tvm.ir.structural_hash`` before 0.27; ``tvm_ffi.structural_hash`` since."""
+    fn = getattr(tvm.ir, "structural_hash", None)
+    if fn is None:
+        import tvm_ffi
+
+        fn = tvm_ffi.structural_hash
+    return int(fn(node))
+
+
 # -- arrays and constants ------------------------------------------------------------------
 def to_numpy(arr) -> np.ndarray:
     return arr.numpy() if hasattr(arr, "numpy") else np.asarray(arr)
@@ -206,3 +218,27 @@ def clip_as_maximum_minimum():
         yield
     finally:
         clip._impl_v13, clip._impl_v1 = orig_v13, orig_v1
+
+
+# -- errors across the FFI -------------------------------------------------------------------
+def register_splitc_errors() -> None:
+    """Let splitc errors cross TVM's FFI with their type.
+
+    A module pass runs under ``RunPass`` (C++); a Python exception raised inside comes back
+    as a plain ``RuntimeError`` unless its class is registered with ``tvm_ffi``. Registered,
+    ``AnnotateCosts(...)(mod)`` raises the same ``InputError``/``UnsupportedError`` a direct
+    call would. Idempotent.
+    """
+    import splitc
+
+    try:
+        import tvm_ffi
+    except ImportError:  # pragma: no cover - older TVM keeps its own error registry
+        return
+    for name in splitc.__all__:
+        cls = getattr(splitc, name)
+        if isinstance(cls, type) and issubclass(cls, splitc.SplitcError):
+            tvm_ffi.register_error(name, cls)
+
+
+register_splitc_errors()
