@@ -233,3 +233,75 @@ def test_rules_registry_is_keyed_by_op():
     assert all(isinstance(k, tvm.ir.Op) for k in op_rules.RULES)
     assert op_rules.has_rule(tvm.ir.Op.get("relax.nn.conv2d"))
     assert not op_rules.has_rule(tvm.ir.Op.get("relax.sort"))
+
+
+# -- real models against PyTorch's own FLOP counter ------------------------------------------------
+def _torch_flops(name):
+    """Conv + matmul FLOPs of one forward pass by ``torch.utils.flop_counter`` (2 per MAC)."""
+    import models  # tests/helpers/models.py
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model, shapes, has_bn = models.MODELS[name]()
+    model.train(has_bn)
+    args = [torch.ones(s, dtype=torch.int64) if k in ("input_ids", "attention_mask")
+            else torch.randn(s) for k, s in shapes.items()]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*args)
+    return counter.get_total_flops()
+
+
+def _conv_matmul_flops(graph):
+    return sum(o.features.flops for o in graph.ops
+               if o.op == "relax.matmul" or o.op.startswith("relax.nn.conv"))
+
+
+def _annotate_model(onnx_model, roofline_pair, name, loss="cross-entropy"):
+    mod, info = load_onnx(onnx_model(name))
+    return annotate_costs(mod, *roofline_pair, loss=loss, model_hash=info.sha256,
+                          buffers=info.buffers, name=name)
+
+
+@pytest.mark.parametrize("name,loss", [("tiny_cnn", "cross-entropy"), ("mbv2_block", "mse"),
+                                       ("tiny_transformer", "cross-entropy")])
+def test_small_models_flops_equal_pytorch(onnx_model, roofline_pair, name, loss):
+    g = _annotate_model(onnx_model, roofline_pair, name, loss)
+    # tiny_cnn: 55,296 + 147,456 (convs, above) + 320 (fc) = 203,072
+    assert _conv_matmul_flops(g) == _torch_flops(name)
+
+
+# Reference totals (conv + matmul, 2 FLOPs per MAC, batch 1; 32 tokens for BERT / GPT-2), all
+# equal to torch.utils.flop_counter on the same module: ResNet-50 8,178,368,512 (the usual
+# "4.1 GMACs"), MobileNetV2 601,548,544 ("300 MMACs"), ViT-B/16 35,126,135,808 ("17.6
+# GMACs"), BERT-base 5,474,749,440, GPT-2 7,943,798,784 (2,470,232,064 of it the tied
+# 768 x 50,257 LM head: 2 * 32 * 768 * 50,257).
+FULL_MODELS = {"resnet50": 8_178_368_512, "mobilenet_v2": 601_548_544, "vit": 35_126_135_808,
+               "bert": 5_474_749_440, "gpt2": 7_943_798_784}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FULL_MODELS))
+def test_full_models_annotate_round_trip_and_flops(onnx_model, roofline_pair, name):
+    g = _annotate_model(onnx_model, roofline_pair, name)
+    assert OpGraph.from_json(json.loads(g.dumps())) == g
+    assert _conv_matmul_flops(g) == FULL_MODELS[name] == _torch_flops(name)
+    # every op has costs on both sides and every tensor is accounted for
+    assert all(o.device.forward > 0 and o.server.forward > 0 for o in g.ops)
+    assert all(t.producer is None or t.consumers or t.is_output for t in g.tensors.values())
+
+
+@pytest.mark.slow
+def test_gpt2_tied_embedding_is_one_param_read_at_both_ends(onnx_model, roofline_pair):
+    g = _annotate_model(onnx_model, roofline_pair, "gpt2")
+    wte = g.params["model.transformer.wte.weight"]
+    assert wte.shape == (50257, 768)
+    first, last = wte.readers
+    # read by the token-embedding gather at the start and the LM-head matmul at the end
+    assert g.op(first).op == "relax.take" and g.op(last).op == "relax.matmul"
+    assert last == g.ops[-1].name and g.op_index[first] < 5
+    # the LM head: (1,32,768) x (768,50257) = 2 * 32 * 768 * 50,257 = 2,470,232,064 FLOPs
+    assert g.op(last).features.flops == 2_470_232_064
+    assert g.op(last).weight_prep  # permute_dims(wte) folded into the LM head
+    # labels for next-token cross-entropy: one id per position
+    assert [(t.shape, t.dtype) for t in g.labels] == [((1, 32), "int64")]
