@@ -140,12 +140,18 @@ class CompileConfig:
     tuning_records: Path | None = None
 
 
-def compile_model(cfg: CompileConfig, progress: Callable[[str], None] | None = None) -> dict:
-    """Plan, split, build both halves and write split.tar; returns the build summary."""
+def compile_model(cfg: CompileConfig, progress: Callable[[str], None] | None = None,
+                  on_plan: Callable[[PlanResult], None] | None = None) -> dict:
+    """Plan, split, build both halves and write split.tar; returns the build summary.
+
+    ``on_plan`` sees the plan (and its baselines) before the slow compile starts.
+    """
     from splitc.passes.package import compile_split
 
     say = progress or (lambda msg: None)
     result = plan_model(cfg.plan, progress=say)
+    if on_plan is not None:
+        on_plan(result)
     summary = compile_split(
         result.module, result.plan, device_target=cfg.device_target,
         server_target=cfg.server_target, loss=cfg.plan.loss, optimizer=cfg.optimizer,
