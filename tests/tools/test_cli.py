@@ -1,0 +1,134 @@
+"""`splitc` end to end through click's CliRunner (and real processes for serve/train)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+from click.testing import CliRunner
+
+from splitc.cost_models.link import Link
+from splitc.passes.opgraph import OpGraph
+from splitc.passes.plan import Placement, evaluate
+from splitc.tools.cli import cli
+from splitc.tools.session import DEMO_MODEL
+
+PRIORS = ["--device", "jetson-orin-nano", "--server", "a100"]
+
+
+def _run(args):
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return r
+
+
+def test_plan_json_is_independently_checkable(tmp_path):
+    out = tmp_path / "plan.json"
+    r = _run(["plan", str(DEMO_MODEL), "--batch-size", "32", "--uplink", "10Mbps", *PRIORS,
+              "--json", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    plan, graph = doc["plan"], OpGraph.from_json(doc["graph"])
+    # Re-cost the placement from the JSON alone: same exact breakdown as the plan claims.
+    link = Link.from_json(plan["link"])
+    bd = evaluate(graph, Placement.of(plan["device_ops"]), link, plan["objective"])
+    exact = {k: Fraction(v) for k, v in plan["breakdown"]["exact"].items()}
+    assert {k: getattr(bd, k) for k in exact} == exact
+    assert sum(exact.values()) == bd.total  # total == sum of its parts, exactly
+    # The chosen plan is never worse than any baseline the report lists.
+    totals = {k: Fraction(sum(Fraction(x) for x in v["breakdown"]["exact"].values()))
+              for k, v in doc["comparison"].items()}
+    assert all(totals["mincut"] <= t for t in totals.values())
+    # 10 Mbps up: uplink = (logits 32*10*4 B + labels 32*8 B) * 8 / 1e7 s when cut at logits
+    assert set(doc["comparison"]) >= {"mincut", "blockwise", "layerwise", "device-only",
+                                      "server-only", "exhaustive"}
+
+
+def test_plan_dot_colours_the_cut(tmp_path):
+    dot, js = tmp_path / "g.dot", tmp_path / "p.json"
+    r = _run(["plan", str(DEMO_MODEL), "--batch-size", "8", *PRIORS, "--dot", str(dot), "-q",
+              "--json", str(js), "--no-baselines", "--pin", "lv11=server"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(js.read_text())["plan"]
+    cut = {c["name"] for c in plan["cut"]}
+    assert cut and "lv11" not in plan["device_ops"]  # the pin moved the dense layers up
+    text = dot.read_text()
+    assert text.startswith("digraph splitc {")
+    assert '"lv11" [fillcolor="#ffe5cc"' in text  # server ops orange
+    for line in text.splitlines():
+        if "tooltip=" in line:
+            tensor = line.split('tooltip="')[1].split('"')[0]
+            assert ("color=red" in line) == (tensor in cut), line
+
+
+def test_plan_pin_matching_no_op_is_one_line_error():
+    r = CliRunner().invoke(cli, ["plan", str(DEMO_MODEL), "--batch-size", "8", *PRIORS,
+                                 "--pin", "nosuchop=server", "-q"])
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: Partition: pin 'nosuchop'")
+
+
+def test_plan_rejects_corrupt_onnx(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(DEMO_MODEL.read_bytes()[:1000])
+    r = CliRunner().invoke(cli, ["plan", str(bad), "--batch-size", "8", "-q"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.strip().startswith("error: Frontend:")
+
+
+def test_compile_rejects_bad_target_before_compiling(tmp_path):
+    r = CliRunner().invoke(cli, ["compile", str(DEMO_MODEL), "--batch-size", "8", *PRIORS,
+                                 "--device-target", "cuda -arch=sm_99x", "-o",
+                                 str(tmp_path / "s.tar"), "-q"])
+    assert r.exit_code == 5, r.output
+    assert r.stderr.strip().startswith("error: ")
+    assert not (tmp_path / "s.tar").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_serve_and_train_processes(tmp_path):
+    """Real `splitc serve` and `splitc train` processes over loopback, with checkpoints."""
+    tar = tmp_path / "s.tar"
+    r = _run(["compile", str(DEMO_MODEL), "--batch-size", "64", *PRIORS, "--pin", "lv11=server",
+              "--optimizer", "adam", "--lr", "0.003", "-o", str(tar), "-q"])
+    assert r.exit_code == 0, r.output
+    port = _free_port()
+    steps = 21  # one epoch of 1347 digits at batch 64
+    server = subprocess.Popen(
+        [sys.executable, "-m", "splitc.tools.cli", "serve", str(tar), "--listen",
+         f"127.0.0.1:{port}", "--max-steps", str(steps), "--checkpoint-dir",
+         str(tmp_path / "ckpt"), "--checkpoint-every", "10", "-q"])
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "splitc.tools.cli", "train", str(tar), "--connect",
+             f"127.0.0.1:{port}", "--epochs", "1", "--json", "-q"],
+            capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["steps"] == steps
+        # cut = lv9, [64, 512] float32 = 131,072 B up and down per step (+ 64*8 B labels up)
+        assert summary["bytes_down"] >= steps * 131072
+        assert summary["test_accuracy"] > 0.8
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    assert any((tmp_path / "ckpt").iterdir())
+
+
+@pytest.mark.slow
+def test_demo_reaches_95_percent(tmp_path):
+    r = _run(["demo", "--workdir", str(tmp_path), "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["accuracy"] >= 0.95
+    assert out["steps"] == 15 * (1347 // 32)
