@@ -26,10 +26,13 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import tvm
 from tvm import relax
@@ -185,7 +188,10 @@ def build_side(mod: tvm.IRModule, side: str, target: str | tvm.target.Target, ou
             else:
                 sub = _cpu_schedule(relax.transform.LegalizeOps()(sub), tgt)
                 ex = tvm.compile(sub, target=tgt)
-        ex.export_library(out_path, fcompile=fcompile)
+            pack = None
+            if tgt.kind.name == "cuda":
+                pack = _FatbinPacker(str(tgt.attrs["arch"]))
+            ex.export_library(out_path, fcompile=fcompile, fpack_imports=pack)
     except BuildError:
         raise
     except Exception as e:  # noqa: BLE001 - compiler errors come as many TVM types
@@ -194,6 +200,78 @@ def build_side(mod: tvm.IRModule, side: str, target: str | tvm.target.Target, ou
                          f"({lines[-1][:200] if lines else type(e).__name__}); check the "
                          "target and toolchain") from None
     return BuiltSide(side, _export(tgt), out_path, time.perf_counter() - t0, cuda, cc)
+
+
+def _u64(n: int) -> bytes:
+    return struct.pack("<Q", n)
+
+
+class _FatbinPacker:
+    """``export_library(fpack_imports=...)``: embed nvcc-compiled fatbins instead of source.
+
+    TVM 0.27's CUDA codegen keeps kernels as CUDA source (module format ``"cuda"``) that the
+    runtime JIT-compiles with nvrtc when the library is loaded, i.e. on the board. Here each
+    CUDA module's serialized bytes ``[kind "cuda"][u64 n][fmt "cuda"][fmap][u64 len][source]``
+    become ``[fmt "fatbin"][fmap][fatbin]``, compiled now by nvcc for ``arch`` (SASS plus PTX
+    for forward compatibility), and the blob is written as TVM's own C packer writes it.
+    """
+
+    def __init__(self, arch: str):
+        self.arch = arch
+
+    def _fatbin(self, code: str) -> bytes:
+        num = self.arch.replace("sm_", "")
+        with tempfile.TemporaryDirectory(prefix="splitc-nvcc-") as d:
+            src, out = os.path.join(d, "k.cu"), os.path.join(d, "k.fatbin")
+            Path(src).write_text(code)
+            cmd = [shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc", "--fatbin", "-O3",
+                   f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]", "-o", out, src]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+                raise BuildError(f"Build: nvcc failed for {self.arch} ({tail}); check the CUDA "
+                                 "toolkit supports this arch")
+            return Path(out).read_bytes()
+
+    def __call__(self, mod, is_system_lib, prefix, workspace_dir):
+        api = tvm.runtime._ffi_api
+        blob = bytes(api.ModulePackImportsToTensor(mod).numpy())
+        kind = _u64(4) + b"cuda"
+        for cu in _cuda_modules(mod):
+            src = cu.inspect_source("").encode()
+            data = _u64(len(src)) + src
+            at = blob.find(data)
+            fmt_at = blob.rfind(kind, 0, at)  # fmt "cuda", then the fmap, then the source
+            head = fmt_at - 20  # kind "cuda", u64 payload size, payload
+            end = at + len(data)
+            if (at < 0 or head < 0 or blob[head:head + 12] != kind
+                    or struct.unpack_from("<Q", blob, head + 12)[0] != end - fmt_at):
+                raise BuildError("Build: unexpected CUDA module layout in TVM's library blob; "
+                                 "report the TVM version")
+            fb = self._fatbin(src.decode())
+            payload = _u64(6) + b"fatbin" + blob[fmt_at + 12:at] + _u64(len(fb)) + fb
+            blob = blob[: head + 12] + _u64(len(payload)) + payload + blob[end:]
+        blob = _u64(len(blob) - 8) + blob[8:]
+        c = api.ModulePackImportsToC(mod, is_system_lib, prefix)
+        start = c.index("__tvm_ffi__library_bin[", c.index("const unsigned char"))
+        body_start, body_end = c.index("{", start) + 1, c.index("};", start)
+        rows = ",\n".join(",".join(f"0x{v:02x}" for v in blob[i:i + 20])
+                           for i in range(0, len(blob), 20))
+        c = (c[:start] + f"__tvm_ffi__library_bin[{len(blob)}] = {{\n" + rows + ",\n"
+             + c[body_end:])
+        path = os.path.join(workspace_dir, f"{prefix}devc.c")
+        Path(path).write_text(c)
+        return path
+
+
+def _cuda_modules(mod) -> list:
+    out, stack = [], list(mod.imports)
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            out.append(m)
+        stack.extend(m.imports)
+    return out
 
 
 def _export(t: tvm.target.Target) -> dict:
