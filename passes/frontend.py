@@ -146,8 +146,9 @@ def _read_model(path: Path):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as e:
-            raise InputError(f"Frontend: external weights of {str(path)!r} cannot be read "
-                             f"({type(e).__name__}); keep the .data file next to the model") from None
+            raise InputError(
+                f"Frontend: external weights of {str(path)!r} cannot be read "
+                f"({type(e).__name__}); keep the .data file next to the model") from None
     return model, digest
 
 
@@ -259,7 +260,7 @@ def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None):
     model, digest = _read_model(path)
     _check_ops(model)
     onnx_prep.prepare(model)
-    real, shapes, dtypes = _resolve_shapes(model, dict(input_shapes or {}))
+    real, shapes, _ = _resolve_shapes(model, dict(input_shapes or {}))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     try:
         with warnings.catch_warnings(), compat.clip_as_maximum_minimum():

@@ -204,8 +204,10 @@ def test_clip_becomes_maximum_minimum(tmp_path):
 def test_constant_shape_chain_is_folded(tmp_path):
     # BERT's embeddings: ConstantOfShape(Shape(Reshape(Concat(Unsqueeze(c))))) on constants;
     # TVM's importer fails on it unfolded, the frontend folds it in ONNX first.
-    c = lambda n, v: helper.make_node("Constant", [], [n], value=numpy_helper.from_array(
-        np.array(v, np.int64), n))
+    def c(n, v):
+        return helper.make_node("Constant", [], [n], value=numpy_helper.from_array(
+            np.array(v, np.int64), n))
+
     nodes = [c("a", 2), c("b", 3), c("ax", [0]), c("flat", [-1]),
              helper.make_node("Unsqueeze", ["a", "ax"], ["ua"]),
              helper.make_node("Unsqueeze", ["b", "ax"], ["ub"]),
