@@ -220,6 +220,11 @@ def serve(package, listen, checkpoint_dir, checkpoint_every, resume, max_steps, 
                         checkpoint_every=checkpoint_every, resume=resume, allow_keys=curve,
                         max_steps=max_steps, fedavg_every=fedavg_every,
                         on_event=lambda e: say(str(e)))
+    import signal
+
+    # SIGTERM/SIGINT end the loop cleanly: the server checkpoints before it exits.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop_event.set())
     say(f"serving plan {agent.plan_id} on {agent.address}")
     result = agent.run()
     say(f"stopped after {result.steps_applied} steps")

@@ -103,15 +103,15 @@ def test_serve_and_train_processes(tmp_path):
               "--optimizer", "adam", "--lr", "0.003", "-o", str(tar), "-q"])
     assert r.exit_code == 0, r.output
     port = _free_port()
-    steps = 21  # one epoch of 1347 digits at batch 64
+    steps = 3 * 21  # three epochs of 1347 digits at batch 64
     server = subprocess.Popen(
         [sys.executable, "-m", "splitc.tools.cli", "serve", str(tar), "--listen",
-         f"127.0.0.1:{port}", "--max-steps", str(steps), "--checkpoint-dir",
+         f"127.0.0.1:{port}", "--checkpoint-dir",
          str(tmp_path / "ckpt"), "--checkpoint-every", "10", "-q"])
     try:
         out = subprocess.run(
             [sys.executable, "-m", "splitc.tools.cli", "train", str(tar), "--connect",
-             f"127.0.0.1:{port}", "--epochs", "1", "--json", "-q"],
+             f"127.0.0.1:{port}", "--epochs", "3", "--json", "-q"],
             capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         summary = json.loads(out.stdout)
@@ -119,6 +119,7 @@ def test_serve_and_train_processes(tmp_path):
         # cut = lv9, [64, 512] float32 = 131,072 B up and down per step (+ 64*8 B labels up)
         assert summary["bytes_down"] >= steps * 131072
         assert summary["test_accuracy"] > 0.8
+        server.terminate()  # SIGTERM: a clean stop with a final checkpoint
         assert server.wait(timeout=60) == 0
     finally:
         server.kill()
