@@ -128,7 +128,9 @@ class ServerAgent:
         self._since_ckpt = 0
         if resume and checkpoint_dir:
             self._restore()
-        self.transport = ServerTransport(listen, curve=allow_keys, max_frame_bytes=max_message_bytes)
+        # No legal frame exceeds a payload chunk (4 MiB) or the meta limit (64 KiB).
+        frame_limit = max(wire.MAX_META, min(wire.CHUNK, max_message_bytes))
+        self.transport = ServerTransport(listen, curve=allow_keys, max_frame_bytes=frame_limit)
         self.address = self.transport.address
 
     # ----- persistence -----

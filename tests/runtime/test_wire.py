@@ -71,8 +71,32 @@ def test_rejects_malformed_header():
         "Wire: bad magic b'XXXX'; the peer is not a splitc agent"))
     bad_version = f[0][:4] + bytes([9]) + f[0][5:]
     _reject([bad_version] + f[1:], "Wire: protocol version 9, expected 1; run the same splitc")
-    _reject(f[:-1], re.escape("Wire: 5 frames for 2 tensors, expected 6; message truncated"))
+    _reject(f[:-1], re.escape("Wire: 5 frames for 2 tensors, expected at least 6; message "
+                              "truncated"))
+    _reject(f + [b"x"], re.escape("Wire: 7 frames, the headers account for 6; message malformed"))
     _reject(f[:1] + [b"[1, 2]"] + f[2:], re.escape("Wire: meta is not a JSON object"))
+
+
+def test_large_tensors_cross_in_chunks():
+    # 10 MiB float32 = 2 full 4 MiB chunks + one of 2 MiB; labels one frame.
+    x = np.arange(10 * 2**20 // 4, dtype=np.float32)
+    frames = wire.encode(_msg(tensors=[x, np.arange(4)]))
+    assert [memoryview(f).nbytes for f in frames[3:6]] == [4 << 20, 4 << 20, 2 << 20]
+    spec = (TensorSpec("x", x.shape, "float32"), SPECS[1])
+    got = wire.decode(frames, _expect(specs=spec, max_bytes=1 << 30))
+    assert np.array_equal(got.tensors[0], x)
+    # The receive buffer is pooled but never reused while a decoded tensor still uses it.
+    again = wire.decode(frames, _expect(specs=spec, max_bytes=1 << 30)).tensors[0]
+    assert not np.shares_memory(again, got.tensors[0])
+    kept = got.tensors[0].copy()
+    del got
+    third = wire.decode(frames, _expect(specs=spec, max_bytes=1 << 30)).tensors[0]
+    assert np.array_equal(third, kept)
+    # A chunk that is not full before the last one: rejected before anything is copied.
+    bad = frames[:3] + [bytes(frames[3])[:-4], bytes(frames[4]) + b"\0" * 4] + frames[5:]
+    with pytest.raises(TransportError, match=re.escape(
+            "Wire: tensor 0 (x) chunks are not 4194304 bytes each but the last")):
+        wire.decode(bad, _expect(specs=spec, max_bytes=1 << 30))
 
 
 def test_rejects_wrong_plan_and_kind():
