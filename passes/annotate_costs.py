@@ -40,6 +40,7 @@ from splitc.passes.opgraph import OpGraph, OpNode, Param, Tensor, dtype_bytes
 __all__ = ["AnnotateCosts", "annotate_costs", "LOSSES"]
 
 LOSSES = ("cross-entropy", "mse", "none")
+_OPAQUE = ("relax.call_tir", "relax.call_dps_packed", "relax.call_tir_with_grad")
 
 
 @tvm.transform.module_pass(opt_level=0, name="AnnotateCosts")
@@ -264,8 +265,14 @@ class _Collector:
             return
         if not compat.is_op_call(value):
             raise UnsupportedError(
-                f"AnnotateCosts: binding {name!r} calls {value.op} (not a Relax op, e.g. an "
-                "opaque call_tir kernel); rewrite it to Relax ops before annotating")
+                f"AnnotateCosts: binding {name!r} calls {value.op}, which is not a Relax op; "
+                "only models of Relax ops can be costed and split")
+        if compat.call_op_name(value) in _OPAQUE:
+            kernel = getattr(value.args[0], "name_hint", value.args[0])
+            raise UnsupportedError(
+                f"AnnotateCosts: binding {name!r} is an opaque TIR kernel ({kernel}) with no "
+                "FLOP rule and no gradient; the ONNX importer lowers some ops (Pad, Tile, "
+                "CumSum, Resize, Einsum) this way: re-export the model without them")
         acts, params, prep = [], [], []
         for a in value.args:
             v = self._value_of(a)

@@ -182,8 +182,8 @@ def _check_ops(model) -> None:
         parts.append(f"{op} (node{'s' if len(nodes) > 1 else ''} {', '.join(nodes[:3])}{more})")
     raise UnsupportedError(
         f"Frontend: unsupported ONNX op{'s' if len(bad) > 1 else ''} {'; '.join(parts)}; "
-        "the TVM Relax importer has no converter for them: re-export without them "
-        "or decompose them")
+        f"the TVM Relax importer has no converter for {'them' if len(bad) > 1 else 'it'}: "
+        "re-export the model without it or decompose it into supported ops")
 
 
 def _dtype_name(elem_type: int) -> str:
@@ -288,11 +288,19 @@ def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None):
     # initializer names lose an "onnx::" prefix in the importer, nothing else
     buffers = {n.removeprefix("onnx::") for n in _buffers(model)}
     info = ModelInfo(
-        name=model.graph.name or path.stem, path=str(path), sha256=digest, opset=int(opset),
+        name=_model_name(model, path), path=str(path), sha256=digest, opset=int(opset),
         inputs=tuple(inputs), outputs=tuple(o.name for o in model.graph.output),
         params=dict(zip(pnames, values)), buffers=frozenset(buffers & set(pnames)),
     )
     return mod, info
+
+
+def _model_name(model, path: Path) -> str:
+    """The ONNX graph name unless it is an exporter's default, else the file name."""
+    name = model.graph.name
+    if not name or name in ("main_graph", "torch_jit", "torch-jit-export", "main"):
+        return path.stem
+    return name
 
 
 def _normalise(mod):

@@ -123,8 +123,8 @@ def test_unsupported_ops_named_with_nodes(tmp_path):
     path = _save(tmp_path, nodes, [_vi("x", [2])], [_vi("y", [2])])
     with pytest.raises(UnsupportedError, match=re.escape(
             "Frontend: unsupported ONNX ops FooBar (nodes foo1, foo2); Bazz (node bz); the TVM "
-            "Relax importer has no converter for them: re-export without them or decompose "
-            "them")):
+            "Relax importer has no converter for them: re-export the model without it or "
+            "decompose it into supported ops")):
         load_onnx(path)
 
 
