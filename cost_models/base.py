@@ -18,8 +18,10 @@ class OpFeatures:
     """Hardware-independent facts about one operator (one Relax op binding).
 
     ``flops`` counts multiply and add separately (a multiply-accumulate is 2 FLOPs).
-    Byte counts are for the forward pass; ``param_bytes`` are the weights the op reads
-    (including weights reached through weight-only preprocessing such as a transpose).
+    Byte counts are for the forward pass; ``param_bytes`` are the trainable weights the op
+    owns (reads, directly or through weight-only preprocessing such as a transpose, and whose
+    optimizer update it is charged). A weight read by several ops (GPT-2's tied embedding) is
+    owned by its first reader, so each weight's update is counted once per step.
     """
 
     op: str  # Relax op name, e.g. "relax.nn.conv2d"

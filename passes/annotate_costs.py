@@ -18,7 +18,10 @@ in ``passes/opgraph.py``):
 - transparent: var aliases and ``R.tuple`` forward what they hold.
 
 Costs: ``device.op_cost`` and ``server.op_cost`` of each op's ``OpFeatures`` (FLOPs and bytes
-from ``passes/op_rules.py``). In training the loss (``cross-entropy`` on logits with int64
+from ``passes/op_rules.py``). A weight's optimizer update is charged to its first reader only
+(``param_bytes``): a tied weight read at both ends of GPT-2 is updated once per step; when its
+readers land on different sides the plan charges the per-step weight sync instead
+(``passes/plan.py``), which is far larger than the second update. In training the loss (``cross-entropy`` on logits with int64
 labels of shape ``logits.shape[:-1]``, or ``mse`` with labels shaped like the output) runs on
 the server: its cost is ``loss_server`` and its labels are ``OpGraph.labels``.
 """
@@ -342,8 +345,10 @@ class _Collector:
         info = op_rules.CallInfo(op.op, op.name, tuple(args), outs, call.attrs)
         cnt = op_rules.count(call.op, info)
         trainable = [p for p in op.params if p not in self.buffers]
+        # the first reader owns a weight and pays its update (readers are in program order)
+        owned = [p for p in trainable if self.readers[p][0] == op.name]
         pbytes = sum(math.prod(self.params[p][0]) * dtype_bytes(self.params[p][1])
-                     for p in trainable)
+                     for p in owned)
         dtype = outs[0].dtype if outs else "float32"
         return OpFeatures(
             op=op.op, flops=cnt.flops, bytes_read=cnt.bytes_read,

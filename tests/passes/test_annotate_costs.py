@@ -303,6 +303,11 @@ def test_gpt2_tied_embedding_is_one_param_read_at_both_ends(onnx_model, roofline
     # the LM head: (1,32,768) x (768,50257) = 2 * 32 * 768 * 50,257 = 2,470,232,064 FLOPs
     assert g.op(last).features.flops == 2_470_232_064
     assert g.op(last).weight_prep  # permute_dims(wte) folded into the LM head
+    # both readers compute a weight gradient; only the first owns (and updates) the weight:
+    # 50,257 x 768 x 4 B = 154,389,504 B
+    assert g.op(first).features.has_params and g.op(last).features.has_params
+    assert g.op(first).features.param_bytes == 154_389_504
+    assert g.op(last).features.param_bytes == 0 and g.op(last).device.update == 0.0
     # labels for next-token cross-entropy: one id per position
     assert [(t.shape, t.dtype) for t in g.labels] == [((1, 32), "int64")]
 
@@ -327,3 +332,37 @@ def test_opaque_tir_kernel_is_rejected_by_name(tmp_path, roofline_pair):
             "no gradient; the ONNX importer lowers some ops (Pad, Tile, CumSum, Resize, Einsum) "
             "this way: re-export the model without them")):
         annotate_costs(mod, *roofline_pair)
+
+
+def test_aliases_tuples_and_tuple_return(roofline_pair):
+    # a hand-built main: an alias, an R.tuple read back through TupleGetItem, a weight-only
+    # permute shared by nothing else, and a tuple of two outputs
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 4), "float32"))
+    w = relax.Var("w", relax.TensorType((4, 4), "float32"))
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            mm = bb.emit(relax.op.matmul(x, w), name_hint="mm")
+            alias = bb.emit(mm, name_hint="alias")
+            tup = bb.emit(relax.Tuple([alias, x]), name_hint="tup")
+            first = bb.emit(relax.TupleGetItem(tup, 0), name_hint="first")
+            act = bb.emit(relax.op.nn.relu(first), name_hint="act")
+            wt = bb.emit(relax.op.permute_dims(w), name_hint="wt")
+            head = bb.emit(relax.op.matmul(act, wt), name_hint="head")
+            out = bb.emit_output(relax.Tuple([act, head]))
+        bb.emit_func_output(out)
+    g = annotate_costs(bb.get(), *roofline_pair, loss="mse")
+    assert [(o.name, o.op) for o in g.ops] == [
+        ("mm", "relax.matmul"), ("act", "relax.nn.relu"), ("head", "relax.matmul")]
+    assert g.op("act").inputs == ("mm",)  # through the alias and the tuple, to the producer
+    assert g.op("head").weight_prep == ("wt",) and g.op("head").params == ("w",)
+    assert g.params["w"].readers == ("mm", "head")
+    # w (4x4 floats = 64 B) is owned, and its update paid, by its first reader only
+    assert [o.features.param_bytes for o in g.ops] == [64, 0, 0]
+    assert g.outputs == ("act", "head")
+    assert g.tensors["act"].is_output and g.tensors["act"].consumers == ("head",)
+    assert set(g.tensors) == {"x", "mm", "act", "head"}  # aliases and tuples are not tensors
+    # the loss trains on the first output: mse labels shaped like it
+    assert [(t.shape, t.dtype) for t in g.labels] == [((2, 4), "float32")]
+    # (2,4) x (4,4): 8 outputs x 4 MACs x 2 = 64 FLOPs, both matmuls
+    assert [o.features.flops for o in g.ops] == [64, 8, 64]
