@@ -128,7 +128,7 @@ def _read_model(path: Path):
     if not path.is_file():
         raise InputError(f"Frontend: {str(path)!r} is not a file; pass an .onnx model file")
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256(data)
     try:
         model = onnx.load_model_from_string(data)
     except Exception as e:  # DecodeError, RuntimeError on bad wire types, ...
@@ -142,14 +142,19 @@ def _read_model(path: Path):
             f"Frontend: {str(path)!r} is not an ONNX model (no graph nodes or outputs, ir_version "
             f"{model.ir_version}); pass a model exported with torch.onnx.export")
     _check_references(model.graph, path)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+    external = sorted({e.value for t in model.graph.initializer
+                       if t.data_location == onnx.TensorProto.EXTERNAL
+                       for e in t.external_data if e.key == "location"})
+    if external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
+            for loc in external:  # the hash covers the weights wherever they are stored
+                h.update((path.parent / loc).read_bytes())
         except Exception as e:
             raise InputError(
                 f"Frontend: external weights of {str(path)!r} cannot be read "
                 f"({type(e).__name__}); keep the .data file next to the model") from None
-    return model, digest
+    return model, h.hexdigest()
 
 
 def _check_references(graph, path: Path) -> None:

@@ -233,3 +233,21 @@ def test_tiny_cnn_matches_pytorch_export(tiny_cnn_onnx, tiny_cnn):
     want = ReferenceEvaluator(str(tiny_cnn_onnx)).run(None, {"x": x})[0]
     got = _run(mod, x, *info.params.values())
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_external_weights(tmp_path, tiny_cnn_onnx, tiny_cnn):
+    # models over 2 GB keep their weights in a side file; the hash covers both files
+    model = onnx.load(str(tiny_cnn_onnx))
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="m.data",
+                    all_tensors_to_one_file=True, size_threshold=0)
+    _, info = load_onnx(path)
+    for name, value in tiny_cnn[1].params.items():
+        np.testing.assert_array_equal(info.params[name], value)
+    want = hashlib.sha256(path.read_bytes() + (tmp_path / "m.data").read_bytes()).hexdigest()
+    assert info.sha256 == want
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(InputError, match=re.escape(
+            f"Frontend: external weights of '{path}' cannot be read (ValidationError); keep the "
+            ".data file next to the model")):
+        load_onnx(path)
