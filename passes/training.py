@@ -295,12 +295,13 @@ def running_stat_params(func: relax.Function) -> list[str]:
 def make_loss(kind: str, pred: relax.Expr, labels: relax.Var | None) -> relax.Expr:
     """The scalar loss expression of ``pred`` (a model output) against ``labels``.
 
-    cross-entropy: mean over the batch of ``-log_softmax(pred)[label]`` (int64 labels, like
-    ``torch.nn.functional.cross_entropy``); mse: mean squared error (labels shaped like pred);
+    cross-entropy: mean of ``-log_softmax(pred, axis=1)[label]`` (int64 labels, classes on
+    axis 1, like ``torch.nn.functional.cross_entropy``); mse: mean squared error (labels shaped like pred);
     output: the model already ends in a scalar loss.
     """
     if kind == "cross-entropy":
-        return R.nn.nll_loss(R.nn.log_softmax(pred, axis=-1), labels, reduction="mean")
+        # classes on axis 1, like torch: (N, C) or (N, C, d1, ...) against (N,) or (N, d1, ...)
+        return R.nn.nll_loss(R.nn.log_softmax(pred, axis=1), labels, reduction="mean")
     if kind == "mse":
         d = R.subtract(pred, labels)
         return R.mean(R.multiply(d, d))
@@ -316,7 +317,7 @@ def label_ty(kind: str, pred_ty: relax.TensorType) -> relax.TensorType | None:
     """Struct info of the labels for ``kind`` (None when the model computes its own loss)."""
     shp = [int(d) for d in pred_ty.shape]
     if kind == "cross-entropy":
-        return relax.TensorType(shp[:-1], "int64")
+        return relax.TensorType(shp[:1] + shp[2:], "int64")
     if kind == "mse":
         return relax.TensorType(shp, str(pred_ty.dtype))
     return None
