@@ -227,45 +227,49 @@ def _parallel_vectorize_injective(sch, info: _Block, lanes: int) -> None:
 
 def _find_vector_axis(info: _Block, lanes: int):
     """(spatial iter index, reader index) such that the output's innermost index is that
-    iter and some read buffer reads it contiguously (coefficient 1 in its innermost index)."""
+    iter and some read buffer reads it along its innermost axis with stride 1 (preferred) or
+    2 (a stride-2 conv: LLVM turns the strided vector load into two loads and a shuffle)."""
     out_idx = [r.min for r in info.writes[0].region]
     if not out_idx:
         return None
     last = out_idx[-1]
-    for i, iv in enumerate(info.iters):
-        if info.kinds[i] != "S" or not last.same_as(iv.var) or info.extents[i] < 4:
-            continue
-        for j, rd in enumerate(info.reads):
-            if not rd.region:
+    for stride in (1, 2):
+        for i, iv in enumerate(info.iters):
+            if info.kinds[i] != "S" or not last.same_as(iv.var) or info.extents[i] < 4:
                 continue
-            rlast = rd.region[-1].min
-            if _uses(rlast, iv.var) and _coef(rlast, iv.var) == 1:
-                return i, j
+            for j, rd in enumerate(info.reads):
+                if not rd.region or rd.source.same_as(info.writes[0].source):
+                    continue
+                rlast = rd.region[-1].min
+                if _uses(rlast, iv.var) and _coef(rlast, iv.var) == stride:
+                    return i, j
     return None
 
 
 def _find_rfactor_axis(info: _Block):
-    """A reduction iter read contiguously by every read buffer that depends on it."""
-    best = None
+    """A reduction iter that every read buffer depending on it reads along its innermost axis
+    only, with stride 1 or 2; the longest such iter with all strides 1 wins, then the longest."""
+    best, best_key = None, None
     for i, iv in enumerate(info.iters):
         if info.kinds[i] != "R" or info.extents[i] < 8:
             continue
-        ok = True
-        used = False
+        ok, used, unit = True, False, True
         for rd in info.reads:
             if rd.source.same_as(info.writes[0].source):
                 continue
             idx = [r.min for r in rd.region]
             if not idx:
                 continue
-            inner_ok = _uses(idx[-1], iv.var) and _coef(idx[-1], iv.var) == 1
+            coef = _coef(idx[-1], iv.var) if _uses(idx[-1], iv.var) else None
             elsewhere = any(_uses(e, iv.var) for e in idx[:-1])
-            if inner_ok and not elsewhere:
+            if coef in (1, 2) and not elsewhere:
                 used = True
-            elif _uses(idx[-1], iv.var) or elsewhere:
+                unit = unit and coef == 1
+            elif coef is not None or elsewhere:
                 ok = False
-        if ok and used and (best is None or info.extents[i] > info.extents[best]):
-            best = i
+        key = (unit, info.extents[i])
+        if ok and used and (best_key is None or key > best_key):
+            best, best_key = i, key
     return best
 
 
@@ -277,13 +281,27 @@ def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
         raise ValueError(f"vector axis extent {vext} has no divisor >= 4")
     # Row axis: a spatial iter the contiguous reader does not depend on, so one vector load
     # of that reader serves rt rows (a conv's output channels, a matmul's rows).
-    rd_idx = [r.min for r in info.reads[reader].region]
+    # Prefer reusing the costliest load: a stride-2 reader (4x the load work of a contiguous
+    # one on the stride-2 weight-gradient convs) before the contiguous one.
+    vvar = info.iters[vi].var
+    readers = sorted(
+        (j for j, rd in enumerate(info.reads)
+         if rd.region and not rd.source.same_as(info.writes[0].source)
+         and _uses(rd.region[-1].min, vvar)),
+        key=lambda j: -(_coef(info.reads[j].region[-1].min, vvar) or 0),
+    ) + [reader]
     ri = None
-    for i, iv in enumerate(info.iters):
-        if i == vi or info.kinds[i] != "S" or any(_uses(e, iv.var) for e in rd_idx) or info.extents[i] < 2:
-            continue
-        if ri is None or info.extents[i] > info.extents[ri]:
-            ri = i
+    for j in readers:
+        rd_idx = [r.min for r in info.reads[j].region]
+        for i, iv in enumerate(info.iters):
+            if i == vi or info.kinds[i] != "S" or info.extents[i] < 2:
+                continue
+            if any(_uses(e, iv.var) for e in rd_idx):
+                continue
+            if ri is None or info.extents[i] > info.extents[ri]:
+                ri = i
+        if ri is not None:
+            break
     max_rows = max(1, min(_MAX_ROWS, _MAX_ACC_VECTORS * lanes // vt))
     rt = _largest_divisor(info.extents[ri], max_rows) if ri is not None else 1
 
