@@ -279,7 +279,13 @@ def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None):
         raise UnsupportedError(
             f"Frontend: the TVM ONNX importer failed on {path.name}: {type(e).__name__}: "
             f"{msg[-1] if msg else ''}; check the ONNX ops and attributes it uses") from None
-    mod = _normalise(mod)
+    try:
+        mod = _normalise(mod)
+    except Exception as e:  # a TVM bug on an unusual graph must still be one line
+        msg = str(e).strip().splitlines()
+        raise UnsupportedError(
+            f"Frontend: normalising the imported {path.name} failed: {type(e).__name__}: "
+            f"{msg[-1] if msg else ''}; report the model with this message") from None
     func = mod["main"]
     n_in = compat.func_num_inputs(func)
     values = compat.func_param_values(func)
