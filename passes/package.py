@@ -82,6 +82,15 @@ def compile_split(mod, plan: Plan, *, device_target: str = "llvm", server_target
     split_s = time.perf_counter() - t0
     values = dict(initial_params(mod))
     values.update(params or {})
+    # everything in plan.json but the parts only known after the build; each manifest carries
+    # its sha256 so an edited plan.json (e.g. a changed transport order) is refused on load
+    core = plan.to_json() | {
+        "package_schema": PACKAGE_SCHEMA_VERSION,
+        "transport": [c.to_json() for c in plan.cut],
+        "labels": spec.labels.to_json() if spec.labels else None,
+        "training": {"loss": loss, "optimizer": optimizer, "lr": lr, "recompute": recompute},
+    }
+    core_sha = plan_core_sha256(core)
     files: dict[str, bytes] = {}
     summary: dict = {"plan_id": plan.plan_id, "output": str(output), "split_seconds": split_s,
                      "sides": {}}
@@ -103,6 +112,7 @@ def compile_split(mod, plan: Plan, *, device_target: str = "llvm", server_target
             files[f"{side}/opt_state.npz"] = _npz({f"s{i}": a for i, a in enumerate(st)})
             manifest = spec.side_json(side) | {
                 "schema": PACKAGE_SCHEMA_VERSION, "side": side, "model_hash": plan.model_hash,
+                "plan_sha256": core_sha,
                 "target": built.target, "library": "lib.so", "cuda": built.cuda,
                 "has_update": bool(getattr(spec, f"{side}_params")),
                 "opt_state": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in st],
@@ -115,11 +125,7 @@ def compile_split(mod, plan: Plan, *, device_target: str = "llvm", server_target
                 "opt_state_bytes": len(files[f"{side}/opt_state.npz"]),
                 "cross_compiler": built.cross_compiler,
             }
-    plan_json = plan.to_json() | {
-        "package_schema": PACKAGE_SCHEMA_VERSION,
-        "transport": [c.to_json() for c in plan.cut],
-        "labels": spec.labels.to_json() if spec.labels else None,
-        "training": {"loss": loss, "optimizer": optimizer, "lr": lr, "recompute": recompute},
+    plan_json = core | {
         "versions": {"splitc": splitc.__version__, "tvm": _tvm_version(), "cuda": cuda},
         "targets": {s: summary["sides"][s]["target"] for s in ("device", "server")},
         "files": {k: _sha256(v) for k, v in sorted(files.items())},
@@ -130,6 +136,16 @@ def compile_split(mod, plan: Plan, *, device_target: str = "llvm", server_target
     summary["cuda"] = cuda
     summary["tar_bytes"] = output.stat().st_size
     return summary
+
+
+def plan_core_sha256(plan_json: dict) -> str:
+    """sha256 of plan.json without ``files``, ``versions`` and ``targets`` (same rule as the
+    reader in runtime/package.py)."""
+    core = {k: v for k, v in plan_json.items() if k not in _NOT_CORE}
+    return _sha256(json.dumps(core, sort_keys=True).encode())
+
+
+_NOT_CORE = ("files", "versions", "targets")
 
 
 def _tvm_version() -> str:

@@ -54,6 +54,12 @@ def _err(path, what: str, fix: str) -> PackageError:
     return PackageError(f"Package: {path}: {what}; {fix}")
 
 
+def _core_sha(plan: dict) -> str:
+    # same rule as passes/package.py: plan_core_sha256 (the runtime must not import passes)
+    core = {k: v for k, v in plan.items() if k not in ("files", "versions", "targets")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
 def read_package(path: str | Path, *, model_hash: str | None = None) -> SplitPackage:
     """Load and verify ``path``; ``model_hash`` (optional) must match the plan's model."""
     path = str(path)
@@ -99,6 +105,9 @@ def read_package(path: str | Path, *, model_hash: str | None = None) -> SplitPac
         if man.get("plan_id") != plan_id:
             raise _err(path, f"the {side} half belongs to plan {man.get('plan_id')!r}, not "
                        f"{plan_id!r}", "rebuild both halves from one plan with splitc compile")
+        if man.get("plan_sha256") != _core_sha(plan):
+            raise _err(path, f"plan.json differs from the plan the {side} half was built with "
+                       "(tampered)", "rebuild it with splitc compile")
     for name, digest in listed.items():
         if name not in files:
             raise _err(path, f"{name} is missing", "rebuild it with splitc compile")

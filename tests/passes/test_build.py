@@ -210,6 +210,17 @@ def test_plan_from_another_model(tmp_path, packages):
         read_package(packages[0], model_hash="other")
 
 
+def test_edited_plan_json(tmp_path, packages):
+    files = _members(packages[0])
+    plan = json.loads(files["plan.json"])
+    plan["transport"][0]["grad"] = not plan["transport"][0]["grad"]
+    files["plan.json"] = json.dumps(plan).encode()
+    _write(tmp_path / "e.tar", files)
+    with pytest.raises(PackageError, match=r"plan.json differs from the plan the device half "
+                                           r"was built with \(tampered\)"):
+        read_package(tmp_path / "e.tar")
+
+
 def test_failed_compile_keeps_the_old_file(tmp_path, cnn_split):
     # fails inside build_side (after the split), with an older split.tar already in place
     mod, ops, _, _ = cnn_split
