@@ -4,9 +4,10 @@ Runs after ``passes/frontend.py: load_onnx`` (``main`` with one dataflow block, 
 function inputs, ``num_input`` attr) and ``passes/partition.py: solve``; before
 ``passes/build.py`` (which compiles the ``device_*`` and ``server_*`` functions separately).
 
-Worked example. A four-op model ``x -> conv(w1) -> relu -> dense(w2) -> softmax`` imported as::
+Worked example (tests/passes/test_split_module.py builds it). A four-op model
+``x -> dense(w1) -> relu -> dense(w2) -> softmax``, ``main(x, w1, w2)`` with::
 
-    lv = conv2d(x, w1); lv1 = relu(lv); lv2 = matmul(lv1, w2); gv = softmax(lv2)
+    lv = matmul(x, w1); lv1 = relu(lv); lv2 = matmul(lv1, w2); gv = softmax(lv2)
 
 with ``Placement.of({"lv", "lv1"})`` crosses one tensor, ``Plan.cut == (lv1,)`` (grad=True: it
 depends on ``w1``). The module gets::

@@ -126,3 +126,43 @@ def test_tied_weights_across_the_cut_are_refused():
     plan = replace(S.manual_plan(mod, S.op_names(mod)[:4]), tied_weights=("fc.weight",))
     with pytest.raises(UnsupportedError, match=r"read on both sides; re-plan with --tied-policy"):
         split_module(mod, plan)
+
+
+def test_worked_example_of_the_docstring():
+    """The four-op model of passes/split_module.py's docstring, split after the relu."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import op as R
+
+    from splitc.passes.split_module import SplitModule
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8), "float32"))
+    w1 = relax.Var("w1", relax.TensorType((8, 6), "float32"))
+    w2 = relax.Var("w2", relax.TensorType((6, 3), "float32"))
+    with bb.function("main", [x, w1, w2], {"num_input": 1}):
+        with bb.dataflow():
+            lv = bb.emit(R.matmul(x, w1), "lv")
+            lv1 = bb.emit(R.nn.relu(lv), "lv1")
+            lv2 = bb.emit(R.matmul(lv1, w2), "lv2")
+            gv = bb.emit_output(R.nn.softmax(lv2), "gv")
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    plan = S.manual_plan(mod, ["lv", "lv1"])
+    assert [(c.name, c.shape, c.grad) for c in plan.cut] == [("lv1", (2, 6), True)]
+    out = SplitModule(plan, optimizer="sgd")(mod)
+    sig = {gv.name_hint: [p.name for p in f.params] for gv, f in out.functions.items()
+           if isinstance(f, relax.Function) and gv.name_hint != "server_loss_adjoint"}
+    assert sig["device_forward"] == ["x", "w1"]
+    assert sig["device_infer"] == ["x", "w1"]
+    assert sig["device_backward"][-1] == "g_lv1"  # residuals first, then the cut gradients
+    assert sig["server_step"] == ["lv1", "w2", "labels"]
+    assert sig["server_infer"] == ["lv1", "w2"]
+    assert sig["device_update"] == sig["server_update"] == ["params", "gradients",
+                                                            "optim_states"]
+    # server_step -> (loss, g_lv1, grad_w2): shapes (), (2, 6), (6, 3)
+    ret = out["server_step"].ret_ty.fields
+    assert [tuple(int(d) for d in t.shape) for t in ret] == [(), (2, 6), (6, 3)]
+    # device_backward -> (grad_w1,)
+    assert [tuple(int(d) for d in t.shape) for t in out["device_backward"].ret_ty.fields] == [
+        (8, 6)]
