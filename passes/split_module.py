@@ -78,21 +78,27 @@ class SplitSpec:
     lr: float
     recompute: bool
     opt_state: dict = field(default_factory=dict)  # side -> list of numpy arrays
+    objective: str = "training"
 
     def side_json(self, side: str) -> dict:
         d = {"plan_id": self.plan_id, "cut": [c.to_json() for c in self.cut],
              "params": list(getattr(self, f"{side}_params")),
              "state": list(getattr(self, f"{side}_state")),
              "optimizer": self.optimizer, "lr": self.lr, "loss": self.loss}
+        train = self.objective == "training"
         if side == "device":
             d.update(inputs=[t.to_json() for t in self.inputs],
                      residuals=[t.to_json() for t in self.residuals], recompute=self.recompute,
-                     functions=["device_forward", "device_backward", "device_update",
-                                "device_infer"])
+                     functions=(["device_forward", "device_backward"] if train else [])
+                     + (["device_update"] if train and self.device_params else [])
+                     + ["device_infer"])
         else:
             d.update(outputs=[t.to_json() for t in self.outputs],
                      labels=self.labels.to_json() if self.labels else None,
-                     functions=["server_step", "server_update", "server_infer"])
+                     functions=(["server_step"] if train else [])
+                     + (["server_update"] if train and self.server_params else [])
+                     + ["server_infer"])
+        d["objective"] = self.objective
         return d
 
 
@@ -385,10 +391,9 @@ def _check_opaque(main: relax.Function) -> None:
 def split_module(mod: tvm.IRModule, plan: Plan, *, loss: str = "cross-entropy",
                  optimizer: str = "sgd", lr: float = 0.01, recompute: bool = False
                  ) -> tuple[tvm.IRModule, SplitSpec]:
-    """The functions of the module docstring, and the spec of their argument orders."""
-    if plan.objective != "training":
-        raise BuildError(f"SplitModule: plan objective is {plan.objective!r}; compile a "
-                         "training plan (splitc plan --objective training)")
+    """The functions of the module docstring, and the spec of their argument orders.
+
+    An inference plan gets ``device_infer`` and ``server_infer`` only."""
     if plan.tied_weights:
         raise UnsupportedError(f"SplitModule: weights {list(plan.tied_weights)[:3]} are read on "
                                "both sides; re-plan with --tied-policy pin")
@@ -400,6 +405,8 @@ def split_module(mod: tvm.IRModule, plan: Plan, *, loss: str = "cross-entropy",
     mod = T.LiftOpaqueElementwise()(mod)
     _check_opaque(mod["main"])
     h = _Halves(mod["main"], plan)
+    if plan.objective == "inference":
+        return _inference_split(h, plan)
     dfwd, dbwd, inputs, dtrain, dstate, rspec = _device_functions(h, plan, recompute)
     out, strain, sstate, labels = _server_functions(h, plan, loss)
     dinf = _build_side(h, "device", plan, loss, False, "device_infer")[0]
@@ -427,6 +434,28 @@ def split_module(mod: tvm.IRModule, plan: Plan, *, loss: str = "cross-entropy",
     return out, spec
 
 
+def _inference_split(h: _Halves, plan: Plan) -> tuple[tvm.IRModule, SplitSpec]:
+    server_made = {v for v in h.outputs if h.side.get(v) == "server"}
+    if set(h.outputs) - server_made - set(h.cut):
+        raise BuildError("SplitModule: an inference plan with model outputs made on the device "
+                         "has nothing to run on the server; compile it as device-only")
+    dinf, inputs, dtrain, dstate, _, _ = _build_side(h, "device", plan, "", False,
+                                                     "device_infer")
+    sinf, _, strain, sstate, _, _ = _build_side(h, "server", plan, "", False, "server_infer")
+    out = tvm.IRModule({"device_infer": dinf.with_attr("global_symbol", "device_infer"),
+                        "server_infer": sinf.with_attr("global_symbol", "server_infer")})
+    spec = SplitSpec(
+        plan_id=plan.plan_id, cut=plan.cut,
+        inputs=tuple(_tspec(p.name, p.ty) for p in inputs),
+        outputs=tuple(_tspec(f"output{i}", o.ty) for i, o in enumerate(h.outputs)),
+        labels=None, device_params=tuple(p.name for p in dtrain),
+        device_state=tuple(p.name for p in dstate), server_params=tuple(p.name for p in strain),
+        server_state=tuple(p.name for p in sstate), residuals=(), loss="", optimizer="",
+        lr=0.0, recompute=False, objective="inference")
+    check_split(out, spec)
+    return out, spec
+
+
 def _ty_of(ty) -> tuple:
     return tuple(int(d) for d in ty.shape), str(ty.dtype)
 
@@ -445,18 +474,21 @@ def check_split(mod: tvm.IRModule, spec: SplitSpec) -> None:
             raise BuildError(f"SplitModule: {gv.name_hint} is not well formed ({why}); report a "
                              "bug")
     want = [(tuple(c.shape), c.dtype) for c in spec.cut]
-    for fname in ("device_forward", "device_infer"):
+    names = {gv.name_hint for gv in mod.functions}
+    for fname in [f for f in ("device_forward", "device_infer") if f in names]:
         got = [_ty_of(t) for t in mod[fname].ret_ty.fields[: len(want)]]
         if got != want:
             raise BuildError(f"SplitModule: {fname} sends {got}, the plan's transport spec says "
                              f"{want}; the plan does not match this model")
-    for fname in ("server_step", "server_infer"):
+    for fname in [f for f in ("server_step", "server_infer") if f in names]:
         f = mod[fname]
         got = [(p.name, *_ty_of(p.ty)) for p in f.params[: len(want)]]
         exp = [(c.name, tuple(c.shape), c.dtype) for c in spec.cut]
         if got != exp:
             raise BuildError(f"SplitModule: {fname} receives {got}, the plan's transport spec "
                              f"says {exp}; the plan does not match this model")
+    if "server_step" not in names:
+        return
     ng = sum(c.grad for c in spec.cut)
     gdown = [_ty_of(t) for t in mod["server_step"].ret_ty.fields[1: 1 + ng]]
     if gdown != [w for w, c in zip(want, spec.cut) if c.grad]:

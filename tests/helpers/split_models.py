@@ -178,10 +178,10 @@ def manual_graph(mod, name: str = "m") -> OpGraph:
     return g
 
 
-def manual_plan(mod, device_ops, name: str = "m") -> Plan:
+def manual_plan(mod, device_ops, name: str = "m", objective: str = "training") -> Plan:
     g = manual_graph(mod, name)
     return Plan.build(g, Placement.of(device_ops), Link.parse("100Mbps", None, "0"),
-                      "training", "manual", "p", "p")
+                      objective, "manual", "p", "p")
 
 
 def op_names(mod) -> list[str]:
