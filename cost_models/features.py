@@ -1,0 +1,216 @@
+"""Kernel features: what the learned cost model sees of one fused TVM kernel (or of one op).
+
+TVM fuses ops (``FuseOps`` + ``FuseTIR``): a ``conv2d -> add -> relu`` chain runs as one kernel
+``fused_conv2d_add_relu``. Calibration (``cost_models/calibrate.py``) times those kernels, and
+this module describes each one as plain data, a :class:`KernelFeatures`:
+
+- ``kinds``: the ops fused in it, parsed from the kernel name (``fused_conv2d_transpose_add3_
+  less_where`` -> ``conv2d_transpose, add, less, where``); ``family`` is the heaviest of them
+  (``conv_t`` here), by the priority order of :data:`FAMILIES`;
+- FLOPs (``tvm.s_tir.analysis.estimate_tir_flops`` of the kernel), bytes read and written (the
+  call's argument and output tensors), parameter bytes (arguments that are trainable weights),
+  shapes, dtype, and the role: ``forward``, ``backward`` or ``update``.
+
+:func:`op_kernels` turns one op's ``OpFeatures`` into the kernels its training step runs
+(forward, backward by the same gradient rules as the roofline prior, optimizer update), so the
+learned model can price an op the planner asks about. :func:`vector` is the numeric feature
+vector both regressors read. No TVM import here: plain data and arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from splitc.cost_models.base import OpFeatures
+
+__all__ = [
+    "KernelFeatures", "FAMILIES", "ROLES", "parse_kinds", "family_of", "op_kernels", "vector",
+    "FEATURE_NAMES",
+]
+
+# Heaviest first: a fused kernel belongs to the first family any of its kinds falls in.
+FAMILIES = ("conv_t", "conv", "matmul", "loss", "softmax", "norm", "pool", "reduce", "layout",
+            "ewise")
+ROLES = ("forward", "backward", "update")
+
+# Multi-token op names as they appear in kernel names (tokens are split on "_").
+_COMPOUND = ("conv1d_transpose", "conv2d_transpose", "conv3d_transpose", "collapse_sum",
+             "log_softmax", "expand_dims", "broadcast_to", "nll_loss", "permute_dims",
+             "strided_slice", "layer_norm", "group_norm", "batch_norm", "rms_norm",
+             "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_flatten",
+             "cross_entropy", "batch_matmul", "layout_transform", "log_add_exp")
+_NOISE = {"fused", "tir", "te", "no", "without", "weight", "backward", "nn", "relax", "compute"}
+_FAMILY_KINDS = {
+    "conv_t": {"conv1d_transpose", "conv2d_transpose", "conv3d_transpose"},
+    "conv": {"conv1d", "conv2d", "conv3d"},
+    "matmul": {"matmul", "dense", "batch_matmul", "einsum", "attention", "outer"},
+    "loss": {"nll_loss", "cross_entropy", "loss"},
+    "softmax": {"softmax", "log_softmax"},
+    "norm": {"layer_norm", "group_norm", "batch_norm", "rms_norm", "instance_norm"},
+    "pool": {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "pool"},
+    "reduce": {"sum", "mean", "variance", "std", "max", "min", "prod", "argmax", "argmin",
+               "collapse_sum", "cumsum"},
+    "layout": {"reshape", "transpose", "permute_dims", "expand_dims", "broadcast_to", "concat",
+               "split", "strided_slice", "squeeze", "flatten", "batch_flatten", "take", "tile",
+               "repeat", "pad", "layout_transform", "astype", "copy", "stack", "flip"},
+}
+
+
+@dataclass(frozen=True)
+class KernelFeatures:
+    """Hardware-independent facts about one kernel launch (one ``call_tir``)."""
+
+    kinds: tuple[str, ...]
+    flops: float
+    bytes_read: int
+    bytes_written: int
+    param_bytes: int
+    role: str  # forward | backward | update
+    in_shapes: tuple[tuple[int, ...], ...] = ()
+    out_shapes: tuple[tuple[int, ...], ...] = ()
+    dtype: str = "float32"
+
+    @property
+    def family(self) -> str:
+        return family_of(self.kinds)
+
+    def to_json(self) -> dict:
+        return {"kinds": list(self.kinds), "family": self.family, "flops": self.flops,
+                "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "param_bytes": self.param_bytes, "role": self.role,
+                "in_shapes": [list(s) for s in self.in_shapes],
+                "out_shapes": [list(s) for s in self.out_shapes], "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "KernelFeatures":
+        return cls(tuple(d["kinds"]), float(d["flops"]), int(d["bytes_read"]),
+                   int(d["bytes_written"]), int(d["param_bytes"]), str(d["role"]),
+                   tuple(tuple(s) for s in d.get("in_shapes", ())),
+                   tuple(tuple(s) for s in d.get("out_shapes", ())), d.get("dtype", "float32"))
+
+
+def parse_kinds(kernel_name: str) -> tuple[str, ...]:
+    """Op kinds fused in a kernel, from its name: digits that TVM appends to de-duplicate
+    names (``add3``, ``conv2d1``) and helper words (``fused``, ``tir``, ``te``) are dropped.
+
+    >>> parse_kinds("fused_conv2d_transpose_add3_less_where")
+    ('conv2d_transpose', 'add', 'less', 'where')
+    >>> parse_kinds("te_nll_loss_backward_no_weight")
+    ('nll_loss',)
+    """
+    toks = [re.sub(r"(?<=[a-z])\d+$", "", t) for t in kernel_name.lower().split("_") if t]
+    # conv2d keeps its "2d"; "conv2d1" -> "conv2d" since the regex only strips after a letter
+    toks = [re.sub(r"^(conv[123]d|pool[123]d)\d+$", r"\1", t) for t in toks]
+    out: list[str] = []
+    i = 0
+    while i < len(toks):
+        for n in (3, 2):
+            cand = "_".join(toks[i:i + n])
+            if cand in _COMPOUND:
+                out.append(cand)
+                i += n
+                break
+        else:
+            if toks[i] not in _NOISE and not toks[i].isdigit():
+                out.append(toks[i])
+            i += 1
+    return tuple(out) or (kernel_name,)
+
+
+def _kind_family(kind: str) -> str:
+    k = kind.rsplit(".", 1)[-1]  # "relax.nn.conv2d" -> "conv2d"
+    for fam in FAMILIES[:-1]:
+        if k in _FAMILY_KINDS[fam]:
+            return fam
+    if "pool" in k:
+        return "pool"
+    if k.startswith("loss"):
+        return "loss"
+    return "ewise"
+
+
+def family_of(kinds) -> str:
+    """The heaviest family among ``kinds`` (``FAMILIES`` order)."""
+    fams = {_kind_family(k) for k in kinds}
+    return next((f for f in FAMILIES if f in fams), "ewise")
+
+
+def _k(kind: str, role: str, flops: float, br: int, bw: int, pb: int, f: OpFeatures):
+    return KernelFeatures((kind,), float(flops), int(br), int(bw), int(pb), role, f.in_shapes,
+                          f.out_shapes, f.dtype)
+
+
+def op_kernels(f: OpFeatures, optimizer_bytes: int = 3, optimizer_flops: int = 2
+               ) -> dict[str, list[KernelFeatures]]:
+    """The kernels one op's training step runs, by role, from its ``OpFeatures``.
+
+    Gradient rules (the roofline prior's, see ``cost_models/roofline.py``): conv / matmul need
+    one product of the forward's size per gradient (data grad if ``input_grad``, weight grad
+    if ``has_params``); elementwise, layout and pooling ops one pass over the same bytes;
+    reductions a broadcast of the output gradient back to the input; norms two reductions and
+    two elementwise passes each way. Update: one elementwise kernel over the op's weights,
+    ``optimizer_bytes`` x ``param_bytes`` moved (SGD: read param + grad, write param = 3).
+    """
+    kind = f.op.rsplit(".", 1)[-1]
+    fam = _kind_family(f.op) if not f.op.startswith("loss.") else "loss"
+    br, bw, pb, fl = f.bytes_read, f.bytes_written, f.param_bytes, f.flops
+    act_in = max(br - pb, 0)
+    fwd, bwd = [], []
+    needs = int(f.input_grad) + int(f.has_params)
+    if fam == "norm":
+        fwd = [_k("mean", "forward", fl / 4, act_in, bw // 8 + 4, 0, f),
+               _k("variance", "forward", fl / 4, act_in, bw // 8 + 4, 0, f),
+               _k("multiply", "forward", fl / 2, br, bw, pb, f)]
+        if needs:
+            bwd = [_k("collapse_sum", "backward", fl / 4, 2 * bw, bw // 8 + 4, 0, f)] * 2
+            bwd += [_k("multiply", "backward", fl / 2, 2 * bw + pb, bw, 0, f)] * 2
+    elif fam == "loss":
+        fwd = [_k("log_softmax", "forward", fl, br, br, 0, f),
+               _k("nll_loss", "forward", fl / 5, br, 4, 0, f)]
+        bwd = [_k("nll_loss", "backward", fl / 5, br, br, 0, f),
+               _k("exp", "backward", fl, 2 * br, br, 0, f)]
+    else:
+        fwd = [_k(kind, "forward", fl, br, bw, pb, f)]
+        if fam in ("conv", "matmul"):
+            if f.input_grad:
+                bkind = "conv2d_transpose" if fam == "conv" else kind
+                bwd.append(_k(bkind, "backward", fl, bw + pb, act_in, pb, f))
+            if f.has_params:
+                bwd.append(_k(kind, "backward", fl, bw + act_in, pb, 0, f))
+        elif fam == "reduce" and needs:
+            bwd = [_k("broadcast_to", "backward", 0, bw, act_in, 0, f)]
+        elif needs:
+            bwd = [_k(kind, "backward", fl, br + bw, act_in or bw, 0, f)]
+    upd = []
+    if f.has_params and pb:
+        elems = pb // 4 if f.dtype == "float32" else pb // 2
+        upd = [KernelFeatures(("multiply", "subtract"), float(optimizer_flops * elems),
+                              (optimizer_bytes - 1) * pb, pb, pb, "update", (), (), f.dtype)]
+    return {"forward": fwd, "backward": bwd, "update": upd}
+
+
+FEATURE_NAMES = (
+    ["log_flops", "log_bytes_read", "log_bytes_written", "log_param_bytes", "log_roofline",
+     "arith_intensity", "n_kinds", "has_reduce", "has_layout"]
+    + [f"family={f}" for f in FAMILIES] + [f"role={r}" for r in ROLES]
+    + [f"family={f}*log_flops" for f in FAMILIES] + [f"family={f}*log_bytes" for f in FAMILIES]
+)
+
+
+def vector(k: KernelFeatures, peak_flops: float, bandwidth: float) -> list[float]:
+    """Numeric features (``FEATURE_NAMES`` order): log10 sizes, the roofline time of the
+    prior profile in log10 seconds, one-hot family and role, and per-family slopes (so a
+    linear model in log space fits ``time ~ a_family * flops^b`` per family)."""
+    nbytes = k.bytes_read + k.bytes_written
+    lf, lb = math.log10(k.flops + 1.0), math.log10(nbytes + 1.0)
+    roof = max(k.flops / peak_flops, nbytes / bandwidth, 1e-12)
+    fams = {_kind_family(x) for x in k.kinds}
+    fam = k.family
+    v = [lf, math.log10(k.bytes_read + 1.0), math.log10(k.bytes_written + 1.0),
+         math.log10(k.param_bytes + 1.0), math.log10(roof), lf - lb, float(len(k.kinds)),
+         float("reduce" in fams), float("layout" in fams)]
+    v += [float(fam == f) for f in FAMILIES] + [float(k.role == r) for r in ROLES]
+    v += [lf * (fam == f) for f in FAMILIES] + [lb * (fam == f) for f in FAMILIES]
+    return v

@@ -1,0 +1,187 @@
+"""Learned cost model: a regressor fitted on measured kernel times, with the roofline as prior.
+
+What is learned: ``log10(seconds)`` of one kernel launch from its :class:`KernelFeatures`
+(``cost_models/features.py: vector``). Two regressors are fitted and the one with the lower
+held-out error is kept (``fit``; the comparison is stored in the profile):
+
+- ``linear``: ridge regression in log space on the features (per-family slopes on FLOPs and
+  bytes, the log roofline time, role); serialised as a coefficient vector;
+- ``trees``: scikit-learn ``GradientBoostingRegressor`` (least squares, depth 3) in log space;
+  serialised by exporting every tree's arrays (feature, threshold, children, value) to JSON
+  and predicted in numpy, so loading a profile never unpickles anything and needs no
+  scikit-learn.
+
+Each prediction also pays ``call_overhead`` seconds: what the Relax VM spends per kernel call
+beyond the kernel itself (allocation, argument packing), fitted from whole training steps.
+
+Fallback: a kernel whose family was never measured (e.g. ``conv_t`` on a profile calibrated
+on MLPs only) is priced by the roofline prior (``RooflineModel`` of the same profile) and
+counted; ``LearnedModel.name`` says how many fell back, so the plan's ``cost_model``
+provenance shows it (``learned:NAME(trees; roofline fallback 3/120 kernels)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from splitc import InputError
+from splitc.cost_models.base import OpCost, OpFeatures
+from splitc.cost_models.features import FEATURE_NAMES, KernelFeatures, op_kernels, vector
+from splitc.cost_models.profiles import DeviceProfile
+from splitc.cost_models.roofline import OPTIMIZERS, RooflineModel
+
+__all__ = ["LearnedModel", "Regressor", "fit_regressor", "cost_model_for", "LEARNED_VERSION",
+           "mape", "within"]
+
+LEARNED_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Regressor:
+    """Plain-data regressor: ``predict(X) -> log10 seconds``. ``kind``: linear | trees."""
+
+    kind: str
+    params: dict
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        X = np.atleast_2d(np.asarray(X, dtype=float))
+        p = self.params
+        if self.kind == "linear":
+            mu, sd = np.asarray(p["mean"]), np.asarray(p["scale"])
+            return (X - mu) / sd @ np.asarray(p["coef"]) + p["intercept"]
+        if self.kind == "trees":
+            y = np.full(len(X), float(p["init"]))
+            for t in p["trees"]:
+                feat, thr = np.asarray(t["feature"]), np.asarray(t["threshold"])
+                left, right = np.asarray(t["left"]), np.asarray(t["right"])
+                val = np.asarray(t["value"])
+                node = np.zeros(len(X), dtype=int)
+                for _ in range(int(t["depth"])):
+                    inner = left[node] >= 0
+                    go_left = X[np.arange(len(X)), np.maximum(feat[node], 0)] <= thr[node]
+                    node = np.where(inner, np.where(go_left, left[node], right[node]), node)
+                y += p["learning_rate"] * val[node]
+            return y
+        raise InputError(f"LearnedModel: unknown regressor kind {self.kind!r}; recalibrate")
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **self.params}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Regressor":
+        d = dict(d)
+        return cls(d.pop("kind"), d)
+
+
+def fit_regressor(kind: str, X: np.ndarray, y: np.ndarray, seed: int = 0) -> Regressor:
+    """Fit ``kind`` (linear | trees) on features ``X`` and log10 seconds ``y``."""
+    X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
+    if kind == "linear":
+        from sklearn.linear_model import Ridge
+
+        mu, sd = X.mean(0), X.std(0)
+        sd[sd == 0] = 1.0
+        # alpha 1.0 on standardised features: 40 features from a few hundred kernels
+        m = Ridge(alpha=1.0).fit((X - mu) / sd, y)
+        return Regressor("linear", {"mean": mu.tolist(), "scale": sd.tolist(),
+                                    "coef": m.coef_.tolist(), "intercept": float(m.intercept_)})
+    if kind == "trees":
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        # 300 trees of depth 3, shrinkage 0.05, subsample 0.8: small enough to store as JSON
+        # (~300 x 15 nodes) and to predict in numpy in microseconds
+        m = GradientBoostingRegressor(n_estimators=300, max_depth=3, learning_rate=0.05,
+                                      subsample=0.8, random_state=seed).fit(X, y)
+        trees = []
+        for est in m.estimators_[:, 0]:
+            t = est.tree_
+            trees.append({"feature": t.feature.tolist(), "threshold": t.threshold.tolist(),
+                          "left": t.children_left.tolist(), "right": t.children_right.tolist(),
+                          "value": t.value[:, 0, 0].tolist(), "depth": int(t.max_depth)})
+        init = float(np.asarray(m.init_.constant_).ravel()[0]) if hasattr(m.init_, "constant_") \
+            else float(np.mean(y))
+        return Regressor("trees", {"init": init, "learning_rate": m.learning_rate,
+                                   "trees": trees})
+    raise InputError(f"LearnedModel: unknown regressor {kind!r}; use linear or trees")
+
+
+@dataclass
+class LearnedModel:
+    """``CostModel`` backed by a calibrated profile's ``learned`` section."""
+
+    profile: DeviceProfile
+    optimizer: str = "sgd"
+    fallbacks: int = field(default=0, init=False)
+    kernels: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        data = self.profile.learned
+        if not data:
+            raise InputError(f"LearnedModel: profile {self.profile.name!r} has no 'learned' "
+                             "section; run splitc calibrate or use the roofline model")
+        if data.get("version") != LEARNED_VERSION:
+            raise InputError(f"LearnedModel: profile {self.profile.name!r} has learned version "
+                             f"{data.get('version')!r}, expected {LEARNED_VERSION}; recalibrate")
+        if list(data.get("features", [])) != list(FEATURE_NAMES):
+            raise InputError(f"LearnedModel: profile {self.profile.name!r} was fitted on other "
+                             "features; recalibrate with this splitc version")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"LearnedModel: unknown optimizer {self.optimizer!r}; use one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        self.regressor = Regressor.from_json(data["regressor"])
+        self.families = frozenset(data["families"])
+        self.call_overhead = float(data.get("call_overhead", 0.0))
+        self.prior = RooflineModel(self.profile, self.optimizer)
+
+    @property
+    def name(self) -> str:
+        s = f"learned:{self.profile.name}({self.regressor.kind}"
+        if self.fallbacks:
+            s += f"; roofline fallback {self.fallbacks}/{self.kernels} kernels"
+        return s + ")"
+
+    def kernel_time(self, k: KernelFeatures) -> float:
+        """Seconds for one kernel call, VM call overhead included."""
+        return float(self.kernel_times([k])[0])
+
+    def kernel_times(self, ks: list[KernelFeatures]) -> np.ndarray:
+        if not ks:
+            return np.zeros(0)
+        self.kernels += len(ks)
+        p = self.profile
+        X = np.array([vector(k, p.peak("float32"), p.mem_bandwidth) for k in ks])
+        t = 10.0 ** self.regressor.predict(X)
+        for i, k in enumerate(ks):
+            if k.family not in self.families:
+                self.fallbacks += 1
+                t[i] = self.prior.compute_time(int(k.flops), k.bytes_read + k.bytes_written,
+                                               k.dtype) + p.kernel_overhead
+        return t + self.call_overhead
+
+    def op_cost(self, f: OpFeatures) -> OpCost:
+        byte_mult, flop_per = OPTIMIZERS[self.optimizer]
+        ks = op_kernels(f, byte_mult, flop_per)
+        cost = {role: float(self.kernel_times(ks[role]).sum()) for role in ks}
+        return OpCost(cost["forward"], cost["backward"], cost["update"])
+
+
+def cost_model_for(profile: DeviceProfile, optimizer: str = "sgd"):
+    """The learned model when ``profile`` carries one (a calibrated profile), else the
+    roofline prior. Both implement ``CostModel``."""
+    if getattr(profile, "learned", None):
+        return LearnedModel(profile, optimizer)
+    return RooflineModel(profile, optimizer)
+
+
+def mape(pred: np.ndarray, meas: np.ndarray) -> float:
+    """Mean absolute percentage error, in percent."""
+    pred, meas = np.asarray(pred, float), np.asarray(meas, float)
+    return float(np.mean(np.abs(pred - meas) / meas) * 100.0)
+
+
+def within(pred: np.ndarray, meas: np.ndarray, tol: float = 0.10) -> float:
+    """Share (0..1) of predictions within ``tol`` relative error."""
+    pred, meas = np.asarray(pred, float), np.asarray(meas, float)
+    return float(np.mean(np.abs(pred - meas) <= tol * meas))
