@@ -51,6 +51,7 @@ __all__ = [
     "KernelFallback",
     "default_cpu_schedule",
     "default_schedule",
+    "host_llvm_target",
     "lower_for_schedule",
     "schedule_prim_func",
 ]
@@ -78,13 +79,32 @@ class KernelFallback:
 
 
 def _lanes(target: tvm.target.Target, dtype_bits: int) -> int:
-    try:
-        from tvm.target.codegen import llvm_get_vector_width
+    """Vector lanes the target's code generator will use for ``dtype_bits`` elements.
 
-        bits = int(llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001 - the width is only a tuning hint
-        bits = 128
-    return max(bits // dtype_bits, 4) if bits > 0 else 4
+    A bare ``llvm`` target (no ``mcpu``/``mattr``) is compiled for the generic CPU of its
+    triple (x86-64: SSE2, 128 bits) whatever the host has, so tiles are sized for 128 bits.
+    """
+    bits = 128
+    if target.attrs.get("mcpu") or target.attrs.get("mattr"):
+        try:
+            from tvm.target.codegen import llvm_get_vector_width
+
+            bits = int(llvm_get_vector_width(target)) or 128
+        except Exception:  # noqa: BLE001 - the width is only a tuning hint
+            bits = 128
+    return max(bits // dtype_bits, 4)
+
+
+def host_llvm_target() -> tvm.target.Target:
+    """``llvm`` for this machine's CPU (``mcpu`` from LLVM's host detection).
+
+    Bare ``"llvm"`` compiles for generic x86-64 (SSE2): on the AVX-512 dev box a scheduled
+    matmul (16x64x256 @ 256x1024) takes 79 ms that way, 38 ms with ``x86-64-v3`` (AVX2) and
+    22 ms with the host's ``znver4``. ``mcpu=native`` is rejected by TVM 0.27's LLVM.
+    """
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": str(llvm_get_system_cpu())})
 
 
 def _int(expr) -> int | None:

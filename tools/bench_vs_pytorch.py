@@ -1,0 +1,369 @@
+"""Benchmark: a compiled TVM training step against PyTorch eager on this CPU (issue 6).
+
+For each model: PyTorch eager train step (forward + cross-entropy + backward + SGD step) and
+forward alone, against the same step compiled by TVM twice, plain ``tvm.compile`` (the
+"default" build, which schedules nothing) and ``passes.schedules.default_cpu_schedule`` then
+``tvm.compile``. Same weights, same batch, same thread count, medians over ``--repeats``.
+
+The TVM step is built the way ``splitc compile`` builds an unsplit model: the team's frontend
+(``passes.frontend.load_onnx``), ``passes.training.DecomposeForTraining`` and TVM's
+``SetupTrainer`` (AppendLoss, Gradient, SGD). Batch norm runs with its running statistics on
+both sides (PyTorch ``model.eval()``), so both compute the same function; the ``loss rel err``
+column checks that.
+
+    python -m splitc.tools.bench_vs_pytorch --models small_resnet,encoder
+    python -m splitc.tools.bench_vs_pytorch --models resnet50_b8 --no-plain --kernels 15
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import click
+import numpy as np
+
+# name -> (builder, input shape, classes); builders are below (torch imports lazily).
+MODEL_NAMES = (
+    "small_resnet", "encoder", "resnet50_b8", "resnet50_b32", "gpt2_block_b8", "gpt2_block_b32",
+)
+
+
+def _small_resnet():
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.b1 = nn.BatchNorm2d(cout)
+            self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.b2 = nn.BatchNorm2d(cout)
+            self.sc = None
+            if cin != cout or stride != 1:
+                self.sc = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                        nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+            return torch.relu(y + (x if self.sc is None else self.sc(x)))
+
+    class SmallResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32),
+                                      nn.ReLU())
+            self.blocks = nn.Sequential(Block(32, 32, 1), Block(32, 64, 2), Block(64, 64, 1))
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = self.blocks(self.stem(x))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    return SmallResNet()
+
+
+def _layer(d: int, heads: int):
+    import torch
+    from torch import nn
+
+    class Layer(nn.Module):
+        """Pre-norm transformer layer (GPT-2's block without the causal mask)."""
+
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+            q, k, v = (z.reshape(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+            att = torch.softmax(q @ k.transpose(-1, -2) * (d // heads) ** -0.5, dim=-1)
+            x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+            return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+    return Layer()
+
+
+def _encoder(d: int, heads: int, layers: int):
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(*[_layer(d, heads) for _ in range(layers)])
+            self.fc = nn.Linear(d, 10)
+
+        def forward(self, x):
+            return self.fc(self.layers(x).mean(1))
+
+    return Encoder()
+
+
+def _resnet50():
+    """torchvision's ResNet-50 layout (bottlenecks 3-4-6-3), 1000 classes."""
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, inp, width, stride):
+            super().__init__()
+            out = width * 4
+            self.body = nn.Sequential(
+                nn.Conv2d(inp, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
+                nn.ReLU(), nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out))
+            self.down = None
+            if stride != 1 or inp != out:
+                self.down = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out))
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.body(x) + (x if self.down is None else self.down(x)))
+
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+              nn.MaxPool2d(3, 2, 1)]
+    inp = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            layers.append(Bottleneck(inp, width, stride if i == 0 else 1))
+            inp = width * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)]
+    return nn.Sequential(*layers)
+
+
+def build_model(name: str, image: int = 224):
+    """(torch module, input shape, classes) for a name of ``MODEL_NAMES``."""
+    if name == "small_resnet":
+        return _small_resnet(), (32, 3, 32, 32), 10
+    if name == "encoder":
+        return _encoder(256, 4, 2), (16, 64, 256), 10
+    if name.startswith("resnet50_b"):
+        return _resnet50(), (int(name.split("_b")[1]), 3, image, image), 1000
+    if name.startswith("gpt2_block_b"):
+        return _encoder(768, 12, 1), (int(name.split("_b")[1]), 64, 768), 10
+    raise click.BadParameter(f"unknown model {name!r}; one of {', '.join(MODEL_NAMES)}")
+
+
+# ------------------------------------------------------------------------------- PyTorch
+def torch_times(model, x, y, repeats: int) -> tuple[float, float]:
+    """Median seconds of (train step, forward) in PyTorch eager."""
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    return _median(step, repeats), _median(fwd, repeats)
+
+
+def _median(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocation and (for TVM) lazy init
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ------------------------------------------------------------------------------- TVM
+def train_module(model, x_shape, classes: int):
+    """(IRModule with backbone / backbone_loss_adjoint / optimizer, params, optimizer state)."""
+    import onnx
+    import torch
+    from tvm import IRModule, relax
+    from tvm.relax.training import SetupTrainer
+    from tvm.relax.training.loss import CrossEntropyLoss
+    from tvm.relax.training.optimizer import SGD
+
+    from splitc.passes.frontend import load_onnx
+    from splitc.passes.training import DecomposeForTraining
+
+    model.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (torch.zeros(x_shape),), buf, dynamo=False, opset_version=17,
+                          input_names=["x"], do_constant_folding=False)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        onnx.save(onnx.load_from_string(buf.getvalue()), path)
+        mod, info = load_onnx(path)
+    params = [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in info.params.values()]
+    func = mod["main"]
+    for key in ("params", "num_input"):
+        if func.attrs is not None and key in func.attrs:
+            func = func.without_attr(key)
+    mod = IRModule({"backbone": func.with_attr("global_symbol", "backbone")})
+    mod = mod.with_attrs({"param_num": len(params), "state_num": 0})
+    mod = DecomposeForTraining(training=False)(mod)
+    batch = x_shape[0]
+    sgd = SGD(0.01)
+    trainer = SetupTrainer(CrossEntropyLoss(), sgd, [
+        relax.TensorType((batch, classes), "float32"), relax.TensorType((batch,), "int64")],
+        legalize=False)
+    mod = trainer(mod)
+    return mod, params, [s.numpy() for s in sgd.state]
+
+
+@dataclass
+class TvmResult:
+    train_s: float
+    fwd_s: float
+    compile_s: float
+    loss: float
+    fallbacks: list
+
+
+def tvm_times(mod, params, opt_state, x, y, target, schedule: bool, repeats: int) -> TvmResult:
+    import tvm
+    from tvm import relax
+
+    from splitc.passes.schedules import default_cpu_schedule
+
+    fallbacks: list = []
+    t0 = time.perf_counter()
+    if schedule:
+        mod = default_cpu_schedule(mod, target, fallbacks.append)
+    ex = tvm.compile(mod, target)
+    compile_s = time.perf_counter() - t0
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    xs, ys = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(y, dev)
+    ps = [tvm.runtime.tensor(p, dev) for p in params]
+    state = [tvm.runtime.tensor(s, dev) for s in opt_state]
+    loss = []
+
+    def step():
+        out = vm["backbone_loss_adjoint"](xs, *ps, ys)
+        loss.append(out[0])
+        vm["optimizer"](tuple(ps), out[1], tuple(state))  # same cost as keeping the result
+
+    def fwd():
+        vm["backbone"](xs, *ps)
+
+    train_s = _median(step, repeats)
+    fwd_s = _median(fwd, repeats)
+    first = loss[0] if isinstance(loss[0], tvm.runtime.Tensor) else loss[0][0]
+    return TvmResult(train_s, fwd_s, compile_s, float(first.numpy()), fallbacks)
+
+
+def kernel_profile(mod, target, func: str = "backbone_loss_adjoint", top: int = 15):
+    """[(seconds x calls, calls, kernel, arg shapes)] of the scheduled kernels of ``func``,
+    each timed alone on random inputs (the VM in TVM 0.27 has no profiler)."""
+    import collections
+
+    import tvm
+    from tvm import relax, tirx
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from splitc.passes.schedules import default_cpu_schedule
+
+    mod = default_cpu_schedule(mod, target)
+    calls = collections.Counter()
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op == call_tir:
+            calls[e.args[0].name_hint] += 1
+
+    relax.analysis.post_order_visit(mod[func].body, visit)
+    dev, rows = tvm.cpu(), []
+    for gv, f in mod.functions.items():
+        if not isinstance(f, tirx.PrimFunc) or gv.name_hint not in calls:
+            continue
+        infos = ArgInfo.from_prim_func(f)
+        args = [tvm.runtime.tensor(np.random.uniform(-1, 1, [int(d) for d in a.shape])
+                                   .astype(str(a.dtype)), dev) for a in infos]
+        lib = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target).jit()
+        t = lib.time_evaluator("k", dev, number=3, repeat=1)(*args).mean
+        shapes = [tuple(int(d) for d in a.shape) for a in infos]
+        rows.append((t * calls[gv.name_hint], calls[gv.name_hint], gv.name_hint, shapes))
+    rows.sort(key=lambda r: -r[0])
+    return rows[:top]
+
+
+# ------------------------------------------------------------------------------- CLI
+@click.command()
+@click.option("--models", default="small_resnet,encoder", show_default=True,
+              help=f"comma-separated: {', '.join(MODEL_NAMES)}")
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--target", default="host", show_default=True,
+              help="'host' (llvm with this CPU's mcpu), 'llvm', or a JSON target")
+@click.option("--no-plain", is_flag=True, help="skip the unscheduled TVM build (slow)")
+@click.option("--image", default=224, show_default=True, help="ResNet-50 input size")
+@click.option("--kernels", default=0, help="also list the N slowest scheduled kernels")
+def main(models, repeats, threads, target, no_plain, image, kernels):
+    """Print a markdown table: TVM default, TVM + default schedules, PyTorch eager."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+    import json
+
+    import torch
+    import tvm
+
+    from splitc.passes.schedules import host_llvm_target
+
+    torch.set_num_threads(threads)
+    tgt = host_llvm_target() if target == "host" else tvm.target.Target(
+        json.loads(target) if target.startswith("{") else target)
+    rows = []
+    for name in [m.strip() for m in models.split(",") if m.strip()]:
+        torch.manual_seed(0)
+        model, shape, classes = build_model(name, image)
+        x = torch.randn(shape)
+        y = torch.randint(0, classes, (shape[0],))
+        mod, params, opt_state = train_module(model, shape, classes)
+        model.eval()  # batch norm on running stats, as in the exported graph
+        with torch.no_grad():
+            ref_loss = float(torch.nn.functional.cross_entropy(model(x), y))
+        pt_train, pt_fwd = torch_times(model, x, y, repeats)
+        xn, yn = x.numpy(), y.numpy().astype("int64")
+        sch = tvm_times(mod, params, opt_state, xn, yn, tgt, True, repeats)
+        plain = None if no_plain else tvm_times(mod, params, opt_state, xn, yn, tgt, False,
+                                                max(1, repeats // 2))
+        rows.append((name, shape, plain, sch, pt_train, pt_fwd, ref_loss))
+        click.echo(_row(*rows[-1]), err=True)
+        if sch.fallbacks:
+            click.echo(f"  {name}: {len(sch.fallbacks)} kernels not fully scheduled: "
+                       + ", ".join(f.kernel for f in sch.fallbacks), err=True)
+        if kernels:
+            for t, n, k, shapes in kernel_profile(mod, tgt, top=kernels):
+                click.echo(f"  {t * 1e3:9.2f} ms  x{n} {k} {shapes}", err=True)
+    click.echo(f"\ntarget {tgt}, {threads} threads, median of {repeats}\n")
+    click.echo("| model | input | TVM default step | TVM + schedules step | PyTorch step | "
+               "ratio (sched/PyTorch) | fwd ratio (sched/PyTorch) | TVM default / sched | "
+               "compile s (sched) | loss rel err |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        click.echo(_row(*r))
+
+
+def _row(name, shape, plain, sch, pt_train, pt_fwd, ref_loss) -> str:
+    plain_s = f"{plain.train_s:.3f} s" if plain else "-"
+    speedup = f"{plain.train_s / sch.train_s:.1f}x" if plain else "-"
+    err = abs(sch.loss - ref_loss) / max(abs(ref_loss), 1e-12)
+    return (f"| {name} | {'x'.join(map(str, shape))} | {plain_s} | {sch.train_s:.3f} s | "
+            f"{pt_train:.3f} s | {sch.train_s / pt_train:.2f} | {sch.fwd_s / pt_fwd:.2f} | "
+            f"{speedup} | {sch.compile_s:.1f} | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
