@@ -52,8 +52,8 @@ class TokenBucket:
     """Token bucket in bytes: ``consume(n)`` sleeps until ``n`` bytes fit the rate.
 
     Debt model: tokens refill at ``rate`` up to ``burst``; a message larger than the tokens left
-    drives them negative and the caller sleeps the debt off, so a 1 MB message at 1 MB/s takes
-    1 s whatever the burst.
+    drives them negative and the caller sleeps the debt off: with the default burst 0 a 1 MB
+    message at 1 MB/s waits 1 s, and back-to-back messages queue behind each other.
     """
 
     def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic,
@@ -61,7 +61,11 @@ class TokenBucket:
         if rate <= 0:
             raise InputError(f"Transport: link rate must be positive, got {rate}")
         self.rate = float(rate)
-        self.burst = float(burst if burst is not None else max(16 * 1024, rate / 100))
+        # Default burst 0: every message pays its serialisation time bytes / rate, as on a real
+        # link. A burst (even tc's 4 KiB) lets one direction's bucket refill while the other
+        # sends, which halves a request/reply step: measured 4.8 ms for a 10.5 ms link step
+        # with a 125 KB burst.
+        self.burst = float(burst if burst is not None else 0.0)
         self.tokens = self.burst
         self._clock, self._sleep = clock, sleep
         self._last = clock()
