@@ -193,7 +193,8 @@ def op_kernels(f: OpFeatures, optimizer_bytes: int = 3, optimizer_flops: int = 2
 
 FEATURE_NAMES = (
     ["log_flops", "log_bytes_read", "log_bytes_written", "log_param_bytes", "log_roofline",
-     "arith_intensity", "n_kinds", "has_reduce", "has_layout"]
+     "arith_intensity", "log_out_elems", "log_flops_per_out", "n_kinds", "has_reduce",
+     "has_layout"]
     + [f"family={f}" for f in FAMILIES] + [f"role={r}" for r in ROLES]
     + [f"family={f}*log_flops" for f in FAMILIES] + [f"family={f}*log_bytes" for f in FAMILIES]
 )
@@ -208,8 +209,13 @@ def vector(k: KernelFeatures, peak_flops: float, bandwidth: float) -> list[float
     roof = max(k.flops / peak_flops, nbytes / bandwidth, 1e-12)
     fams = {_kind_family(x) for x in k.kinds}
     fam = k.family
+    # output elements and FLOPs per output: a depthwise conv (18 FLOPs per output for 3x3)
+    # schedules and runs very differently from a dense one (2 x C x 9) of equal FLOPs
+    n_out = sum(math.prod(s) for s in k.out_shapes) if k.out_shapes else k.bytes_written / 4
+    lo = math.log10(n_out + 1.0)
     v = [lf, math.log10(k.bytes_read + 1.0), math.log10(k.bytes_written + 1.0),
-         math.log10(k.param_bytes + 1.0), math.log10(roof), lf - lb, float(len(k.kinds)),
+         math.log10(k.param_bytes + 1.0), math.log10(roof), lf - lb, lo,
+         math.log10(k.flops / max(n_out, 1.0) + 1.0), float(len(k.kinds)),
          float("reduce" in fams), float("layout" in fams)]
     v += [float(fam == f) for f in FAMILIES] + [float(k.role == r) for r in ROLES]
     v += [lf * (fam == f) for f in FAMILIES] + [lb * (fam == f) for f in FAMILIES]

@@ -38,6 +38,9 @@ class DeviceProfile:
     mem_bandwidth: float  # bytes/s
     kernel_overhead: float  # seconds per kernel
     provenance: dict = field(default_factory=dict)
+    # A calibrated profile's learned cost model (``cost_models/learned.py``), plain JSON;
+    # empty for priors. Optional key "learned" in the file: older files load unchanged.
+    learned: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"Profile {self.name!r}"
@@ -64,7 +67,8 @@ class DeviceProfile:
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "peak_flops": dict(self.peak_flops),
                 "mem_bandwidth": self.mem_bandwidth, "kernel_overhead": self.kernel_overhead,
-                "provenance": dict(self.provenance)}
+                "provenance": dict(self.provenance),
+                **({"learned": self.learned} if self.learned else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> "DeviceProfile":
@@ -72,7 +76,7 @@ class DeviceProfile:
             return cls(str(d["name"]), str(d["kind"]),
                        {str(k): float(v) for k, v in d["peak_flops"].items()},
                        float(d["mem_bandwidth"]), float(d["kernel_overhead"]),
-                       dict(d["provenance"]))
+                       dict(d["provenance"]), dict(d.get("learned") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"Profile: malformed profile data ({type(e).__name__}: {e}); "
                              "see cost_models/profiles.py for the schema") from None

@@ -1,0 +1,160 @@
+"""cost_models/features.py and learned.py: kernel features, JSON regressors, fallback."""
+
+import json
+
+import numpy as np
+import pytest
+
+from splitc import InputError
+from splitc.cost_models.base import OpFeatures
+from splitc.cost_models.features import (FEATURE_NAMES, KernelFeatures, family_of, op_kernels,
+                                         parse_kinds, vector)
+from splitc.cost_models.learned import (LEARNED_VERSION, LearnedModel, Regressor,
+                                        cost_model_for, fit_regressor, mape, within)
+from splitc.cost_models.profiles import DeviceProfile, load_profile
+from splitc.cost_models.roofline import RooflineModel
+
+PROV = {"status": "calibrated", "source": "test"}
+
+
+@pytest.mark.parametrize("name,kinds", [
+    ("fused_conv2d_transpose_add3_less_where", ("conv2d_transpose", "add", "less", "where")),
+    ("fused_conv2d1_add_add2", ("conv2d", "add", "add")),
+    ("te_nll_loss_backward_no_weight", ("nll_loss",)),
+    ("fused_add1_tir_sqrt", ("add", "sqrt")),
+    ("collapse_sum1", ("collapse_sum",)),
+    ("fused_expand_dims_broadcast_to", ("expand_dims", "broadcast_to")),
+    ("log_softmax", ("log_softmax",)),
+])
+def test_parse_kinds(name, kinds):
+    assert parse_kinds(name) == kinds
+
+
+@pytest.mark.parametrize("kinds,family", [
+    (("conv2d_transpose", "add", "less", "where"), "conv_t"),
+    (("add", "conv2d", "relu"), "conv"),
+    (("matmul", "divide"), "matmul"),
+    (("maximum", "minimum"), "ewise"),  # elementwise max/min, not the max reduction
+    (("multiply", "collapse_sum"), "reduce"),
+    (("expand_dims", "broadcast_to"), "layout"),
+    (("relax.nn.conv2d",), "conv"),
+])
+def test_family_of(kinds, family):
+    assert family_of(kinds) == family
+
+
+def _conv_features(input_grad=True):
+    # conv 3x3, 8 -> 16 channels, x[2,8,8,8] -> y[2,16,8,8] with weight [16,8,3,3] (no bias):
+    # FLOPs = 2 * (2*16*8*8) * (8*3*3) = 2 * 2048 * 72 = 294912
+    # weight bytes = 16*8*3*3*4 = 4608; x bytes = 2*8*8*8*4 = 4096; y bytes = 2*16*8*8*4 = 8192
+    return OpFeatures("relax.nn.conv2d", 294912, 4096 + 4608, 8192, 4608,
+                      ((2, 8, 8, 8), (16, 8, 3, 3)), ((2, 16, 8, 8),), "float32", True,
+                      input_grad)
+
+
+def test_op_kernels_conv_exact():
+    ks = op_kernels(_conv_features())
+    (fwd,) = ks["forward"]
+    assert fwd.kinds == ("conv2d",) and fwd.flops == 294912 and fwd.role == "forward"
+    assert (fwd.bytes_read, fwd.bytes_written, fwd.param_bytes) == (8704, 8192, 4608)
+    # backward: data grad (conv2d_transpose: reads dy 8192 + weight 4608, writes dx 4096) and
+    # weight grad (conv2d: reads dy 8192 + x 4096, writes dw 4608), each the forward's FLOPs
+    dx, dw = ks["backward"]
+    assert dx.kinds == ("conv2d_transpose",) and dw.kinds == ("conv2d",)
+    assert (dx.flops, dx.bytes_read, dx.bytes_written) == (294912, 12800, 4096)
+    assert (dw.flops, dw.bytes_read, dw.bytes_written) == (294912, 12288, 4608)
+    # SGD update over 4608 weight bytes = 1152 floats: reads param + grad (2 x 4608), writes
+    # 4608, 2 FLOPs per weight = 2304
+    (upd,) = ks["update"]
+    assert (upd.flops, upd.bytes_read, upd.bytes_written, upd.role) == (2304, 9216, 4608,
+                                                                       "update")
+    # first layer (reads only the model input): weight grad only
+    assert [k.kinds for k in op_kernels(_conv_features(False))["backward"]] == [("conv2d",)]
+
+
+def test_kernel_features_json_roundtrip():
+    k = op_kernels(_conv_features())["backward"][0]
+    assert KernelFeatures.from_json(json.loads(json.dumps(k.to_json()))) == k
+    assert len(vector(k, 1e11, 1e10)) == len(FEATURE_NAMES)
+
+
+def _synthetic(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0, 6, (n, len(FEATURE_NAMES)))
+    y = -6 + 0.8 * X[:, 0] + 0.3 * np.sin(X[:, 1]) + 0.1 * X[:, 2]
+    return X, y
+
+
+@pytest.mark.parametrize("kind", ["linear", "trees"])
+def test_regressor_json_predicts_like_sklearn(kind):
+    X, y = _synthetic()
+    reg = fit_regressor(kind, X, y)
+    back = Regressor.from_json(json.loads(json.dumps(reg.to_json())))
+    if kind == "linear":
+        from sklearn.linear_model import Ridge
+
+        mu, sd = X.mean(0), X.std(0)
+        ref = Ridge(alpha=1.0).fit((X - mu) / sd, y).predict((X - mu) / sd)
+    else:
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        ref = GradientBoostingRegressor(n_estimators=300, max_depth=3, learning_rate=0.05,
+                                        subsample=0.8, random_state=0).fit(X, y).predict(X)
+    np.testing.assert_allclose(back.predict(X), ref, rtol=0, atol=1e-9)
+
+
+def test_metrics_exact():
+    # errors 5 %, 20 %, 0 %, 50 % -> MAPE 18.75 %, 2 of 4 within 10 %
+    pred, meas = [1.05, 1.2, 2.0, 3.0], [1.0, 1.0, 2.0, 2.0]
+    assert mape(pred, meas) == pytest.approx(18.75)
+    assert within(pred, meas) == 0.5
+
+
+def _learned_profile(families=("ewise",), version=LEARNED_VERSION, overhead=1e-6):
+    X, y = _synthetic()
+    reg = fit_regressor("linear", X, y)
+    learned = {"version": version, "features": list(FEATURE_NAMES), "regressor": reg.to_json(),
+               "families": list(families), "call_overhead": overhead}
+    return DeviceProfile("cal", "cpu", {"float32": 1e11}, 1e10, 2e-6, PROV, learned)
+
+
+def test_fallback_is_counted_and_named():
+    m = LearnedModel(_learned_profile(families=("ewise",)))
+    relu = OpFeatures("relax.nn.relu", 1024, 4096, 4096, 0, ((1024,),), ((1024,),))
+    m.op_cost(relu)  # forward + backward: 2 ewise kernels, learned
+    assert m.fallbacks == 0 and m.name == "learned:cal(linear)"
+    c = m.op_cost(_conv_features())  # conv family never measured: roofline prior
+    # relu: 2 kernels (fwd, bwd); conv: fwd + 2 bwd conv kernels fall back, update is ewise
+    assert (m.fallbacks, m.kernels) == (3, 6)
+    assert m.name == "learned:cal(linear; roofline fallback 3/6 kernels)"
+    # the forward conv falls back to roofline + overhead, plus the VM call overhead:
+    # max(294912 / 1e11, 16896 / 1e10) + 2e-6 + 1e-6 = 2.94912e-6 + 3e-6
+    assert c.forward == pytest.approx(294912 / 1e11 + 2e-6 + 1e-6)
+
+
+def test_cost_model_for_picks_learned_or_roofline(tmp_path):
+    assert isinstance(cost_model_for(load_profile("jetson-orin-nano")), RooflineModel)
+    p = tmp_path / "cal.json"
+    p.write_text(json.dumps(_learned_profile().to_json()))
+    prof = load_profile(str(p))
+    assert prof.learned["version"] == LEARNED_VERSION
+    assert isinstance(cost_model_for(prof), LearnedModel)
+    # profiles without "learned" still load and write the same JSON as before
+    assert "learned" not in load_profile("a100").to_json()
+
+
+def test_learned_model_errors():
+    with pytest.raises(InputError, match=r"LearnedModel: profile 'a100' has no 'learned' "
+                                         r"section; run splitc calibrate"):
+        LearnedModel(load_profile("a100"))
+    with pytest.raises(InputError, match=r"has learned version 99, expected 1; recalibrate"):
+        LearnedModel(_learned_profile(version=99))
+    prof = _learned_profile()
+    bad = DeviceProfile("cal", "cpu", {"float32": 1e11}, 1e10, 2e-6, PROV,
+                        {**prof.learned, "features": ["x"]})
+    with pytest.raises(InputError, match=r"was fitted on other features; recalibrate"):
+        LearnedModel(bad)
+    with pytest.raises(InputError, match=r"unknown optimizer 'lamb'"):
+        LearnedModel(prof, "lamb")
+    with pytest.raises(InputError, match=r"unknown regressor 'svm'; use linear or trees"):
+        fit_regressor("svm", *_synthetic())
