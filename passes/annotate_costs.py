@@ -274,8 +274,8 @@ class _Collector:
             kernel = getattr(value.args[0], "name_hint", value.args[0])
             raise UnsupportedError(
                 f"AnnotateCosts: binding {name!r} is an opaque TIR kernel ({kernel}) with no "
-                "FLOP rule and no gradient; the ONNX importer lowers some ops (Pad, Tile, "
-                "CumSum, Resize, Einsum) this way: re-export the model without them")
+                "FLOP rule and no gradient; the ONNX importer lowers some ops this way (Clip, "
+                "Pad or Tile with bounds computed at run time): re-export them with constants")
         acts, params, prep = [], [], []
         for a in value.args:
             v = self._value_of(a)

@@ -27,7 +27,7 @@ __all__ = [
     # arrays
     "to_numpy", "is_constant", "constant_value",
     # importer
-    "onnx_convert_map", "clip_as_maximum_minimum",
+    "onnx_convert_map", "relax_op_lowerings",
     # errors
     "register_splitc_errors",
 ]
@@ -170,18 +170,25 @@ def onnx_convert_map() -> dict:
 
 
 @contextlib.contextmanager
-def clip_as_maximum_minimum():
-    """Import ONNX ``Clip`` with constant bounds as ``minimum(maximum(x, lo), hi)``.
+def relax_op_lowerings():
+    """Import ONNX ops as Relax ops where the 0.27 importer emits opaque TIR kernels.
 
-    The 0.27 importer lowers Clip to ``emit_te(topi.maximum/minimum)``: opaque ``call_tir``
-    kernels (plus ``isnan``/``where`` on the bounds) with no FLOP rule and no gradient, while
-    ``relax.maximum`` / ``relax.minimum`` have both (ReLU6 in MobileNetV2 is a Clip(0, 6)).
-    Non-constant or NaN bounds keep the importer's own lowering.
+    The importer lowers these through ``emit_te`` to ``call_tir`` kernels that have no FLOP
+    rule and no gradient; here they become Relax ops with both a rule and (for Clip) a
+    registered gradient:
+
+    - ``Clip`` with constant bounds -> ``minimum(maximum(x, lo), hi)`` (ReLU6 in
+      MobileNetV2 is Clip(0, 6)); non-constant or NaN bounds keep the importer's lowering;
+    - ``Pad`` -> ``relax.nn.pad`` (modes constant, reflect, edge -> replicate, wrap ->
+      circular);
+    - ``Einsum`` -> ``relax.einsum``; ``Tile`` with constant repeats -> ``relax.tile``.
     """
-    from tvm.relax.frontend.onnx import onnx_frontend
+    from tvm.relax.frontend.onnx import onnx_frontend as f
 
-    clip = onnx_frontend.Clip
-    orig_v13, orig_v1 = clip.__dict__["_impl_v13"], clip.__dict__["_impl_v1"]
+    saved = [(f.Clip, "_impl_v13"), (f.Clip, "_impl_v1"), (f.Pad, "_lower_pad"),
+             (f.Einsum, "_impl_v12"), (f.Tile, "_impl_v13")]
+    originals = [(cls, name, cls.__dict__[name]) for cls, name in saved]
+    orig = {(cls, name): fn for cls, name, fn in originals}
 
     def const_bound(e):
         if is_constant(e):
@@ -190,13 +197,13 @@ def clip_as_maximum_minimum():
                 return v
         return None
 
-    def v13(cls, bb, inputs, attr, params):
+    def clip_v13(cls, bb, inputs, attr, params):
         x = inputs[0]
-        lo = const_bound(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else None
-        hi = const_bound(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
-        if (len(inputs) > 1 and inputs[1] is not None and lo is None) or (
-                len(inputs) > 2 and inputs[2] is not None and hi is None):
-            return orig_v13.__func__(cls, bb, inputs, attr, params)
+        given = [len(inputs) > k and inputs[k] is not None for k in (1, 2)]
+        lo = const_bound(inputs[1]) if given[0] else None
+        hi = const_bound(inputs[2]) if given[1] else None
+        if (given[0] and lo is None) or (given[1] and hi is None):
+            return orig[(f.Clip, "_impl_v13")].__func__(cls, bb, inputs, attr, params)
         dtype = str(expr_ty(x).dtype)
         if lo is not None:
             x = bb.normalize(relax.op.maximum(x, relax.const(lo.item(), dtype)))
@@ -204,7 +211,7 @@ def clip_as_maximum_minimum():
             x = bb.normalize(relax.op.minimum(x, relax.const(hi.item(), dtype)))
         return x
 
-    def v1(cls, bb, inputs, attr, params):
+    def clip_v1(cls, bb, inputs, attr, params):
         x = inputs[0]
         dtype = str(expr_ty(x).dtype)
         if "min" in attr:
@@ -213,11 +220,36 @@ def clip_as_maximum_minimum():
             x = bb.normalize(relax.op.minimum(x, relax.const(float(attr["max"]), dtype)))
         return x
 
-    clip._impl_v13, clip._impl_v1 = classmethod(v13), classmethod(v1)
+    pad_modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
+                 "wrap": "circular"}
+
+    def lower_pad(cls, bb, inputs, attr, params, allowed_modes):
+        mode = attr.get("mode", b"constant").decode("utf-8")
+        if mode not in allowed_modes or mode not in pad_modes:
+            return orig[(f.Pad, "_lower_pad")].__func__(cls, bb, inputs, attr, params,
+                                                         allowed_modes)
+        before, after, value = cls._parse_pads_and_axes(inputs, params)
+        width = [int(v) for pair in zip(before, after) for v in pair]
+        return relax.op.nn.pad(inputs[0], width, pad_modes[mode], float(value))
+
+    def einsum_v12(cls, bb, inputs, attr, params):
+        return relax.op.einsum(list(inputs), attr["equation"].decode("utf-8"))
+
+    def tile_v13(cls, bb, inputs, attr, params):
+        reps = inputs[1]
+        if is_constant(reps):
+            return relax.op.tile(inputs[0], [int(r) for r in constant_value(reps).tolist()])
+        return orig[(f.Tile, "_impl_v13")].__func__(cls, bb, inputs, attr, params)
+
+    f.Clip._impl_v13, f.Clip._impl_v1 = classmethod(clip_v13), classmethod(clip_v1)
+    f.Pad._lower_pad = classmethod(lower_pad)
+    f.Einsum._impl_v12 = classmethod(einsum_v12)
+    f.Tile._impl_v13 = classmethod(tile_v13)
     try:
         yield
     finally:
-        clip._impl_v13, clip._impl_v1 = orig_v13, orig_v1
+        for cls, name, fn in originals:
+            setattr(cls, name, fn)
 
 
 # -- errors across the FFI -------------------------------------------------------------------

@@ -264,11 +264,11 @@ def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None):
     path = Path(path)
     model, digest = _read_model(path)
     _check_ops(model)
-    onnx_prep.prepare(model)
     real, shapes, _ = _resolve_shapes(model, dict(input_shapes or {}))
+    onnx_prep.prepare(model, shapes)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     try:
-        with warnings.catch_warnings(), compat.clip_as_maximum_minimum():
+        with warnings.catch_warnings(), compat.relax_op_lowerings():
             warnings.simplefilter("ignore")  # renaming and checker chatter, not user errors
             mod = from_onnx(model, shape_dict={k: list(v) for k, v in shapes.items()},
                             keep_params_in_input=True)

@@ -313,24 +313,22 @@ def test_gpt2_tied_embedding_is_one_param_read_at_both_ends(onnx_model, roofline
 
 
 def test_opaque_tir_kernel_is_rejected_by_name(tmp_path, roofline_pair):
-    # the 0.27 importer lowers ONNX Pad to call_tir(pad): no FLOP rule, no gradient
-    import numpy as np
+    # Clip with a bound known only at run time stays the importer's call_tir(maximum):
+    # no FLOP rule, no gradient
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Constant", [], ["p"], value=numpy_helper.from_array(
-                 np.array([0, 1, 0, 1], np.int64), "p")),
-             helper.make_node("Pad", ["x", "p"], ["y"], name="pad")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, [2, 3])], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, [2, 5])])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Clip", ["x", "lo"], ["y"], name="clip")], "g",
+                              [vi("x", TensorProto.FLOAT, [2, 3]), vi("lo", TensorProto.FLOAT, [])],
+                              [vi("y", TensorProto.FLOAT, [2, 3])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              str(tmp_path / "pad.onnx"))
-    mod, _ = load_onnx(tmp_path / "pad.onnx")
+              str(tmp_path / "clip.onnx"))
+    mod, _ = load_onnx(tmp_path / "clip.onnx")
     with pytest.raises(UnsupportedError, match=re.escape(
-            "AnnotateCosts: binding 'gv' is an opaque TIR kernel (pad) with no FLOP rule and "
-            "no gradient; the ONNX importer lowers some ops (Pad, Tile, CumSum, Resize, Einsum) "
-            "this way: re-export the model without them")):
+            "AnnotateCosts: binding 'gv' is an opaque TIR kernel (maximum) with no FLOP rule "
+            "and no gradient; the ONNX importer lowers some ops this way (Clip, Pad or Tile "
+            "with bounds computed at run time): re-export them with constants")):
         annotate_costs(mod, *roofline_pair)
 
 

@@ -251,3 +251,49 @@ def test_external_weights(tmp_path, tiny_cnn_onnx, tiny_cnn):
             f"Frontend: external weights of '{path}' cannot be read (ValidationError); keep the "
             ".data file next to the model")):
         load_onnx(path)
+
+
+def test_slice_bounds_from_shape_are_folded(tmp_path):
+    # x.chunk(2, dim=1) as the TorchScript exporter writes it: the slice end is computed from
+    # Shape(x); with the input shape fixed it folds to a static strided_slice (unfolded, the
+    # importer emits dynamic_strided_slice with an unknown output shape)
+    def c(n, v):
+        return helper.make_node("Constant", [], [n], value=numpy_helper.from_array(
+            np.array(v, np.int64), n))
+
+    nodes = [c("one", 1), c("two", 2), c("zero", [0]), c("ax", [0]), c("axes", [1]),
+             helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "one"], ["d"], axis=0),
+             helper.make_node("Div", ["d", "two"], ["h"]),
+             helper.make_node("Unsqueeze", ["h", "ax"], ["end"]),
+             helper.make_node("Slice", ["x", "zero", "end", "axes"], ["y"], name="chunk0")]
+    path = _save(tmp_path, nodes, [_vi("x", ["N", 4])], [_vi("y", ["N", 2])])
+    mod, _ = load_onnx(path, {"x": (3, 4)})
+    bindings = mod["main"].body.blocks[0].bindings
+    assert [b.value.op.name for b in bindings] == ["relax.strided_slice"]
+    assert compat.static_shape(compat.expr_ty(bindings[0].var)) == (3, 2)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(_run(mod, x), x[:, :2])
+
+
+@pytest.mark.parametrize("mode,np_mode", [("constant", "constant"), ("reflect", "reflect"),
+                                          ("edge", "edge")])
+def test_pad_becomes_relax_pad(tmp_path, mode, np_mode):
+    # the importer would emit an opaque call_tir(pad); the frontend imports relax.nn.pad
+    pads = numpy_helper.from_array(np.array([0, 1, 0, 2], np.int64), "pads")
+    nodes = [helper.make_node("Constant", [], ["p"], value=pads),
+             helper.make_node("Pad", ["x", "p"], ["y"], mode=mode)]
+    path = _save(tmp_path, nodes, [_vi("x", [2, 3])], [_vi("y", [2, 6])])
+    mod, _ = load_onnx(path)
+    assert [b.value.op.name for b in mod["main"].body.blocks[0].bindings] == ["relax.nn.pad"]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(_run(mod, x), np.pad(x, ((0, 0), (1, 2)), mode=np_mode))
+
+
+def test_einsum_becomes_relax_einsum(tmp_path):
+    path = _save(tmp_path, [helper.make_node("Einsum", ["a", "b"], ["y"], equation="ij,jk->ik")],
+                 [_vi("a", [2, 3]), _vi("b", [3, 4])], [_vi("y", [2, 4])])
+    mod, _ = load_onnx(path)
+    assert [b.value.op.name for b in mod["main"].body.blocks[0].bindings] == ["relax.einsum"]
+    a, b = np.ones((2, 3), np.float32), np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(_run(mod, a, b), a @ b)
