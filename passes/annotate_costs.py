@@ -21,9 +21,11 @@ Costs: ``device.op_cost`` and ``server.op_cost`` of each op's ``OpFeatures`` (FL
 from ``passes/op_rules.py``). A weight's optimizer update is charged to its first reader only
 (``param_bytes``): a tied weight read at both ends of GPT-2 is updated once per step; when its
 readers land on different sides the plan charges the per-step weight sync instead
-(``passes/plan.py``), which is far larger than the second update. In training the loss (``cross-entropy`` on logits with int64
-labels of shape ``logits.shape[:-1]``, or ``mse`` with labels shaped like the output) runs on
-the server: its cost is ``loss_server`` and its labels are ``OpGraph.labels``.
+(``passes/plan.py``), which is far larger than the second update.
+
+In training the loss (``cross-entropy`` on logits with int64 labels of shape
+``logits.shape[:-1]``, or ``mse`` with labels shaped like the output) runs on the server: its
+cost is ``loss_server`` and its labels are ``OpGraph.labels``.
 """
 
 from __future__ import annotations
