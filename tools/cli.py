@@ -337,6 +337,43 @@ def keygen(directory, name):
     click.echo(f"public {pub}\nsecret {sec}")
 
 
+BENCHES = ("partition", "compile", "transport", "vs_pytorch", "cost_model")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                              "help_option_names": []})
+@click.argument("name", required=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+@_errors
+def bench(ctx, name, args):
+    """Run a benchmark from tools/ (`splitc bench NAME --help` for its options).
+
+    \b
+    partition   solver build+solve time per engine/reduction; delay per algorithm and link
+    compile     compile time per side and artifact sizes
+    transport   throughput vs raw socket; per-step overhead; measured vs predicted step
+    vs_pytorch  compiled training step vs PyTorch eager on this CPU
+    cost_model  learned vs roofline cost model accuracy on held-out models
+    """
+    import importlib
+
+    if name in (None, "--help", "-h"):  # this command's own help
+        click.echo(ctx.get_help())
+        return
+    if name not in BENCHES:
+        raise click.BadParameter(f"{name!r} is not one of {', '.join(BENCHES)}",
+                                 param_hint="NAME")
+    try:
+        main_fn = importlib.import_module(f"splitc.tools.bench_{name}").main
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"benchmark {name!r} needs {e.name}") from None
+    if isinstance(main_fn, click.Command):
+        main_fn.main(args=list(args), prog_name=f"splitc bench {name}")
+    else:
+        sys.exit(main_fn(list(args)) or 0)
+
+
 @cli.command()
 @_errors
 def profiles():
