@@ -19,7 +19,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
 from splitc import InputError
 
 __all__ = ["save", "load", "steps", "prune", "FORMAT"]

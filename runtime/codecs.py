@@ -23,7 +23,6 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-
 from splitc import InputError, TransportError
 
 __all__ = ["Codec", "parse_codec", "CODEC_IDS"]

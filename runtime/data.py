@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from splitc import InputError
 
 __all__ = ["DataLoader", "load_digits_split"]
@@ -48,7 +47,8 @@ class DataLoader:
         if epoch != self._perm_epoch:
             n = len(self.x)
             self._perm = (
-                np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle
+                np.random.default_rng((self.seed, epoch)).permutation(n)
+                if self.shuffle
                 else np.arange(n)
             )
             self._perm_epoch = epoch

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from splitc import TransportError
 from splitc.runtime import checkpoint, wire
 from splitc.runtime.codecs import Codec, parse_codec
@@ -72,8 +71,14 @@ class TrainResult:
 class _Client:
     """Request/reply with resend and stale-reply filtering over a DeviceTransport."""
 
-    def __init__(self, transport: DeviceTransport, plan_id: str, device_id: int,
-                 timeout_s: float, retry_s: float):
+    def __init__(
+        self,
+        transport: DeviceTransport,
+        plan_id: str,
+        device_id: int,
+        timeout_s: float,
+        retry_s: float,
+    ):
         self.t, self.plan_id, self.device_id = transport, plan_id, device_id
         self.timeout_s, self.retry_s = timeout_s, retry_s
 
@@ -91,8 +96,9 @@ class _Client:
                     break
                 kind, _ = wire.peek(got)
                 if kind == Kind.ERROR:
-                    err = wire.decode(got, Expect(wire.plan_of(got), frozenset([Kind.ERROR]),
-                                                  {Kind.ERROR: ()}))
+                    err = wire.decode(
+                        got, Expect(wire.plan_of(got), frozenset([Kind.ERROR]), {Kind.ERROR: ()})
+                    )
                     raise TransportError(
                         f"Device: the server refused {msg.kind.name} step {msg.step}: "
                         f"{err.meta.get('message', '')}"
@@ -107,16 +113,40 @@ class _Client:
                 )
 
 
+def _check_cut(outs, cut: tuple[TensorSpec, ...]) -> None:
+    """The device half's outputs must be the transport spec, or the server would refuse them."""
+    got = [(tuple(np.shape(o)), np.asarray(o).dtype.name) for o in outs]
+    want = [(c.shape, c.dtype) for c in cut]
+    if got != want:
+        raise TransportError(
+            f"Device: forward returned {got}, the transport spec is {want}; the device half does "
+            f"not match plan.json"
+        )
+
+
 def _label_spec(data: DataLoader) -> list:
     return [[data.batch_size, *data.y.shape[1:]], str(data.y.dtype)]
 
 
-def train(device_half: DeviceHalf, connect: str, data: DataLoader, epochs: int = 1, *,
-          device_id: int = 0, max_steps: int | None = None, checkpoint_dir=None,
-          checkpoint_every: int = 0, resume: bool = False, codec: str = "none",
-          link_rate: float | None = None, curve: CurveClient | None = None,
-          fedavg_every: int = 0, on_progress=None, timeout_s: float = 60.0,
-          retry_s: float = 5.0) -> TrainResult:
+def train(
+    device_half: DeviceHalf,
+    connect: str,
+    data: DataLoader,
+    epochs: int = 1,
+    *,
+    device_id: int = 0,
+    max_steps: int | None = None,
+    checkpoint_dir=None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    codec: str = "none",
+    link_rate: float | None = None,
+    curve: CurveClient | None = None,
+    fedavg_every: int = 0,
+    on_progress=None,
+    timeout_s: float = 60.0,
+    retry_s: float = 5.0,
+) -> TrainResult:
     """Train ``device_half`` against the server at ``connect``; return losses, bytes, times."""
     codec_ = parse_codec(codec, seed=device_id)
     plan_id = device_half.plan_id
@@ -125,9 +155,14 @@ def train(device_half: DeviceHalf, connect: str, data: DataLoader, epochs: int =
         total = min(total, max_steps)
     cut = tuple(TensorSpec.of(c) for c in device_half.cut)
     gspecs = (TensorSpec("loss", (), "float64"),) + tuple(
-        TensorSpec.of(c) for c in device_half.cut if c.grad)
-    exp_step = Expect(plan_id, frozenset([Kind.GRADIENT, Kind.REWIND]),
-                      {Kind.GRADIENT: gspecs, Kind.REWIND: ()}, codec_)
+        TensorSpec.of(c) for c in device_half.cut if c.grad
+    )
+    exp_step = Expect(
+        plan_id,
+        frozenset([Kind.GRADIENT, Kind.REWIND]),
+        {Kind.GRADIENT: gspecs, Kind.REWIND: ()},
+        codec_,
+    )
     exp_welcome = Expect(plan_id, frozenset([Kind.WELCOME]), {Kind.WELCOME: ()})
     exp_avg = Expect(plan_id, frozenset([Kind.FEDAVG_PULL]), {Kind.FEDAVG_PULL: None})
     res = TrainResult(codec=codec_.spec)
@@ -135,11 +170,17 @@ def train(device_half: DeviceHalf, connect: str, data: DataLoader, epochs: int =
 
     def save(step: int) -> None:
         nonlocal ack
-        checkpoint.save(checkpoint_dir, step,
-                        {f"half/{k}": v for k, v in device_half.state_dict().items()},
-                        {"plan_id": plan_id, "device_id": device_id, "codec": codec_.spec,
-                         "data": {"seed": data.seed, "batch_size": data.batch_size,
-                                  "cursor": step}})
+        checkpoint.save(
+            checkpoint_dir,
+            step,
+            {f"half/{k}": v for k, v in device_half.state_dict().items()},
+            {
+                "plan_id": plan_id,
+                "device_id": device_id,
+                "codec": codec_.spec,
+                "data": {"seed": data.seed, "batch_size": data.batch_size, "cursor": step},
+            },
+        )
         ack = step
 
     def load(step: int | None) -> int:
@@ -172,8 +213,9 @@ def train(device_half: DeviceHalf, connect: str, data: DataLoader, epochs: int =
         applied = w.meta["applied"]
         if applied >= step:
             return step  # the server holds our later steps in its reply cache: replay them
-        older = [s for s in (checkpoint.steps(checkpoint_dir) if checkpoint_dir else [])
-                 if s <= applied]
+        older = [
+            s for s in (checkpoint.steps(checkpoint_dir) if checkpoint_dir else []) if s <= applied
+        ]
         if not older:
             raise TransportError(
                 f"Device: the server holds step {applied} of device {device_id}, this device is "
@@ -192,8 +234,12 @@ def train(device_half: DeviceHalf, connect: str, data: DataLoader, epochs: int =
             t0 = time.perf_counter()
             outs = device_half.forward([x])
             t1 = time.perf_counter()
-            reply = client.request(Message(Kind.FORWARD, plan_id, s, device_id, ack,
-                                           tensors=[*outs, y]), exp_step, codec_)
+            _check_cut(outs, cut)
+            reply = client.request(
+                Message(Kind.FORWARD, plan_id, s, device_id, ack, tensors=[*outs, y]),
+                exp_step,
+                codec_,
+            )
             t2 = time.perf_counter()
             if reply.kind == Kind.REWIND:
                 step = hello(step)
@@ -213,19 +259,21 @@ def train(device_half: DeviceHalf, connect: str, data: DataLoader, epochs: int =
                 else:
                     checkpoint.prune(checkpoint_dir, s, keep_last=1)
             server_s = float(reply.meta.get("server_s", 0.0))
-            st = StepTime((t1 - t0) + (t3 - t2), max(0.0, (t2 - t1) - server_s), server_s,
-                          t3 - t0)
+            st = StepTime((t1 - t0) + (t3 - t2), max(0.0, (t2 - t1) - server_s), server_s, t3 - t0)
             res.steps.append(s)
             res.losses.append(float(reply.tensors[0]))
             res.times.append(st)
             step = s
             if on_progress:
-                on_progress(Progress(s, total, res.losses[-1], st, transport.bytes_up,
-                                     transport.bytes_down))
+                on_progress(
+                    Progress(s, total, res.losses[-1], st, transport.bytes_up, transport.bytes_down)
+                )
         try:  # best effort: the server forgets this device's session
             client.timeout_s = min(timeout_s, 2.0)
-            client.request(Message(Kind.BYE, plan_id, step, device_id, ack),
-                           Expect(plan_id, frozenset([Kind.BYE]), {Kind.BYE: ()}))
+            client.request(
+                Message(Kind.BYE, plan_id, step, device_id, ack),
+                Expect(plan_id, frozenset([Kind.BYE]), {Kind.BYE: ()}),
+            )
         except TransportError:
             pass
     finally:
@@ -235,22 +283,39 @@ def train(device_half: DeviceHalf, connect: str, data: DataLoader, epochs: int =
     return res
 
 
-def _fedavg(half: DeviceHalf, client: _Client, plan_id: str, device_id: int, s: int,
-            expect: Expect) -> None:
+def _fedavg(
+    half: DeviceHalf, client: _Client, plan_id: str, device_id: int, s: int, expect: Expect
+) -> None:
     state = half.state_dict()
     keys = sorted(k for k, v in state.items() if np.asarray(v).dtype.kind == "f")
-    msg = Message(Kind.FEDAVG_PUSH, plan_id, s, device_id, meta={"keys": keys},
-                  tensors=[np.asarray(state[k]) for k in keys])
+    msg = Message(
+        Kind.FEDAVG_PUSH,
+        plan_id,
+        s,
+        device_id,
+        meta={"keys": keys},
+        tensors=[np.asarray(state[k]) for k in keys],
+    )
     avg = client.request(msg, expect)
     if len(avg.tensors) != len(keys):
-        raise TransportError(f"Device: FedAvg reply has {len(avg.tensors)} tensors, sent {len(keys)}")
+        raise TransportError(
+            f"Device: FedAvg reply has {len(avg.tensors)} tensors, sent {len(keys)}"
+        )
     state.update({k: np.array(t) for k, t in zip(keys, avg.tensors)})
     half.load_state_dict(state)
 
 
-def evaluate(device_half: DeviceHalf, connect: str, x: np.ndarray, y: np.ndarray, *,
-             batch_size: int, device_id: int = 0, curve: CurveClient | None = None,
-             timeout_s: float = 60.0) -> float:
+def evaluate(
+    device_half: DeviceHalf,
+    connect: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    device_id: int = 0,
+    curve: CurveClient | None = None,
+    timeout_s: float = 60.0,
+) -> float:
     """Test accuracy of the split model: ``infer`` on both halves (INFER messages).
 
     The halves have a static batch: the last partial batch is padded with zeros and the padded

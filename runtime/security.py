@@ -20,9 +20,8 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
-
 from splitc import InputError
+from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = ["generate_keys", "CurveServer", "CurveClient", "start_authenticator"]
 

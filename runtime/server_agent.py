@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from splitc import SplitcError, TransportError
 from splitc.runtime import checkpoint, wire
 from splitc.runtime.codecs import Codec, parse_codec
@@ -83,9 +82,13 @@ class _Session:
     cache: dict[int, tuple[str, list[np.ndarray]]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"applied": self.applied, "ack": self.ack, "codec": self.codec.spec,
-                "label": [list(self.label.shape), self.label.dtype],
-                "cache": {str(s): d for s, (d, _) in self.cache.items()}}
+        return {
+            "applied": self.applied,
+            "ack": self.ack,
+            "codec": self.codec.spec,
+            "label": [list(self.label.shape), self.label.dtype],
+            "cache": {str(s): d for s, (d, _) in self.cache.items()},
+        }
 
 
 def _digest(tensors) -> str:
@@ -98,21 +101,35 @@ def _digest(tensors) -> str:
 class ServerAgent:
     """Bind on construction (``.address`` is the real HOST:PORT), then ``run()``."""
 
-    def __init__(self, server_half: ServerHalf, listen: str = "127.0.0.1:0", *,
-                 checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
-                 allow_keys: CurveServer | None = None, max_steps: int | None = None,
-                 stop_event: threading.Event | None = None, codec: str | None = None,
-                 fedavg_every: int = 0, fedavg_devices: int | None = None,
-                 fedavg_timeout_s: float = 60.0, on_event=None,
-                 label_spec: TensorSpec | None = None, max_message_bytes: int = 256 << 20,
-                 max_cached_steps: int = 1024, poll_s: float = 0.05):
+    def __init__(
+        self,
+        server_half: ServerHalf,
+        listen: str = "127.0.0.1:0",
+        *,
+        checkpoint_dir=None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+        allow_keys: CurveServer | None = None,
+        max_steps: int | None = None,
+        stop_event: threading.Event | None = None,
+        codec: str | None = None,
+        fedavg_every: int = 0,
+        fedavg_devices: int | None = None,
+        fedavg_timeout_s: float = 60.0,
+        on_event=None,
+        label_spec: TensorSpec | None = None,
+        max_message_bytes: int = 256 << 20,
+        max_cached_steps: int = 1024,
+        poll_s: float = 0.05,
+    ):
         self.half = server_half
         self.plan_id = server_half.plan_id
         self.cut = tuple(TensorSpec.of(c) for c in server_half.cut)
         self.grads = tuple(TensorSpec.of(c) for c in server_half.cut if c.grad)
         hl = label_spec or getattr(server_half, "labels", None)
-        self.label_spec = TensorSpec.of(hl) if hl is not None and not isinstance(
-            hl, TensorSpec) else hl
+        self.label_spec = (
+            TensorSpec.of(hl) if hl is not None and not isinstance(hl, TensorSpec) else hl
+        )
         self.codec = parse_codec(codec) if codec else None
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.max_steps, self.stop_event = max_steps, stop_event or threading.Event()
@@ -144,13 +161,18 @@ class ServerAgent:
                 f"Server: checkpoint in {self.checkpoint_dir} is for plan {meta.get('plan_id')!r}, "
                 f"this half is {self.plan_id!r}; use another --checkpoint-dir or drop --resume"
             )
-        self.half.load_state_dict(
-            {k[5:]: v for k, v in arrays.items() if k.startswith("half/")})
+        self.half.load_state_dict({k[5:]: v for k, v in arrays.items() if k.startswith("half/")})
         self.result.steps_applied = step
         for dev, s in meta["sessions"].items():
             shape, dtype = s["label"]
-            sess = _Session(int(dev), s["applied"], parse_codec(s["codec"]),
-                            TensorSpec("labels", tuple(shape), dtype), s["ack"], s["ack"])
+            sess = _Session(
+                int(dev),
+                s["applied"],
+                parse_codec(s["codec"]),
+                TensorSpec("labels", tuple(shape), dtype),
+                s["ack"],
+                s["ack"],
+            )
             for st, dg in s["cache"].items():
                 n = int(meta["cache_len"][dev][st])
                 sess.cache[int(st)] = (dg, [arrays[f"cache/{dev}/{st}/{i}"] for i in range(n)])
@@ -165,8 +187,11 @@ class ServerAgent:
                 cache_len[str(dev)][str(st)] = len(tensors)
                 for i, t in enumerate(tensors):
                     arrays[f"cache/{dev}/{st}/{i}"] = t
-        meta = {"plan_id": self.plan_id, "cache_len": cache_len,
-                "sessions": {str(d): s.to_json() for d, s in self.sessions.items()}}
+        meta = {
+            "plan_id": self.plan_id,
+            "cache_len": cache_len,
+            "sessions": {str(d): s.to_json() for d, s in self.sessions.items()},
+        }
         checkpoint.save(self.checkpoint_dir, self.result.steps_applied, arrays, meta)
         checkpoint.prune(self.checkpoint_dir, self.result.steps_applied, keep_last=2)
         for sess in self.sessions.values():
@@ -191,13 +216,20 @@ class ServerAgent:
 
     def _expect(self, sess: _Session | None) -> Expect:
         tensors = {
-            Kind.HELLO: (), Kind.BYE: (), Kind.FEDAVG_PUSH: None,
+            Kind.HELLO: (),
+            Kind.BYE: (),
+            Kind.FEDAVG_PUSH: None,
             Kind.INFER: self.cut,
-            Kind.FORWARD: self.cut + (
-                sess.label if sess else TensorSpec("labels", None, None, MAX_LABEL_BYTES),),
+            Kind.FORWARD: self.cut
+            + (sess.label if sess else TensorSpec("labels", None, None, MAX_LABEL_BYTES),),
         }
-        return Expect(self.plan_id, frozenset(tensors), tensors,
-                      sess.codec if sess else (self.codec or Codec()), self.max_bytes)
+        return Expect(
+            self.plan_id,
+            frozenset(tensors),
+            tensors,
+            sess.codec if sess else (self.codec or Codec()),
+            self.max_bytes,
+        )
 
     # ----- the loop -----
     def run(self) -> ServeResult:
@@ -231,8 +263,16 @@ class ServerAgent:
             return self._hello(peer, msg)
         if msg.kind == Kind.INFER:
             out = self.half.infer(msg.tensors)
-            return self._send(peer, Message(Kind.INFER_RESULT, self.plan_id, msg.step, dev,
-                                            tensors=[np.asarray(o) for o in out]))
+            return self._send(
+                peer,
+                Message(
+                    Kind.INFER_RESULT,
+                    self.plan_id,
+                    msg.step,
+                    dev,
+                    tensors=[np.asarray(o) for o in out],
+                ),
+            )
         if sess is None:  # a restarted server that never saw this device: HELLO first
             return self._send(peer, Message(Kind.REWIND, self.plan_id, msg.step, dev))
         sess.peer = peer
@@ -259,8 +299,9 @@ class ServerAgent:
             sess = self.sessions[dev] = _Session(dev, msg.step, codec, label)
         sess.codec, sess.label, sess.peer, sess.done = codec, label, peer, False
         self.on_event(Event("hello", dev, msg.step, message=codec.spec))
-        self._send(peer, Message(Kind.WELCOME, self.plan_id, msg.step, dev, meta=self._status(
-            sess)))
+        self._send(
+            peer, Message(Kind.WELCOME, self.plan_id, msg.step, dev, meta=self._status(sess))
+        )
 
     def _label_spec(self, label) -> TensorSpec:
         if self.label_spec is not None:
@@ -273,12 +314,17 @@ class ServerAgent:
             ) from None
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if np.dtype(dtype).kind not in "iuf" or nbytes > MAX_LABEL_BYTES:
-            raise TransportError(f"Server: labels {dtype}{list(shape)} are not int/float or too big")
+            raise TransportError(
+                f"Server: labels {dtype}{list(shape)} are not int/float or too big"
+            )
         return TensorSpec("labels", shape, dtype)
 
     def _status(self, sess: _Session) -> dict:
-        return {"applied": sess.applied, "durable": sess.durable,
-                "persistent": bool(self.checkpoint_dir)}
+        return {
+            "applied": sess.applied,
+            "durable": sess.durable,
+            "persistent": bool(self.checkpoint_dir),
+        }
 
     def _forward(self, sess: _Session, msg: Message) -> None:
         s, dev = msg.step, sess.device_id
@@ -300,8 +346,9 @@ class ServerAgent:
             return self._reply(sess, s, reply, 0.0)
         if s > sess.applied + 1:
             self.on_event(Event("rewind", dev, s, message=f"server holds step {sess.applied}"))
-            return self._send(sess.peer, Message(Kind.REWIND, self.plan_id, s, dev,
-                                                 meta=self._status(sess)))
+            return self._send(
+                sess.peer, Message(Kind.REWIND, self.plan_id, s, dev, meta=self._status(sess))
+            )
         t0 = time.perf_counter()
         try:
             loss, grads = self.half.step(list(msg.tensors[:-1]), msg.tensors[-1])
@@ -317,16 +364,22 @@ class ServerAgent:
                 del sess.cache[old]
         self.result.steps_applied += 1
         self._since_ckpt += 1
-        if self.checkpoint_dir and self.checkpoint_every and (
-                self._since_ckpt >= self.checkpoint_every):
+        if (
+            self.checkpoint_dir
+            and self.checkpoint_every
+            and (self._since_ckpt >= self.checkpoint_every)
+        ):
             self._checkpoint()
         self.on_event(Event("step", dev, s, float(loss), dt))
         self._reply(sess, s, reply, dt)
 
     def _reply(self, sess: _Session, s: int, reply, dt: float) -> None:
         meta = {"server_s": dt, **self._status(sess)}
-        self._send(sess.peer, Message(Kind.GRADIENT, self.plan_id, s, sess.device_id, meta=meta,
-                                      tensors=reply), sess.codec)
+        self._send(
+            sess.peer,
+            Message(Kind.GRADIENT, self.plan_id, s, sess.device_id, meta=meta, tensors=reply),
+            sess.codec,
+        )
 
     # ----- federated averaging of the device halves -----
     def _fedavg_push(self, sess: _Session, msg: Message) -> None:
@@ -361,8 +414,12 @@ class ServerAgent:
 
     def _fedavg_send(self, sess: _Session, r: int) -> None:
         if sess.peer is not None:
-            self._send(sess.peer, Message(Kind.FEDAVG_PULL, self.plan_id, r, sess.device_id,
-                                          tensors=self._fedavg_done[r]))
+            self._send(
+                sess.peer,
+                Message(
+                    Kind.FEDAVG_PULL, self.plan_id, r, sess.device_id, tensors=self._fedavg_done[r]
+                ),
+            )
 
     def _fedavg_timeouts(self) -> None:
         now = time.monotonic()

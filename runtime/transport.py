@@ -23,10 +23,9 @@ from __future__ import annotations
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
-
 from splitc import InputError, TransportError
 from splitc.runtime import security
+from zmq.utils.monitor import recv_monitor_message
 
 __all__ = ["TokenBucket", "ServerTransport", "DeviceTransport", "endpoint"]
 
@@ -56,8 +55,9 @@ class TokenBucket:
     message at 1 MB/s waits 1 s, and back-to-back messages queue behind each other.
     """
 
-    def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic,
-                 sleep=time.sleep):
+    def __init__(
+        self, rate: float, burst: float | None = None, clock=time.monotonic, sleep=time.sleep
+    ):
         if rate <= 0:
             raise InputError(f"Transport: link rate must be positive, got {rate}")
         self.rate = float(rate)
@@ -84,8 +84,14 @@ class TokenBucket:
 class ServerTransport:
     """ROUTER socket: ``recv`` -> (peer routing id, frames); ``send(peer, frames)``."""
 
-    def __init__(self, listen: str, *, curve: security.CurveServer | None = None,
-                 hwm: int = 1000, max_frame_bytes: int = -1):
+    def __init__(
+        self,
+        listen: str,
+        *,
+        curve: security.CurveServer | None = None,
+        hwm: int = 1000,
+        max_frame_bytes: int = -1,
+    ):
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, curve) if curve else None
         s = self.ctx.socket(zmq.ROUTER)
@@ -144,8 +150,14 @@ class ServerTransport:
 class DeviceTransport:
     """DEALER socket to one server, with optional link emulation and CurveZMQ."""
 
-    def __init__(self, connect: str, *, curve: security.CurveClient | None = None,
-                 link_rate: float | None = None, hwm: int = 64):
+    def __init__(
+        self,
+        connect: str,
+        *,
+        curve: security.CurveClient | None = None,
+        link_rate: float | None = None,
+        hwm: int = 64,
+    ):
         self.ctx = zmq.Context()
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, LINGER_MS)
@@ -158,7 +170,8 @@ class DeviceTransport:
             security.apply_client(s, curve)
         # Handshake failures are the only sign of a refused key: watch them.
         self._mon = s.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         )
         s.connect(endpoint(connect))

@@ -37,13 +37,22 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from splitc import TransportError
 from splitc.runtime.codecs import Codec, codec_by_id
 
 __all__ = [
-    "MAGIC", "VERSION", "Kind", "Message", "TensorSpec", "Expect", "encode", "decode",
-    "MSG_HEADER", "TENSOR_HEADER", "peek", "plan_of",
+    "MAGIC",
+    "VERSION",
+    "Kind",
+    "Message",
+    "TensorSpec",
+    "Expect",
+    "encode",
+    "decode",
+    "MSG_HEADER",
+    "TENSOR_HEADER",
+    "peek",
+    "plan_of",
 ]
 
 MAGIC = b"SPLC"
@@ -56,8 +65,16 @@ CHUNK = 4 << 20
 
 # Wire dtype codes; never renumber (a version bump is needed to change them).
 DTYPES = {
-    "float32": 1, "float16": 2, "float64": 3, "int64": 4, "int32": 5, "uint8": 6, "int8": 7,
-    "bool": 8, "uint32": 9, "int16": 10,
+    "float32": 1,
+    "float16": 2,
+    "float64": 3,
+    "int64": 4,
+    "int32": 5,
+    "uint8": 6,
+    "int8": 7,
+    "bool": 8,
+    "uint32": 9,
+    "int16": 10,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -125,8 +142,17 @@ def encode(msg: Message, codec: Codec = Codec()) -> list:
     if len(meta) > MAX_META:
         raise TransportError(f"Wire: meta of {len(meta)} bytes exceeds {MAX_META}")
     frames = [
-        MSG_HEADER.pack(MAGIC, VERSION, int(msg.kind), 0, _plan_bytes(msg.plan_id), msg.step,
-                        msg.ack, msg.device_id, len(msg.tensors)),
+        MSG_HEADER.pack(
+            MAGIC,
+            VERSION,
+            int(msg.kind),
+            0,
+            _plan_bytes(msg.plan_id),
+            msg.step,
+            msg.ack,
+            msg.device_id,
+            len(msg.tensors),
+        ),
         meta,
     ]
     for i, arr in enumerate(msg.tensors):
@@ -221,7 +247,8 @@ def decode(frames, expect: Expect) -> Message:
         raise TransportError(f"Wire: bad magic {magic!r}; the peer is not a splitc agent")
     if version != VERSION:
         raise TransportError(
-            f"Wire: protocol version {version}, expected {VERSION}; run the same splitc on both ends"
+            f"Wire: protocol version {version}, expected {VERSION}; run the same splitc on both "
+            f"ends"
         )
     if len(frames) < 2 + 2 * n:
         raise TransportError(
@@ -289,7 +316,9 @@ def decode(frames, expect: Expect) -> Message:
                 f"{list(shape)}, which is {raw} bytes"
             )
         if codec.name != "none" and np.dtype(dtype).kind != "f":
-            raise TransportError(f"Wire: tensor {i} ({spec.name}) is {dtype}, codecs are for floats")
+            raise TransportError(
+                f"Wire: tensor {i} ({spec.name}) is {dtype}, codecs are for floats"
+            )
         bound = codec.max_encoded_bytes(shape, dtype)
         limit = spec.max_bytes or expect.max_bytes
         if nbytes > bound or nbytes > limit:

@@ -21,7 +21,6 @@ import time
 
 import click
 import numpy as np
-
 from splitc.cost_models.link import parse_rate
 from splitc.runtime import wire
 from splitc.runtime.halves import CutSpec
@@ -164,15 +163,109 @@ def agent_steps(cut_bytes: int, steps: int, link_rate: float | None) -> tuple[fl
     stop.set()
     t.join()
     times = res.times[1:]
-    return (statistics.median(x.total_s for x in times),
-            statistics.mean(x.compute_s + x.server_s for x in times))
+    return (
+        statistics.median(x.total_s for x in times),
+        statistics.mean(x.compute_s + x.server_s for x in times),
+    )
+
+
+def _halves(package):
+    from splitc.runtime.tvm_halves import load_device_half, load_server_half
+
+    return load_device_half(package), load_server_half(package)
+
+
+def _serve_train(dev, srv, loader, epochs, codec="none"):
+    from splitc.runtime.device_agent import train
+    from splitc.runtime.server_agent import ServerAgent
+
+    stop = threading.Event()
+    agent = ServerAgent(srv, stop_event=stop)
+    t = threading.Thread(target=agent.run)
+    t.start()
+    try:
+        return agent, train(dev, agent.address, loader, epochs=epochs, codec=codec)
+    finally:
+        stop.set()
+        t.join()
+
+
+def compiled_overhead(package, steps: int) -> tuple[float, float]:
+    """(median in-process step s, median split-over-loopback step s) for compiled halves: the
+    same three calls (device forward, server step, device backward) with and without the link."""
+    from splitc.runtime.data import DataLoader, load_digits_split
+
+    dev, srv = _halves(package)
+    bs = int(dev.manifest["inputs"][0]["shape"][0])
+    xtr, ytr, _, _ = load_digits_split()
+    loader = DataLoader(xtr, ytr, bs)
+    local = []
+    for i in range(steps):
+        x, y = loader.batch(i)
+        t0 = time.perf_counter()
+        _, grads = srv.step(dev.forward([x]), y)
+        dev.backward(grads)
+        local.append(time.perf_counter() - t0)
+    dev, srv = _halves(package)
+    _, res = _serve_train(dev, srv, loader, epochs=-(-steps // loader.batches_per_epoch))
+    return statistics.median(local[2:]), statistics.median(t.total_s for t in res.times[2:])
+
+
+def codec_effects(package, epochs: int) -> list[tuple[str, float, float, float]]:
+    """(codec, bytes up per step, bytes down per step, test accuracy) on digits."""
+    from splitc.runtime.data import DataLoader, load_digits_split
+    from splitc.runtime.device_agent import evaluate
+
+    xtr, ytr, xte, yte = load_digits_split()
+    rows = []
+    for codec in ["none", "fp16", "int8", "topk:0.1", "zstd", "lz4"]:
+        dev, srv = _halves(package)
+        bs = int(dev.manifest["inputs"][0]["shape"][0])
+        stop = threading.Event()
+        from splitc.runtime.device_agent import train
+        from splitc.runtime.server_agent import ServerAgent
+
+        agent = ServerAgent(srv, stop_event=stop)
+        t = threading.Thread(target=agent.run)
+        t.start()
+        try:
+            res = train(dev, agent.address, DataLoader(xtr, ytr, bs), epochs=epochs, codec=codec)
+            acc = evaluate(dev, agent.address, xte, yte, batch_size=bs)
+        finally:
+            stop.set()
+            t.join()
+        n = len(res.steps)
+        rows.append((codec, res.bytes_up / n, res.bytes_down / n, acc))
+    return rows
 
 
 @click.command()
 @click.option("--sizes", default="1,4,16,64", help="tensor sizes in MB (1 MB = 2**20 bytes)")
 @click.option("--repeat", default=10, show_default=True)
 @click.option("--links", default="10Mbps,100Mbps,1Gbps", show_default=True)
-def main(sizes: str, repeat: int, links: str) -> None:
+@click.option(
+    "--package",
+    type=click.Path(exists=True),
+    default=None,
+    help="a split.tar (e.g. of tools/models/demo_cnn.onnx): compiled-step overhead "
+    "and codec effects on bytes and accuracy",
+)
+@click.option("--epochs", default=10, show_default=True, help="per codec, with --package")
+def main(sizes: str, repeat: int, links: str, package: str | None, epochs: int) -> None:
+    if package:
+        local, split = compiled_overhead(package, 60)
+        print("## Compiled halves: in-process step vs split over loopback (median)\n")
+        print(
+            f"in-process {local * 1e3:.2f} ms, split {split * 1e3:.2f} ms: transport overhead "
+            f"{(split - local) * 1e3:.2f} ms per step\n"
+        )
+        print(f"## Codecs on digits ({epochs} epochs, both directions)\n")
+        print("| codec | bytes up/step | bytes down/step | test accuracy |")
+        print("|---|---:|---:|---:|")
+        for codec, up, down, acc in codec_effects(package, epochs):
+            print(f"| {codec} | {up:.0f} | {down:.0f} | {acc:.2%} |")
+        print()
+        sys.stdout.flush()
     print(f"## Throughput, round trip of one tensor + ack, median of {repeat} (loopback)\n")
     print("| size | raw socket GB/s | splitc (zmq + wire) GB/s | ratio |")
     print("|---:|---:|---:|---:|")
@@ -184,9 +277,11 @@ def main(sizes: str, repeat: int, links: str) -> None:
     sys.stdout.flush()
     print("\n## Per-step overhead of the agents (tiny compute, 2 KB cut)\n")
     med, comp = agent_steps(2048, 200, None)
-    print(f"median step {med * 1e6:.0f} us, of which compute {comp * 1e6:.0f} us: "
-          f"overhead {(med - comp) * 1e6:.0f} us per step (HELLO/step/ack framing, validation, "
-          f"two zmq hops)\n")
+    print(
+        f"median step {med * 1e6:.0f} us, of which compute {comp * 1e6:.0f} us: "
+        f"overhead {(med - comp) * 1e6:.0f} us per step (HELLO/step/ack framing, validation, "
+        f"two zmq hops)\n"
+    )
     print("## Emulated link (token bucket in the transport): measured vs predicted step time\n")
     print("| link | cut | predicted ms | measured ms | measured/predicted |")
     print("|---|---:|---:|---:|---:|")
@@ -198,8 +293,10 @@ def main(sizes: str, repeat: int, links: str) -> None:
             # Bytes per step on the link: the cut up, its gradient down, each plus 46 + 80 of
             # headers and ~100 bytes of labels/meta: predicted = compute + 2 * bytes / rate.
             pred = comp + 2 * (cut + 46 + 80) / rate
-            print(f"| {link} | {cut >> 10} KB | {pred * 1e3:.1f} | {med * 1e3:.1f} | "
-                  f"{med / pred:.2f} |")
+            print(
+                f"| {link} | {cut >> 10} KB | {pred * 1e3:.1f} | {med * 1e3:.1f} | "
+                f"{med / pred:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -13,15 +13,21 @@ from __future__ import annotations
 import socket
 
 import numpy as np
-
 from splitc.runtime.halves import CutSpec
 
 PLAN_ID = "0123456789abcdef"
 
 
 class NumpyDevice:
-    def __init__(self, batch: int = 16, in_dim: int = 64, hidden: int = 32, seed: int = 0,
-                 lr: float = 0.1, plan_id: str = PLAN_ID):
+    def __init__(
+        self,
+        batch: int = 16,
+        in_dim: int = 64,
+        hidden: int = 32,
+        seed: int = 0,
+        lr: float = 0.1,
+        plan_id: str = PLAN_ID,
+    ):
         rng = np.random.default_rng(seed)
         self.plan_id, self.lr, self.batch = plan_id, np.float32(lr), batch
         self.cut = (CutSpec("h", (batch, hidden), "float32", True),)
@@ -58,8 +64,15 @@ class NumpyDevice:
 
 
 class NumpyServer:
-    def __init__(self, batch: int = 16, hidden: int = 32, classes: int = 10, seed: int = 1,
-                 lr: float = 0.1, plan_id: str = PLAN_ID):
+    def __init__(
+        self,
+        batch: int = 16,
+        hidden: int = 32,
+        classes: int = 10,
+        seed: int = 1,
+        lr: float = 0.1,
+        plan_id: str = PLAN_ID,
+    ):
         rng = np.random.default_rng(seed)
         self.plan_id, self.lr = plan_id, np.float32(lr)
         self.cut = (CutSpec("h", (batch, hidden), "float32", True),)

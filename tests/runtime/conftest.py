@@ -14,7 +14,6 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "helpers"))
 
 import numpy_halves  # noqa: E402
-
 from splitc.runtime.data import DataLoader, load_digits_split  # noqa: E402
 from splitc.runtime.server_agent import ServerAgent  # noqa: E402
 
@@ -43,8 +42,9 @@ class RunningServer:
     def __init__(self, half, listen="127.0.0.1:0", **kw):
         self.stop_event = threading.Event()
         self.events = []
-        self.agent = ServerAgent(half, listen, stop_event=self.stop_event,
-                                 on_event=self.events.append, **kw)
+        self.agent = ServerAgent(
+            half, listen, stop_event=self.stop_event, on_event=self.events.append, **kw
+        )
         self.address = self.agent.address
         self.result = None
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -4,7 +4,6 @@ import re
 
 import numpy as np
 import pytest
-
 from splitc import InputError
 from splitc.runtime import checkpoint
 from splitc.runtime.data import DataLoader
@@ -22,7 +21,11 @@ def test_save_load_round_trip(tmp_path):
     assert checkpoint.load(tmp_path / "missing") is None
     # No temporary files are left behind after a completed save.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ckpt-00000003.json", "ckpt-00000003.npz", "ckpt-00000007.json", "ckpt-00000007.npz"]
+        "ckpt-00000003.json",
+        "ckpt-00000003.npz",
+        "ckpt-00000007.json",
+        "ckpt-00000007.npz",
+    ]
 
 
 def test_npz_without_manifest_is_not_a_checkpoint(tmp_path):
@@ -38,8 +41,12 @@ def test_corruption_is_detected(tmp_path):
     data = bytearray(p.read_bytes())
     data[-30] ^= 0xFF
     p.write_bytes(bytes(data))
-    with pytest.raises(InputError, match=re.escape(
-            f"Checkpoint: {tmp_path}/ckpt-00000005.npz does not match its manifest hash")):
+    with pytest.raises(
+        InputError,
+        match=re.escape(
+            f"Checkpoint: {tmp_path}/ckpt-00000005.npz does not match its manifest hash"
+        ),
+    ):
         checkpoint.load(tmp_path)
 
 

@@ -4,7 +4,6 @@ import re
 
 import numpy as np
 import pytest
-
 from splitc import InputError, TransportError
 from splitc.runtime.codecs import Codec, parse_codec
 
@@ -73,11 +72,17 @@ def test_integer_tensors_pass_raw():
 
 
 def test_parse_errors():
-    with pytest.raises(InputError, match=re.escape(
-            "Codec: unknown codec 'gzip'; use one of none, fp16, int8, topk:FRAC, zstd, lz4")):
+    with pytest.raises(
+        InputError,
+        match=re.escape(
+            "Codec: unknown codec 'gzip'; use one of none, fp16, int8, topk:FRAC, zstd, lz4"
+        ),
+    ):
         parse_codec("gzip")
-    with pytest.raises(InputError, match=re.escape(
-            "Codec: topk needs a fraction in (0, 1], got 'topk:2'; e.g. topk:0.1")):
+    with pytest.raises(
+        InputError,
+        match=re.escape("Codec: topk needs a fraction in (0, 1], got 'topk:2'; e.g. topk:0.1"),
+    ):
         parse_codec("topk:2")
     with pytest.raises(InputError, match=re.escape("Codec: zstd level must be 1..22")):
         parse_codec("zstd:99")

@@ -8,10 +8,9 @@ import threading
 import time
 
 import numpy as np
+import numpy_halves as nh
 import pytest
 import zmq
-
-import numpy_halves as nh
 from splitc import TransportError
 from splitc.runtime import checkpoint, security, wire
 from splitc.runtime.device_agent import train
@@ -60,8 +59,16 @@ def test_device_killed_mid_run_resumes_exactly(start_server, loader, tmp_path):
     ckpt = tmp_path / "dev"
 
     def slow_device():  # 10 ms per step so the kill lands mid-run
-        train(nh.NumpyDevice(), srv.address, loader, max_steps=STEPS, checkpoint_dir=ckpt,
-              checkpoint_every=4, on_progress=lambda p: time.sleep(0.01), timeout_s=20)
+        train(
+            nh.NumpyDevice(),
+            srv.address,
+            loader,
+            max_steps=STEPS,
+            checkpoint_dir=ckpt,
+            checkpoint_every=4,
+            on_progress=lambda p: time.sleep(0.01),
+            timeout_s=20,
+        )
 
     pid = _fork(slow_device)
     _wait(lambda: any(e.kind == "step" and e.step >= 15 for e in srv.events))
@@ -69,8 +76,16 @@ def test_device_killed_mid_run_resumes_exactly(start_server, loader, tmp_path):
     applied_at_kill = srv.agent.sessions[0].applied
     assert 15 <= applied_at_kill < STEPS
     dev = nh.NumpyDevice()
-    res = train(dev, srv.address, loader, max_steps=STEPS, checkpoint_dir=ckpt,
-                checkpoint_every=4, resume=True, timeout_s=20)
+    res = train(
+        dev,
+        srv.address,
+        loader,
+        max_steps=STEPS,
+        checkpoint_dir=ckpt,
+        checkpoint_every=4,
+        resume=True,
+        timeout_s=20,
+    )
     result = srv.stop()
     ref_dev, ref_srv, ref_losses = _reference(loader)
     # The device resumed from its last checkpoint (a multiple of 4) and replayed the steps the
@@ -78,7 +93,7 @@ def test_device_killed_mid_run_resumes_exactly(start_server, loader, tmp_path):
     assert res.resumed_from % 4 == 0 and res.resumed_from <= applied_at_kill
     assert result.replays == applied_at_kill - res.resumed_from
     assert result.steps_applied == STEPS
-    assert res.losses == ref_losses[res.resumed_from:]
+    assert res.losses == ref_losses[res.resumed_from :]
     assert nh.params_equal(dev.state_dict(), ref_dev)
     assert nh.params_equal(server.state_dict(), ref_srv)
 
@@ -101,9 +116,17 @@ def test_server_killed_mid_run_resumes_exactly(start_server, loader, tmp_path, p
             killed.set()
 
     def device():
-        out["res"] = train(nh.NumpyDevice(), addr, loader, max_steps=STEPS, checkpoint_dir=ddir,
-                           checkpoint_every=3, on_progress=on_progress, timeout_s=30,
-                           retry_s=0.3)
+        out["res"] = train(
+            nh.NumpyDevice(),
+            addr,
+            loader,
+            max_steps=STEPS,
+            checkpoint_dir=ddir,
+            checkpoint_every=3,
+            on_progress=on_progress,
+            timeout_s=30,
+            retry_s=0.3,
+        )
 
     t = threading.Thread(target=device)
     t.start()
@@ -151,8 +174,9 @@ class _Raw:
 def _fwd(plan=nh.PLAN_ID, h=None, labels=None, dev=99, step=1):
     h = np.zeros((16, 32), np.float32) if h is None else h
     labels = np.zeros(16, np.int64) if labels is None else labels
-    return [bytes(f) for f in wire.encode(Message(Kind.FORWARD, plan, step, dev,
-                                                  tensors=[h, labels]))]
+    return [
+        bytes(f) for f in wire.encode(Message(Kind.FORWARD, plan, step, dev, tensors=[h, labels]))
+    ]
 
 
 def test_bad_messages_rejected_while_another_device_trains(start_server, loader):
@@ -160,26 +184,60 @@ def test_bad_messages_rejected_while_another_device_trains(start_server, loader)
     srv = start_server(server, max_message_bytes=1 << 20)
     dev = nh.NumpyDevice()
     out = {}
-    t = threading.Thread(target=lambda: out.update(res=train(
-        dev, srv.address, loader, max_steps=STEPS, on_progress=lambda p: time.sleep(0.005),
-        timeout_s=30)))
+    t = threading.Thread(
+        target=lambda: out.update(
+            res=train(
+                dev,
+                srv.address,
+                loader,
+                max_steps=STEPS,
+                on_progress=lambda p: time.sleep(0.005),
+                timeout_s=30,
+            )
+        )
+    )
     t.start()
     _wait(lambda: srv.agent.sessions.get(0) is not None)
-    hello = [bytes(f) for f in wire.encode(Message(
-        Kind.HELLO, nh.PLAN_ID, 0, 99, meta={"codec": "none", "label": [[16], "int64"]}))]
+    hello = [
+        bytes(f)
+        for f in wire.encode(
+            Message(Kind.HELLO, nh.PLAN_ID, 0, 99, meta={"codec": "none", "label": [[16], "int64"]})
+        )
+    ]
     cases = [
-        ([b"junk"], "Wire: malformed header (4 bytes, expected 46); the peer is not a splitc agent"),
-        (_fwd(plan="ffffffffffffffff"),
-         "Wire: plan id 'ffffffffffffffff' does not match '0123456789abcdef'; both agents must "
-         "load halves of the same split.tar"),
-        (_fwd(h=np.zeros((16, 33), np.float32)),
-         "Wire: tensor 0 (h) has shape (16, 33), expected (16, 32)"),
-        (_fwd(labels=np.zeros(16, np.float32)),
-         "Wire: tensor 1 (labels) has dtype float32, expected int64"),
+        (
+            [b"junk"],
+            "Wire: malformed header (4 bytes, expected 46); the peer is not a splitc agent",
+        ),
+        (
+            _fwd(plan="ffffffffffffffff"),
+            "Wire: plan id 'ffffffffffffffff' does not match '0123456789abcdef'; both agents must "
+            "load halves of the same split.tar",
+        ),
+        (
+            _fwd(h=np.zeros((16, 33), np.float32)),
+            "Wire: tensor 0 (h) has shape (16, 33), expected (16, 32)",
+        ),
+        (
+            _fwd(labels=np.zeros(16, np.float32)),
+            "Wire: tensor 1 (labels) has dtype float32, expected int64",
+        ),
         # Two 600 000-byte float32 tensors in one FedAvg push: 1 200 000 > 1 MiB = 1 048 576.
-        ([bytes(f) for f in wire.encode(Message(Kind.FEDAVG_PUSH, nh.PLAN_ID, 5, 99, tensors=[
-            np.zeros(150_000, np.float32)] * 2))],
-         "Wire: message is oversized: 1200000 bytes in tensors 0..1, limit 1048576"),
+        (
+            [
+                bytes(f)
+                for f in wire.encode(
+                    Message(
+                        Kind.FEDAVG_PUSH,
+                        nh.PLAN_ID,
+                        5,
+                        99,
+                        tensors=[np.zeros(150_000, np.float32)] * 2,
+                    )
+                )
+            ],
+            "Wire: message is oversized: 1200000 bytes in tensors 0..1, limit 1048576",
+        ),
     ]
     for frames, expected in cases:
         raw = _Raw(srv.address)
@@ -208,22 +266,53 @@ def test_unknown_curve_key_refused_while_allowed_device_trains(start_server, loa
     server = nh.NumpyServer()
     srv = start_server(server, allow_keys=security.CurveServer.from_files(ssec, [apub]))
     out = {}
-    t = threading.Thread(target=lambda: out.update(res=train(
-        nh.NumpyDevice(), srv.address, loader, max_steps=STEPS,
-        curve=security.CurveClient.from_files(asec, spub),
-        on_progress=lambda p: time.sleep(0.005), timeout_s=30)))
+    t = threading.Thread(
+        target=lambda: out.update(
+            res=train(
+                nh.NumpyDevice(),
+                srv.address,
+                loader,
+                max_steps=STEPS,
+                curve=security.CurveClient.from_files(asec, spub),
+                on_progress=lambda p: time.sleep(0.005),
+                timeout_s=30,
+            )
+        )
+    )
     t.start()
-    with pytest.raises(TransportError, match=re.escape(
+    with pytest.raises(
+        TransportError,
+        match=re.escape(
             f"Transport: the server at {srv.address} refused this device's key; add its public "
-            f"key to the server's allow-list")):
-        train(nh.NumpyDevice(), srv.address, loader, max_steps=5, device_id=7,
-              curve=security.CurveClient.from_files(msec, spub), timeout_s=10)
-    with pytest.raises(TransportError, match=re.escape(
+            f"key to the server's allow-list"
+        ),
+    ):
+        train(
+            nh.NumpyDevice(),
+            srv.address,
+            loader,
+            max_steps=5,
+            device_id=7,
+            curve=security.CurveClient.from_files(msec, spub),
+            timeout_s=10,
+        )
+    with pytest.raises(
+        TransportError,
+        match=re.escape(
             f"Transport: security handshake with {srv.address} failed; both ends need matching "
-            f"CurveZMQ settings")):
+            f"CurveZMQ settings"
+        ),
+    ):
         # Plain TCP against a CURVE server: the handshake fails.
-        train(nh.NumpyDevice(), srv.address, loader, max_steps=5, device_id=8, timeout_s=1.5,
-              retry_s=0.5)
+        train(
+            nh.NumpyDevice(),
+            srv.address,
+            loader,
+            max_steps=5,
+            device_id=8,
+            timeout_s=1.5,
+            retry_s=0.5,
+        )
     t.join(60)
     srv.stop()
     assert out["res"].steps == list(range(1, STEPS + 1))
@@ -239,5 +328,7 @@ def test_replay_with_different_inputs_is_refused(start_server, loader):
     msg = raw.ask(_fwd(dev=0, step=3, h=np.ones((16, 32), np.float32)))
     raw.close()
     srv.stop()
-    assert msg == ("Server: device 0 replayed step 3 with different inputs than applied; its "
-                   "checkpoint does not belong to this server's run")
+    assert msg == (
+        "Server: device 0 replayed step 3 with different inputs than applied; its "
+        "checkpoint does not belong to this server's run"
+    )

@@ -7,9 +7,8 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 import numpy_halves as nh
+import pytest
 from splitc.runtime.device_agent import train
 from splitc.runtime.transport import TokenBucket
 
@@ -37,8 +36,7 @@ def test_token_bucket_debt_model():
 def test_link_rate_emulation_slows_steps_to_the_link(start_server, loader):
     srv = start_server(nh.NumpyServer())
     rate = 100e3  # 100 kB/s, so that the link, not compute, sets the step time
-    res = train(nh.NumpyDevice(), srv.address, loader, max_steps=12, link_rate=rate,
-                timeout_s=30)
+    res = train(nh.NumpyDevice(), srv.address, loader, max_steps=12, link_rate=rate, timeout_s=30)
     srv.stop()
     # Per step: FORWARD 2382 bytes up, GRADIENT 46 + meta + 2 * 80 + 8 + 2048 bytes down:
     # ~4.7 KB / 100 kB/s = 47 ms per step (burst 0: every message pays bytes / rate).
@@ -51,15 +49,16 @@ def test_link_rate_emulation_slows_steps_to_the_link(start_server, loader):
 
 # lo's 64 KiB MTU exceeds the 4 KiB (32 kbit) bucket: tbf would drop every full-size packet and
 # TCP would stall (seen: connection timed out). An Ethernet MTU makes it a 100 Mbit/s link.
-TC = ("ip link set lo up && ip link set lo mtu 1500 && tc qdisc add dev lo root tbf rate 100mbit "
-      "burst 32kbit latency 50ms")
+TC = (
+    "ip link set lo up && ip link set lo mtu 1500 && tc qdisc add dev lo root tbf rate 100mbit "
+    "burst 32kbit latency 50ms"
+)
 
 
 def _netns_ok() -> bool:
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("tc")):
         return False
-    r = subprocess.run(
-        ["unshare", "-n", "sh", "-c", TC], capture_output=True, timeout=20)
+    r = subprocess.run(["unshare", "-n", "sh", "-c", TC], capture_output=True, timeout=20)
     return r.returncode == 0
 
 
@@ -91,8 +90,13 @@ def test_step_time_on_a_tc_limited_loopback():
         pytest.skip("needs root with unshare -n and tc (private network namespace)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")]))
     cmd = f'{TC} && {sys.executable} -c "$SCRIPT"'
-    out = subprocess.run(["unshare", "-n", "sh", "-c", cmd], capture_output=True, text=True,
-                         timeout=120, env=dict(env, SCRIPT=SCRIPT))
+    out = subprocess.run(
+        ["unshare", "-n", "sh", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(env, SCRIPT=SCRIPT),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])
     # Cut 64 x 512 float32 = 131072 bytes up and its gradient down, ~265 KB per step with headers

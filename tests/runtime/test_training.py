@@ -3,9 +3,8 @@
 import threading
 
 import numpy as np
-import pytest
-
 import numpy_halves as nh
+import pytest
 from splitc.runtime.data import DataLoader
 from splitc.runtime.device_agent import evaluate, train
 
@@ -19,8 +18,9 @@ def test_split_equals_unsplit_step_by_step(start_server, loader):
     srv = start_server(server)
     dev = nh.NumpyDevice()
     seen = []
-    res = train(dev, srv.address, loader, epochs=1, max_steps=STEPS, on_progress=seen.append,
-                timeout_s=20)
+    res = train(
+        dev, srv.address, loader, epochs=1, max_steps=STEPS, on_progress=seen.append, timeout_s=20
+    )
     result = srv.stop()
     ref_dev, ref_srv = nh.NumpyDevice(), nh.NumpyServer()
     ref = nh.train_unsplit(ref_dev, ref_srv, loader, STEPS)
@@ -29,7 +29,8 @@ def test_split_equals_unsplit_step_by_step(start_server, loader):
     assert nh.params_equal(dev.state_dict(), ref_dev.state_dict())
     assert nh.params_equal(server.state_dict(), ref_srv.state_dict())
     assert result.steps_applied == STEPS and result.errors == [] and result.devices == {0: STEPS}
-    assert [p.step for p in seen] == res.steps and seen[-1].bytes_up == res.bytes_up - 46  # all but BYE
+    assert [p.step for p in seen] == res.steps
+    assert seen[-1].bytes_up == res.bytes_up - 46  # all but the 46-byte BYE
     t = res.times[0]
     assert t.total_s >= t.compute_s and t.transfer_s >= 0 and t.server_s > 0
     # Per FORWARD: 46 header + 2 * 80 tensor headers + h 16*32*4 = 2048 + labels 16*8 = 128
@@ -39,11 +40,14 @@ def test_split_equals_unsplit_step_by_step(start_server, loader):
     assert res.bytes_up == hello + STEPS * per_step + 46
 
 
-@pytest.mark.parametrize("codec,h_bytes,spec_len", [
-    ("fp16", 16 * 32 * 2, 4),  # 512 elements * 2 bytes
-    ("int8", 4 + 16 * 32, 4),  # float32 scale + 512 bytes
-    ("topk:0.1", 4 + 52 * 8, 8),  # ceil(0.1 * 512) = 52 (uint32 index + float32 value each)
-])
+@pytest.mark.parametrize(
+    "codec,h_bytes,spec_len",
+    [
+        ("fp16", 16 * 32 * 2, 4),  # 512 elements * 2 bytes
+        ("int8", 4 + 16 * 32, 4),  # float32 scale + 512 bytes
+        ("topk:0.1", 4 + 52 * 8, 8),  # ceil(0.1 * 512) = 52 (uint32 index + float32 value each)
+    ],
+)
 def test_codec_bytes_up_exact(start_server, loader, codec, h_bytes, spec_len):
     srv = start_server(nh.NumpyServer())
     res = train(nh.NumpyDevice(), srv.address, loader, max_steps=10, codec=codec, timeout_s=20)
@@ -61,8 +65,9 @@ def test_codec_accuracy_effect(start_server, digits):
     for codec in ["none", "fp16", "int8", "topk:0.25", "zstd"]:
         srv = start_server(nh.NumpyServer())
         dev = nh.NumpyDevice()
-        train(dev, srv.address, DataLoader(xtr, ytr, 16, seed=3), epochs=3, codec=codec,
-              timeout_s=20)
+        train(
+            dev, srv.address, DataLoader(xtr, ytr, 16, seed=3), epochs=3, codec=codec, timeout_s=20
+        )
         acc[codec] = evaluate(dev, srv.address, xte, yte, batch_size=16, timeout_s=20)
         srv.stop()
     assert acc["none"] >= 0.9
@@ -88,8 +93,15 @@ def test_fedavg_two_devices(start_server, digits):
     out = {}
 
     def run(i):
-        out[i] = train(devs[i], srv.address, DataLoader(xtr, ytr, 16, seed=i), max_steps=20,
-                       device_id=i, fedavg_every=5, timeout_s=20)
+        out[i] = train(
+            devs[i],
+            srv.address,
+            DataLoader(xtr, ytr, 16, seed=i),
+            max_steps=20,
+            device_id=i,
+            fedavg_every=5,
+            timeout_s=20,
+        )
 
     ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     [t.start() for t in ts]
@@ -108,9 +120,14 @@ def test_eight_devices_nothing_lost(start_server, digits):
 
     def run(i):
         try:
-            out[i] = train(nh.NumpyDevice(seed=i), srv.address,
-                           DataLoader(xtr, ytr, 16, seed=i), max_steps=25, device_id=i,
-                           timeout_s=30)
+            out[i] = train(
+                nh.NumpyDevice(seed=i),
+                srv.address,
+                DataLoader(xtr, ytr, 16, seed=i),
+                max_steps=25,
+                device_id=i,
+                timeout_s=30,
+            )
         except Exception as e:  # surfaced below
             errs.append(e)
 
