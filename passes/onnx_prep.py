@@ -34,8 +34,45 @@ def prepare(model, input_shapes: dict[str, tuple[int, ...]] | None = None):
     one; ``frontend._resolve_shapes`` makes them).
     """
     _set_input_shapes(model, input_shapes or {})
+    _constants_from_initializers(model)
     _fold_constants(model, _inferred_shapes(model))
     return model
+
+
+def _constants_from_initializers(model) -> None:
+    """Turn initializers that are not trainable weights into ``Constant`` nodes.
+
+    The Relax importer (``keep_params_in_input=True``) makes every initializer a parameter of
+    ``main``, so constants stored as initializers would look trainable: integer tensors
+    (reshape targets, indices: never trained) and float scalars used only as ``Clip`` bounds
+    (the dynamo exporter stores ReLU6's 0 and 6 as ``min_val_cast`` / ``max_val_cast``).
+    """
+    from onnx import helper
+
+    g = model.graph
+    slots: dict[str, set[bool]] = {}  # initializer -> {is a Clip bound} over its uses
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            slots.setdefault(name, set()).add(node.op_type == "Clip" and k >= 1)
+    keep, consts = [], []
+    for t in g.initializer:
+        clip_bound_only = slots.get(t.name) == {True} and len(t.dims) == 0
+        if t.data_type in _FLOAT_TYPES and not clip_bound_only:
+            keep.append(t)
+        else:
+            consts.append(helper.make_node("Constant", [], [t.name], name=f"{t.name}_const",
+                                           value=t))
+    if not consts:
+        return
+    names = {n.output[0] for n in consts}
+    inputs = [i for i in g.input if i.name not in names]  # old IR lists initializers as inputs
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.input[:]
+    g.input.extend(inputs)
+    nodes = consts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def _set_input_shapes(model, shapes) -> None:

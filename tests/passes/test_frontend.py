@@ -297,3 +297,24 @@ def test_einsum_becomes_relax_einsum(tmp_path):
     assert [b.value.op.name for b in mod["main"].body.blocks[0].bindings] == ["relax.einsum"]
     a, b = np.ones((2, 3), np.float32), np.arange(12, dtype=np.float32).reshape(3, 4)
     np.testing.assert_array_equal(_run(mod, a, b), a @ b)
+
+
+def test_constant_initializers_are_not_parameters(tmp_path):
+    # the dynamo exporter stores constants as initializers: an int64 reshape target and
+    # ReLU6's bounds (min_val_cast / max_val_cast); only the real weight stays a parameter
+    inits = [numpy_helper.from_array(np.array([2, 4], np.int64), "val_9"),
+             numpy_helper.from_array(np.array(0, np.float32), "min_val_cast"),
+             numpy_helper.from_array(np.array(6, np.float32), "max_val_cast"),
+             numpy_helper.from_array(np.full((2, 4), 3, np.float32), "w")]
+    nodes = [helper.make_node("Reshape", ["x", "val_9"], ["r"]),
+             helper.make_node("Mul", ["r", "w"], ["m"]),
+             helper.make_node("Clip", ["m", "min_val_cast", "max_val_cast"], ["y"])]
+    path = _save(tmp_path, nodes, [_vi("x", [8])], [_vi("y", [2, 4])], inits=inits)
+    mod, info = load_onnx(path)
+    assert list(info.params) == ["w"]
+    assert [compat.var_name(v) for v in mod["main"].params] == ["x", "w"]
+    ops = [b.value.op.name for b in mod["main"].body.blocks[0].bindings]
+    assert ops == ["relax.reshape", "relax.multiply", "relax.maximum", "relax.minimum"]
+    x = np.linspace(-2, 2, 8, dtype=np.float32)
+    np.testing.assert_allclose(_run(mod, x, info.params["w"]),
+                               np.clip(x.reshape(2, 4) * 3, 0, 6), rtol=1e-6)
