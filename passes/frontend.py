@@ -173,7 +173,16 @@ def _check_references(graph, path: Path) -> None:
                              f"{o.name!r} is never computed; re-export the model")
 
 
+_CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
 def _check_ops(model) -> None:
+    for i, node in enumerate(model.graph.node):
+        if node.op_type in _CONTROL_FLOW:
+            raise UnsupportedError(
+                f"Frontend: control flow ({node.op_type} node {node.name or i!r}) is not "
+                "supported, splitc partitions pure dataflow graphs; export with the branch or "
+                "loop resolved (torch.onnx.export traces the path taken)")
     supported = onnx_op_support()
     bad: dict[str, list[str]] = {}
     for i, node in enumerate(model.graph.node):

@@ -318,3 +318,18 @@ def test_constant_initializers_are_not_parameters(tmp_path):
     x = np.linspace(-2, 2, 8, dtype=np.float32)
     np.testing.assert_allclose(_run(mod, x, info.params["w"]),
                                np.clip(x.reshape(2, 4) * 3, 0, 6), rtol=1e-6)
+
+
+def test_control_flow_is_rejected(tmp_path):
+    branch = helper.make_graph([helper.make_node("Relu", ["x"], ["a"])], "b", [],
+                               [_vi("a", [2])])
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+                 np.array(True), "c")),
+             helper.make_node("If", ["c"], ["y"], name="branch", then_branch=branch,
+                              else_branch=branch)]
+    path = _save(tmp_path, nodes, [_vi("x", [2])], [_vi("y", [2])])
+    with pytest.raises(UnsupportedError, match=re.escape(
+            "Frontend: control flow (If node 'branch') is not supported, splitc partitions pure "
+            "dataflow graphs; export with the branch or loop resolved (torch.onnx.export traces "
+            "the path taken)")):
+        load_onnx(path)
