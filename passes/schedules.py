@@ -45,6 +45,8 @@ import tvm
 from tvm import sym, tirx
 from tvm.ir import IRModule
 
+from splitc import BuildError
+
 _GET_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 
 __all__ = [
@@ -67,10 +69,11 @@ _MIN_PARALLEL_WORK = 4096
 
 @dataclass(frozen=True)
 class KernelFallback:
-    """A kernel that no rule scheduled fully: it is built with the schedule shown in ``rule``.
+    """A kernel that the rules did not schedule fully; it is still built, correct but slower.
 
-    ``rule`` is ``"none"`` when the kernel is left as the naive loops, ``"parallel"`` when only
-    the generic parallel fallback applied; ``reason`` is the first line of the error.
+    ``rule`` is ``"partial"`` when some of its blocks kept their naive loops or got only the
+    generic parallel fallback, ``"none"`` when the whole kernel is left unscheduled;
+    ``reason`` lists ``"<block>: <first line of the error>"`` separated by ``"; "``.
     """
 
     kernel: str
@@ -255,8 +258,10 @@ def _find_vector_axis(info: _Block, lanes: int):
     last = out_idx[-1]
     for stride in (1, 2):
         for i, iv in enumerate(info.iters):
-            if info.kinds[i] != "S" or not last.same_as(iv.var) or info.extents[i] < 4:
+            if info.kinds[i] != "S" or not last.same_as(iv.var):
                 continue
+            if _largest_divisor(info.extents[i], 2 * lanes) < 4:
+                continue  # e.g. 10 classes: no vector tile; the parallel fallback is right
             for j, rd in enumerate(info.reads):
                 if not rd.region or rd.source.same_as(info.writes[0].source):
                     continue
@@ -266,12 +271,12 @@ def _find_vector_axis(info: _Block, lanes: int):
     return None
 
 
-def _find_rfactor_axis(info: _Block):
+def _find_rfactor_axis(info: _Block, lanes: int):
     """A reduction iter that every read buffer depending on it reads along its innermost axis
     only, with stride 1 or 2; the longest such iter with all strides 1 wins, then the longest."""
     best, best_key = None, None
     for i, iv in enumerate(info.iters):
-        if info.kinds[i] != "R" or info.extents[i] < 8:
+        if info.kinds[i] != "R" or _largest_divisor(info.extents[i], lanes) < 4:
             continue
         ok, used, unit = True, False, True
         for rd in info.reads:
@@ -396,6 +401,13 @@ def _parallel_reduction(sch, info: _Block) -> None:
 
 
 def _schedule_block(sch, info: _Block, lanes: int) -> str:
+    work = 1
+    for e in info.extents:
+        work *= e
+    if work < _MIN_PARALLEL_WORK:
+        # e.g. the batch-mean of a loss: microseconds either way (and rfactor of a 0-d
+        # reduction hits an internal check in TVM 0.27's BlockReplacer)
+        return "small"
     if info.injective:
         _parallel_vectorize_injective(sch, info, lanes)
         return "injective"
@@ -404,7 +416,7 @@ def _schedule_block(sch, info: _Block, lanes: int) -> str:
         if found is not None:
             _register_tile(sch, info, found[0], found[1], lanes)
             return "tile"
-        ri = _find_rfactor_axis(info)
+        ri = _find_rfactor_axis(info, lanes)
         if ri is not None:
             _rfactor_tile(sch, info, ri, lanes)
             return "rfactor"
@@ -496,7 +508,8 @@ def default_cpu_schedule(
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if target.kind.name != "llvm":
-        raise ValueError(f"default_cpu_schedule: target kind {target.kind.name} is not llvm")
+        raise BuildError(f"Schedules: default_cpu_schedule needs an llvm target, got "
+                         f"{target.kind.name}; call default_schedule for GPU targets")
     mod = lower_for_schedule(mod, target)
     updates = {}
     for gv, func in mod.functions.items():
@@ -504,12 +517,13 @@ def default_cpu_schedule(
             continue
         if func.attrs is not None and "tir.is_scheduled" in func.attrs:
             continue
+        rule = "partial"
         try:
             new_func, problems = schedule_prim_func(func, target)
         except Exception as exc:  # noqa: BLE001 - never crash the build
-            new_func, problems = func, [f"schedule: {_first_line(exc)}"]
+            new_func, problems, rule = func, [f"schedule: {_first_line(exc)}"], "none"
         if problems and on_fallback is not None:
-            on_fallback(KernelFallback(gv.name_hint, "partial", "; ".join(problems)))
+            on_fallback(KernelFallback(gv.name_hint, rule, "; ".join(problems)))
         # op_pattern 8 (kOpaque): FuseOps inside tvm.compile must not fuse a scheduled
         # kernel again (FuseTIR would rebuild it from the scheduled loops).
         updates[gv] = new_func.with_attr("tir.is_scheduled", True).with_attr("op_pattern", 8)
