@@ -27,6 +27,21 @@ from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph, needs_grad
 from splitc.passes.plan import OBJECTIVES, Placement, evaluate
 
+def _reach_many(n, tails, heads, starts) -> np.ndarray:
+    """Mask of nodes reachable from any of ``starts`` (scipy BFS from a virtual root)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order
+
+    m = np.zeros(n, dtype=bool)
+    if not len(starts):
+        return m
+    t = np.concatenate([tails, np.full(len(starts), n)])
+    h = np.concatenate([heads, np.asarray(starts, dtype=np.int64)])
+    g = csr_matrix((np.ones(len(t), dtype=np.int8), (t, h)), shape=(n + 1, n + 1))
+    m[breadth_first_order(g, n, directed=True, return_predecessors=False)[1:]] = True
+    return m
+
+
 __all__ = ["Problem", "device_only", "server_only", "layerwise", "exhaustive",
            "EXHAUSTIVE_LIMIT", "TIED_POLICIES"]
 
@@ -81,12 +96,27 @@ class Problem:
         self.cs = np.array([op.server.for_objective(obj) for op in g.ops], dtype=float)
         grads = needs_grad(g) if obj == "training" else frozenset()
         up, down = self.link.uplink, self.link.downlink
-        self.tensors = []  # (name, producer index or -1, distinct consumer indices, output, comm)
-        for t in g.tensors.values():
-            comm = t.nbytes / up + (t.nbytes / down if t.name in grads else 0.0)
-            p = -1 if t.producer is None else self.index[t.producer]
-            cons = tuple(sorted({self.index[c] for c in t.consumers}))
-            self.tensors.append((t.name, p, cons, t.is_output and obj == "training", comm))
+        # Tensors as arrays: producer index (-1: model input), comm time, training output;
+        # distinct consumers in CSR form: entry e reads tensor e_t[e] in op e_c[e].
+        names, prod, comm, outs, e_t, e_c = [], [], [], [], [], []
+        idx = self.index
+        for j, t in enumerate(g.tensors.values()):
+            nb = t.nbytes
+            names.append(t.name)
+            prod.append(-1 if t.producer is None else idx[t.producer])
+            comm.append(nb / up + (nb / down if t.name in grads else 0.0))
+            outs.append(t.is_output and obj == "training")
+            for c in dict.fromkeys(t.consumers):
+                e_t.append(j)
+                e_c.append(idx[c])
+        self.t_names = names
+        self.t_p = np.array(prod, dtype=np.int64)
+        self.t_comm = np.array(comm, dtype=float)
+        self.t_out = np.array(outs, dtype=bool)
+        self.e_t = np.array(e_t, dtype=np.int64)
+        self.e_c = np.array(e_c, dtype=np.int64)
+        self.t_ncons = np.bincount(self.e_t, minlength=len(names))
+        self.e_p = self.t_p[self.e_t]  # producer of the tensor each entry reads
         self.out_down = np.zeros(n)  # inference: result bytes down when made on the server
         self.makes_result = np.zeros(n, dtype=bool)
         if obj == "inference":
@@ -126,40 +156,42 @@ class Problem:
                                         "unpin it or pass allow_raw_upload=True")
                     reason.setdefault(i, ("device", f"reads model input {name!r}"))
         self.reason = reason
-        # "x on the device => y on the device": consumer -> producer, and same-side groups.
-        dev_next: list[list[int]] = [[] for _ in range(n)]
-        srv_next: list[list[int]] = [[] for _ in range(n)]
-        for _, p, cons, _, _ in self.tensors:
-            if p >= 0:
-                for c in cons:
-                    dev_next[c].append(p)
-                    srv_next[p].append(c)
         groups = [list(gr) for gr in self.groups]
         if self.tied_policy == "pin":
             groups += [[g.ops[r].name for r in rd] for _, rd, _ in self.tied]
         self.same = [[idx[x] for x in gr] for gr in groups if len(gr) > 1]
-        for gr in self.same:
-            for a, b in zip(gr, gr[1:]):
-                for nxt in (dev_next, srv_next):
-                    nxt[a].append(b)
-                    nxt[b].append(a)
-        dev_par = self._closure([i for i, r in reason.items() if r[0] == "device"], dev_next)
-        srv_par = self._closure([i for i, r in reason.items() if r[0] == "server"], srv_next)
-        both = sorted(set(dev_par) & set(srv_par))
-        if both:
-            x = both[0]
-            d, p = self._root(x, dev_par), self._root(x, srv_par)
-            chain = self._chain(x, srv_par)[::-1] + self._chain(x, dev_par)[1:]
-            names = " -> ".join(g.ops[i].name for i in chain)
-            raise PlanError(
-                f"Partition: contradictory pins: {g.ops[p].name!r} ({reason[p][1]}) must run on "
-                f"the server and {g.ops[d].name!r} ({reason[d][1]}) on the device, but the first "
-                f"feeds the second ({names}) and nothing on the server may feed the device; "
-                "change one of these pins")
-        self.forced_dev = np.zeros(n, dtype=bool)
-        self.forced_srv = np.zeros(n, dtype=bool)
-        self.forced_dev[list(dev_par)] = True
-        self.forced_srv[list(srv_par)] = True
+        ga = np.array([x for gr in self.same for x in gr[:-1]], dtype=np.int64)
+        gb = np.array([x for gr in self.same for x in gr[1:]], dtype=np.int64)
+        e = self.e_p >= 0
+        # "x on the device => y on the device": consumer -> producer, and same-side groups;
+        # the reverse for the server.
+        dev_t = np.concatenate([self.e_c[e], ga, gb])
+        dev_h = np.concatenate([self.e_p[e], gb, ga])
+        dev_start = [i for i, r in reason.items() if r[0] == "device"]
+        srv_start = [i for i, r in reason.items() if r[0] == "server"]
+        self.forced_dev = _reach_many(n, dev_t, dev_h, dev_start)
+        self.forced_srv = _reach_many(n, dev_h, dev_t, srv_start)
+        if (self.forced_dev & self.forced_srv).any():
+            self._contradiction(n, dev_t, dev_h, dev_start, srv_start)
+
+    def _contradiction(self, n, dev_t, dev_h, dev_start, srv_start):
+        g, reason = self.graph, self.reason
+        dev_next: list[list[int]] = [[] for _ in range(n)]
+        srv_next: list[list[int]] = [[] for _ in range(n)]
+        for a, b in zip(dev_t.tolist(), dev_h.tolist()):
+            dev_next[a].append(b)
+            srv_next[b].append(a)
+        dev_par = self._closure(dev_start, dev_next)
+        srv_par = self._closure(srv_start, srv_next)
+        x = sorted(set(dev_par) & set(srv_par))[0]
+        d, p = self._root(x, dev_par), self._root(x, srv_par)
+        chain = self._chain(x, srv_par)[::-1] + self._chain(x, dev_par)[1:]
+        names = " -> ".join(g.ops[i].name for i in chain)
+        raise PlanError(
+            f"Partition: contradictory pins: {g.ops[p].name!r} ({reason[p][1]}) must run on "
+            f"the server and {g.ops[d].name!r} ({reason[d][1]}) on the device, but the first "
+            f"feeds the second ({names}) and nothing on the server may feed the device; "
+            "change one of these pins")
 
     @staticmethod
     def _closure(start, nxt):
@@ -188,28 +220,34 @@ class Problem:
         return int((~(self.forced_dev | self.forced_srv)).sum())
 
     # -- pricing ------------------------------------------------------------------------
+    def _any(self, entry_mask) -> np.ndarray:
+        """Per tensor: does any of its consumer entries satisfy ``entry_mask``?"""
+        return np.bincount(self.e_t[entry_mask], minlength=len(self.t_p)) > 0
+
+    def _crossing(self, dev):
+        """(tensors that cross, whether a server tensor feeds the device) for ``dev``."""
+        on_dev = np.ones(len(self.t_p), dtype=bool)
+        made = self.t_p >= 0
+        on_dev[made] = dev[self.t_p[made]]
+        ping = bool((~on_dev & self._any(dev[self.e_c])).any())
+        return on_dev & (self.t_out | self._any(~dev[self.e_c])), ping
+
     def cost(self, dev) -> float:
         """Float price of a placement (``dev[i]``: op i on the device), inf when infeasible.
 
         Mirrors ``evaluate`` term by term; used to rank candidates before the exact re-cost.
         """
         dev = np.asarray(dev, dtype=bool)
-        tot = float(self.cd[dev].sum() + self.cs[~dev].sum()) + self.constant
-        crossed = False
-        for _, p, cons, out, comm in self.tensors:
-            if p >= 0 and not dev[p]:
-                if any(dev[c] for c in cons):
-                    return float("inf")
-                continue
-            if out or any(not dev[c] for c in cons):
-                tot += comm
-                crossed = True
-        for _, rd, c in self.tied:
-            if self.objective == "training" and len({bool(dev[r]) for r in rd}) == 2:
-                tot += c
-        if self.objective == "inference":
+        cross, ping = self._crossing(dev)
+        if ping:
+            return float("inf")
+        tot = float(self.cd[dev].sum() + self.cs[~dev].sum() + self.t_comm[cross].sum())
+        tot += self.constant
+        if self.objective == "training":
+            tot += sum(c for _, rd, c in self.tied if len({bool(dev[r]) for r in rd}) == 2)
+        else:
             tot += float(self.out_down[~dev].sum())
-            if crossed or bool(self.makes_result[~dev].any()):
+            if cross.any() or self.makes_result[~dev].any():
                 tot += 2 * self.link.latency
         return tot
 
@@ -219,8 +257,7 @@ class Problem:
             return False
         if any(len({bool(dev[i]) for i in gr}) > 1 for gr in self.same):
             return False
-        return all(not (p >= 0 and not dev[p] and any(dev[c] for c in cons))
-                   for _, p, cons, _, _ in self.tensors)
+        return not self._crossing(dev)[1]
 
     def placement(self, dev) -> Placement:
         return Placement.of(op.name for op, d in zip(self.graph.ops, dev) if d)
@@ -231,8 +268,13 @@ class Problem:
     def best_exact(self, candidates):
         """The exactly cheapest of ``(float cost, dev mask)`` candidates near the float best."""
         lo = min(c for c, _ in candidates)
-        near = [d for c, d in candidates if c <= lo + _NEAR * max(abs(lo), 1e-300)]
-        return min(near, key=self.exact)
+        near: dict[bytes, np.ndarray] = {}
+        for c, d in candidates:
+            if c <= lo + _NEAR * max(abs(lo), 1e-300):
+                near.setdefault(np.packbits(d).tobytes() + bytes([len(d) % 8]), d)
+        if len(near) == 1:  # the caller re-costs the winner exactly (Plan.build)
+            return next(iter(near.values()))
+        return min(near.values(), key=self.exact)
 
 
 def device_only(pb: Problem) -> np.ndarray:
@@ -267,9 +309,15 @@ def layerwise(pb: Problem) -> np.ndarray | None:
     for i in range(n):
         add(i + 1, n, pb.cd[i], False)
         add(0, i, pb.cs[i] + pb.out_down[i], pb.makes_result[i])
-    for _, p, cons, out, comm in pb.tensors:
-        hi = n if out else (max(cons) if cons else -1)
-        add(p + 1, hi, comm)
+    last = np.full(len(pb.t_p), -1, dtype=np.int64)
+    np.maximum.at(last, pb.e_t, pb.e_c)
+    hi = np.where(pb.t_out, n, last)
+    lo = pb.t_p + 1
+    ok_t = lo <= hi
+    np.add.at(acc, lo[ok_t], pb.t_comm[ok_t])
+    np.add.at(acc, hi[ok_t] + 1, -pb.t_comm[ok_t])
+    np.add.at(cnt, lo[ok_t], 1)
+    np.add.at(cnt, hi[ok_t] + 1, -1)
     if pb.objective == "training":
         for _, rd, c in pb.tied:
             add(rd[0] + 1, rd[-1], c)
@@ -296,8 +344,10 @@ def exhaustive(pb: Problem) -> np.ndarray:
     if pb.free > EXHAUSTIVE_LIMIT:
         raise InputError(f"Partition: exhaustive search over {pb.free} free ops is too large "
                          f"(limit {EXHAUSTIVE_LIMIT}); use algorithm 'mincut' (exact)")
-    prods = [sorted({pb.index[g.tensors[t].producer] for t in op.inputs
-                     if g.tensors[t].producer is not None}) for op in g.ops]
+    prods: list[set[int]] = [set() for _ in range(n)]
+    for c, p in zip(pb.e_c.tolist(), pb.e_p.tolist()):
+        if p >= 0:
+            prods[c].add(p)
     cands: list[tuple[float, np.ndarray]] = []
     dev = np.zeros(n, dtype=bool)
 

@@ -109,6 +109,8 @@ def scale(caps: np.ndarray, clamp: float):
 def inf_path(tails, heads, caps, n: int, s: int, t: int, inf: int) -> list[int] | None:
     """A path of INF arcs from ``s`` to ``t`` (the network is infeasible), or ``None``."""
     sel = caps >= inf
+    if not _reach(n, tails[sel], heads[sel], s)[t]:
+        return None
     adj: dict[int, list[int]] = {}
     for u, v in zip(tails[sel].tolist(), heads[sel].tolist()):
         adj.setdefault(u, []).append(v)

@@ -84,6 +84,7 @@ class Network:
     n: int
     n_ops: int
     constant: float
+    merges: tuple[tuple[int, int], ...] = ()  # (u, w) from _chain_merges: u dev => w dev
 
     def sides(self, dev) -> np.ndarray:
         """Node mask (True = source side) of ops ``dev``, aux nodes placed at their best."""
@@ -112,131 +113,135 @@ class Network:
 def _chain_merges(pb: bl.Problem) -> list[tuple[int, int]]:
     """Pairs (u, w): some optimum never cuts between op u and its only consumer op w.
 
-    If u has one consumer w, is not forced to the device and shares no weight, moving u from
-    the device to the server whenever u is on the device and w on the server changes the cost
-    by at most ``delta = c_srv(u) - c_dev(u) - (outputs of u that stop crossing) + (inputs of
-    u that may start crossing) [+ results of u coming down, inference]``, a constant. If
-    ``delta <= 0`` there is an optimum with ``u dev => w dev``. All merges move ops towards
-    the server, so applying the fix-up repeatedly to an optimum terminates (the device set
-    shrinks) without raising the cost: every merge holds in one optimum at once.
+    If u has one consumer w, is not forced to the device and shares no weight or group,
+    moving u from the device to the server whenever u is on the device and w on the server
+    changes the cost by at most ``delta = c_srv(u) - c_dev(u) - (outputs of u that stop
+    crossing) + (inputs of u that may start crossing) [+ results of u coming down]``, a
+    constant. If ``delta <= 0`` there is an optimum with ``u dev => w dev``. All merges move
+    ops towards the server, so applying the fix-up repeatedly to an optimum terminates (the
+    device set shrinks) without raising the cost: all merges hold in one optimum at once.
+    Typical hit: elementwise and normalisation ops before a consumer when the server is faster.
     """
-    tied = {r for _, rd, _ in pb.tied for r in rd} | {r for gr in pb.same for r in gr}
-    outs: dict[int, list] = {}
-    ins: dict[int, list] = {}
-    for rec in pb.tensors:
-        _, p, cons, _, _ = rec
-        if p >= 0:
-            outs.setdefault(p, []).append(rec)
-        for c in cons:
-            ins.setdefault(c, []).append(rec)
-    pairs = []
-    for u in range(len(pb.graph.ops)):
-        if pb.forced_dev[u] or u in tied or u not in outs:
-            continue
-        readers = {c for rec in outs[u] for c in rec[2]}
-        if len(readers) != 1:
-            continue
-        save = [rec[4] for rec in outs[u] if rec[3] or rec[2]]
-        new = [rec[4] for rec in ins.get(u, ())]
-        terms = [pb.cs[u] + pb.out_down[u], -pb.cd[u], *(-x for x in save), *new]
-        delta = sum(terms)
-        if delta > -1e-9 * sum(abs(x) for x in terms):
-            if delta > 1e-9 * sum(abs(x) for x in terms) or _exact_delta(pb, u, outs, ins) > 0:
-                continue
-        pairs.append((u, readers.pop()))
-    return pairs
+    n = len(pb.graph.ops)
+    made = pb.e_p >= 0
+    pu, pw = pb.e_p[made], pb.e_c[made]
+    pairs = np.unique(pu * n + pw)
+    n_readers = np.bincount(pairs // n, minlength=n)
+    reader = np.full(n, -1, dtype=np.int64)
+    reader[pairs // n] = pairs % n  # the only reader where n_readers == 1
+    sent = (pb.t_out | (pb.t_ncons > 0)) & (pb.t_p >= 0)
+    save = np.bincount(pb.t_p[sent], weights=pb.t_comm[sent], minlength=n)
+    new = np.bincount(pb.e_c, weights=pb.t_comm[pb.e_t], minlength=n)
+    delta = pb.cs + pb.out_down - pb.cd - save + new
+    mag = pb.cs + pb.out_down + pb.cd + save + new
+    shared = np.zeros(n, dtype=bool)
+    for gr in [*(rd for _, rd, _ in pb.tied), *pb.same]:
+        shared[list(gr)] = True
+    ok = (n_readers == 1) & ~pb.forced_dev & ~shared & (delta <= 1e-9 * mag)
+    unsure = np.nonzero(ok & (delta > -1e-9 * mag))[0]  # float sign not certain: be exact
+    for u in unsure.tolist():
+        ok[u] = _exact_delta(pb, u) <= 0
+    us = np.nonzero(ok)[0]
+    return list(zip(us.tolist(), reader[us].tolist()))
 
 
-def _exact_delta(pb: bl.Problem, u: int, outs, ins) -> Fraction:
+def _exact_delta(pb: bl.Problem, u: int) -> Fraction:
     g, F = pb.graph, Fraction
     obj, up, down = pb.objective, F(pb.link.uplink), F(pb.link.downlink)
     grads = needs_grad(g) if obj == "training" else frozenset()
 
-    def comm(name):
+    def comm(j):
+        name = pb.t_names[j]
         nb = F(g.tensors[name].nbytes)
         return nb / up + (nb / down if name in grads else 0)
 
     op = g.ops[u]
     d = F(op.server.for_objective(obj)) - F(op.device.for_objective(obj))
-    d += sum((F(g.tensors[o].nbytes) / down for o in g.outputs
-              if g.tensors[o].producer == op.name), F(0)) if obj == "inference" else 0
-    d -= sum((comm(rec[0]) for rec in outs[u] if rec[3] or rec[2]), F(0))
-    return d + sum((comm(rec[0]) for rec in ins.get(u, ())), F(0))
+    if obj == "inference":
+        d += sum((F(g.tensors[o].nbytes) / down for o in g.outputs
+                  if g.tensors[o].producer == op.name), F(0))
+    sent = np.nonzero((pb.t_p == u) & (pb.t_out | (pb.t_ncons > 0)))[0]
+    d -= sum((comm(j) for j in sent.tolist()), F(0))
+    return d + sum((comm(j) for j in pb.e_t[pb.e_c == u].tolist()), F(0))
 
 
 def build_network(pb: bl.Problem, reduce: bool = True) -> Network:
     """The flow network of ``pb`` (module docstring); ``reduce`` adds the exact shortcuts:
     single-reader tensors without an aux node, and :func:`_chain_merges`."""
-    n_ops = len(pb.graph.ops)
-    T: list[int] = []
-    H: list[int] = []
-    C: list[float] = []
-    nxt = [2 + n_ops]
+    n_ops, i64 = len(pb.graph.ops), np.int64
+    T: list = []
+    H: list = []
+    C: list = []
 
-    def arc(u, v, c):
-        T.append(u)
-        H.append(v)
-        C.append(c)
-
-    def aux():
-        nxt[0] += 1
-        return nxt[0] - 1
+    def arcs(t, h, c):
+        t = np.asarray(t, dtype=i64)
+        T.append(t)
+        H.append(np.broadcast_to(np.asarray(h, dtype=i64), t.shape))
+        C.append(np.broadcast_to(np.asarray(c, dtype=float), t.shape))
 
     cd, cs = pb.cd.copy(), pb.cs + pb.out_down
     constant = pb.constant
-    for _, p, cons, out, comm in pb.tensors:
-        for c in cons:
-            if p >= 0:
-                arc(2 + c, 2 + p, _INF)
-        if out:  # training output: it crosses to the loss whenever it is made on the device
-            if p >= 0:
-                cd[p] += comm
-            else:
-                constant += comm
-            continue
-        if not cons or (p < 0 and not pb.allow_raw_upload):
-            continue  # readers of model inputs are pinned to the device
-        tail = 0 if p < 0 else 2 + p
-        if reduce and len(cons) == 1:
-            arc(tail, 2 + cons[0], comm)
-        else:
-            a = aux()
-            arc(tail, a, comm)
-            for c in cons:
-                arc(a, 2 + c, _INF)
-    for i in range(n_ops):
-        arc(0, 2 + i, _INF if pb.forced_dev[i] else cs[i])
-        arc(2 + i, 1, _INF if pb.forced_srv[i] else cd[i])
+    made = pb.e_p >= 0
+    arcs(2 + pb.e_c[made], 2 + pb.e_p[made], _INF)  # nothing on the server feeds the device
+    # training output: it crosses to the loss whenever it is made on the device
+    out = pb.t_out
+    np.add.at(cd, pb.t_p[out & (pb.t_p >= 0)], pb.t_comm[out & (pb.t_p >= 0)])
+    constant += float(pb.t_comm[out & (pb.t_p < 0)].sum())
+    # readers of model inputs are pinned to the device unless raw upload is allowed
+    sent = ~out & (pb.t_ncons > 0) & ((pb.t_p >= 0) | pb.allow_raw_upload)
+    tail = np.where(pb.t_p < 0, 0, 2 + pb.t_p)
+    single = sent & (pb.t_ncons == 1) if reduce else np.zeros_like(sent)
+    first = np.full(len(pb.t_p), -1, dtype=i64)
+    first[pb.e_t[::-1]] = pb.e_c[::-1]  # a consumer of each tensor
+    arcs(tail[single], 2 + first[single], pb.t_comm[single])
+    multi = np.nonzero(sent & ~single)[0]
+    aux = np.full(len(pb.t_p), -1, dtype=i64)
+    aux[multi] = 2 + n_ops + np.arange(len(multi))
+    arcs(tail[multi], aux[multi], pb.t_comm[multi])
+    e = aux[pb.e_t] >= 0
+    arcs(aux[pb.e_t[e]], 2 + pb.e_c[e], _INF)
+    nodes = 2 + n_ops + len(multi)
+    ops = 2 + np.arange(n_ops)
+    arcs(np.zeros(n_ops), ops, np.where(pb.forced_dev, _INF, cs))
+    arcs(ops, np.ones(n_ops), np.where(pb.forced_srv, _INF, cd))
     for gr in pb.same:
-        for a, b in zip(gr, gr[1:]):
-            arc(2 + a, 2 + b, _INF)
-            arc(2 + b, 2 + a, _INF)
+        g2 = 2 + np.asarray(gr)
+        arcs(np.concatenate([g2[:-1], g2[1:]]), np.concatenate([g2[1:], g2[:-1]]), _INF)
     if pb.objective == "training" and pb.tied_policy == "sync":
         for _, readers, c in pb.tied:
-            U, V = aux(), aux()
-            arc(U, 1, c)
-            arc(0, V, c)
-            for r in readers:
-                arc(2 + r, U, _INF)
-                arc(V, 2 + r, _INF)
+            U, V = nodes, nodes + 1
+            nodes += 2
+            r = 2 + np.asarray(readers)
+            arcs([U, 0], [1, V], c)
+            arcs(r, U, _INF)
+            arcs(np.full(len(r), V), r, _INF)
             constant -= c
-    if reduce:
-        for u, w in _chain_merges(pb):
-            arc(2 + u, 2 + w, _INF)
-    return Network(np.array(T, dtype=np.int64), np.array(H, dtype=np.int64),
-                   np.array(C, dtype=float), nxt[0], n_ops, constant)
+    merges = tuple(_chain_merges(pb)) if reduce else ()
+    if merges:
+        m = np.array(merges, dtype=i64)
+        arcs(2 + m[:, 0], 2 + m[:, 1], _INF)
+    return Network(np.concatenate(T), np.concatenate(H), np.concatenate(C).astype(float),
+                   nodes, n_ops, constant, merges)
 
 
 def _mincut(pb: bl.Problem, engine: str, reduce: bool, stats: dict | None = None):
     """Device mask of a minimum cut of ``pb`` (exact up to the int64 scaling, maxflow.scale)."""
     net = build_network(pb, reduce)
     ref = bl.device_only(pb)
+    # The fix-up of _chain_merges (u to the server while u dev and w srv; descending u is one
+    # pass since it only moves ops earlier than u) keeps ref valid and no dearer.
+    for u, w in sorted(net.merges, reverse=True):
+        if ref[u] and not ref[w]:
+            ref[u] = False
     cands = [(pb.cost(ref), ref)]
     if pb.objective == "inference" and pb.link.latency > 0:
         quiet = _no_crossing(pb)
         if quiet is not None:
             cands.append((pb.cost(quiet), quiet))
     clamp = net.value(ref)
+    if not np.isfinite(clamp):
+        raise PlanError("Partition: internal error: the reference placement has no finite cut; "
+                        "please report this bug")
     if clamp <= 0:
         return pb.best_exact(cands)
     caps, k, inf = scale(net.caps, clamp)
@@ -273,18 +278,15 @@ def _no_crossing(pb: bl.Problem):
             x = root[x]
         return x
 
-    for _, p, cons, _, _ in pb.tensors:
-        for c in cons:
-            if p >= 0:
-                root[find(c)] = find(p)
+    for c, p in zip(pb.e_c.tolist(), pb.e_p.tolist()):
+        if p >= 0:
+            root[find(c)] = find(p)
     for gr in pb.same:
         for a in gr[1:]:
             root[find(a)] = find(gr[0])
     comp = np.array([find(i) for i in range(n)])
     dev_only = pb.forced_dev | pb.makes_result  # and readers of model inputs (raw upload)
-    for _, p, cons, _, _ in pb.tensors:
-        if p < 0:
-            dev_only[list(cons)] = True
+    dev_only[pb.e_c[pb.e_p < 0]] = True
     for i in np.nonzero(pb.forced_srv)[0]:
         if dev_only[comp == comp[i]].any():
             return None
