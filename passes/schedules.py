@@ -42,10 +42,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
+from splitc import BuildError
 from tvm import sym, tirx
 from tvm.ir import IRModule
-
-from splitc import BuildError
 
 _GET_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 
@@ -150,8 +149,11 @@ class _Block:
         self.loops = list(sch.get_loops(rv))
         self.iters = list(stmt.iter_vars)
         self.kinds = [
-            "S" if iv.iter_type == tirx.IterVar.DataPar else "R" if
-            iv.iter_type == tirx.IterVar.CommReduce else "O"
+            "S"
+            if iv.iter_type == tirx.IterVar.DataPar
+            else "R"
+            if iv.iter_type == tirx.IterVar.CommReduce
+            else "O"
             for iv in self.iters
         ]
         self.extents = [_int(iv.dom.extent) for iv in self.iters]
@@ -219,7 +221,7 @@ def _inline_injective(sch) -> None:
                 sch.compute_inline(rv)
                 changed = True
                 break
-            except Exception:  # noqa: BLE001 - not inlinable (e.g. output buffer): keep it
+            except Exception:  # noqa: BLE001, S112 - not inlinable (an output buffer): keep it
                 continue
 
 
@@ -310,9 +312,13 @@ def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
     # one on the stride-2 weight-gradient convs) before the contiguous one.
     vvar = info.iters[vi].var
     readers = sorted(
-        (j for j, rd in enumerate(info.reads)
-         if rd.region and not rd.source.same_as(info.writes[0].source)
-         and _uses(rd.region[-1].min, vvar)),
+        (
+            j
+            for j, rd in enumerate(info.reads)
+            if rd.region
+            and not rd.source.same_as(info.writes[0].source)
+            and _uses(rd.region[-1].min, vvar)
+        ),
         key=lambda j: -(_coef(info.reads[j].region[-1].min, vvar) or 0),
     ) + [reader]
     ri = None
@@ -335,7 +341,9 @@ def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
     v_o, v_i = sch.split(loops[vi], [None, vt])
     if ri is not None:
         r_o, r_i = sch.split(loops[ri], [None, rt])
-    spatial_outer = [loops[i] for i in range(len(loops)) if info.kinds[i] == "S" and i not in (vi, ri)]
+    spatial_outer = [
+        loops[i] for i in range(len(loops)) if info.kinds[i] == "S" and i not in (vi, ri)
+    ]
     reds = [loops[i] for i in range(len(loops)) if info.kinds[i] == "R"]
     outer = spatial_outer + ([r_o] if ri is not None else []) + [v_o]
     inner = ([r_i] if ri is not None else []) + [v_i]
@@ -439,12 +447,15 @@ def schedule_prim_func(
     except Exception as exc:  # noqa: BLE001
         problems.append(f"inline: {_first_line(exc)}")
         sch = tvm.s_tir.Schedule(func)
-    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))] if _has_root(sch) else []
+    names = (
+        [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        if _has_root(sch)
+        else []
+    )
     for name in names:
         snapshot = sch.copy()
         try:
             rv = sch.get_sblock(name)
-            lanes = _lanes(target, 32)
             if not sch.get_loops(rv):
                 continue  # a 0-d kernel (a scalar loss): nothing to parallelise
             info = _block_facts(sch, rv)
@@ -456,16 +467,14 @@ def schedule_prim_func(
         except Exception as exc:  # noqa: BLE001 - a rule must never break the build
             problems.append(f"{name}: {_first_line(exc)}")
             sch = snapshot
+            keep = sch.copy()
             try:
                 info = _block_facts(sch, sch.get_sblock(name))
                 if info is not None and not info.injective:
-                    keep = sch.copy()
-                    try:
-                        _parallel_reduction(sch, info)
-                    except Exception:  # noqa: BLE001
-                        sch = keep
-            except Exception:  # noqa: BLE001
-                pass
+                    _parallel_reduction(sch, info)
+            except Exception as exc2:  # noqa: BLE001 - keep the naive loops of this block
+                problems.append(f"{name} (parallel fallback): {_first_line(exc2)}")
+                sch = keep
     return sch.mod["main"], problems
 
 
@@ -488,8 +497,7 @@ def lower_for_schedule(mod: IRModule, target: tvm.target.Target) -> IRModule:
 
     with target:
         seq = tvm.transform.Sequential(
-            relax_pipeline.library_dispatch_passes(target)
-            + relax_pipeline.legalize_passes(target)
+            relax_pipeline.library_dispatch_passes(target) + relax_pipeline.legalize_passes(target)
         )
         return seq(mod)
 
@@ -508,8 +516,10 @@ def default_cpu_schedule(
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if target.kind.name != "llvm":
-        raise BuildError(f"Schedules: default_cpu_schedule needs an llvm target, got "
-                         f"{target.kind.name}; call default_schedule for GPU targets")
+        raise BuildError(
+            f"Schedules: default_cpu_schedule needs an llvm target, got "
+            f"{target.kind.name}; call default_schedule for GPU targets"
+        )
     mod = lower_for_schedule(mod, target)
     updates = {}
     for gv, func in mod.functions.items():

@@ -30,7 +30,12 @@ import numpy as np
 
 # name -> (builder, input shape, classes); builders are below (torch imports lazily).
 MODEL_NAMES = (
-    "small_resnet", "encoder", "resnet50_b8", "resnet50_b32", "gpt2_block_b8", "gpt2_block_b32",
+    "small_resnet",
+    "encoder",
+    "resnet50_b8",
+    "resnet50_b32",
+    "gpt2_block_b8",
+    "gpt2_block_b32",
 )
 
 
@@ -47,8 +52,9 @@ def _small_resnet():
             self.b2 = nn.BatchNorm2d(cout)
             self.sc = None
             if cin != cout or stride != 1:
-                self.sc = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                        nn.BatchNorm2d(cout))
+                self.sc = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                )
 
         def forward(self, x):
             y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
@@ -57,8 +63,9 @@ def _small_resnet():
     class SmallResNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32),
-                                      nn.ReLU())
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+            )
             self.blocks = nn.Sequential(Block(32, 32, 1), Block(32, 64, 2), Block(64, 64, 1))
             self.fc = nn.Linear(64, 10)
 
@@ -117,20 +124,31 @@ def _resnet50():
             super().__init__()
             out = width * 4
             self.body = nn.Sequential(
-                nn.Conv2d(inp, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
-                nn.ReLU(), nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out))
+                nn.Conv2d(inp, width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, out, 1, bias=False),
+                nn.BatchNorm2d(out),
+            )
             self.down = None
             if stride != 1 or inp != out:
-                self.down = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out))
+                self.down = nn.Sequential(
+                    nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+                )
             self.relu = nn.ReLU()
 
         def forward(self, x):
             return self.relu(self.body(x) + (x if self.down is None else self.down(x)))
 
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-              nn.MaxPool2d(3, 2, 1)]
+    layers = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     inp = 64
     for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
         for i in range(blocks):
@@ -188,20 +206,26 @@ def train_module(model, x_shape, classes: int):
     """(IRModule with backbone / backbone_loss_adjoint / optimizer, params, optimizer state)."""
     import onnx
     import torch
+    from splitc.passes.frontend import load_onnx
+    from splitc.passes.training import DecomposeForTraining
     from tvm import IRModule, relax
     from tvm.relax.training import SetupTrainer
     from tvm.relax.training.loss import CrossEntropyLoss
     from tvm.relax.training.optimizer import SGD
 
-    from splitc.passes.frontend import load_onnx
-    from splitc.passes.training import DecomposeForTraining
-
     model.eval()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (torch.zeros(x_shape),), buf, dynamo=False, opset_version=17,
-                          input_names=["x"], do_constant_folding=False)
+        torch.onnx.export(
+            model,
+            (torch.zeros(x_shape),),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            do_constant_folding=False,
+        )
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.onnx")
         onnx.save(onnx.load_from_string(buf.getvalue()), path)
@@ -216,9 +240,12 @@ def train_module(model, x_shape, classes: int):
     mod = DecomposeForTraining(training=False)(mod)
     batch = x_shape[0]
     sgd = SGD(0.01)
-    trainer = SetupTrainer(CrossEntropyLoss(), sgd, [
-        relax.TensorType((batch, classes), "float32"), relax.TensorType((batch,), "int64")],
-        legalize=False)
+    trainer = SetupTrainer(
+        CrossEntropyLoss(),
+        sgd,
+        [relax.TensorType((batch, classes), "float32"), relax.TensorType((batch,), "int64")],
+        legalize=False,
+    )
     mod = trainer(mod)
     return mod, params, [s.numpy() for s in sgd.state]
 
@@ -234,9 +261,8 @@ class TvmResult:
 
 def tvm_times(mod, params, opt_state, x, y, target, schedule: bool, repeats: int) -> TvmResult:
     import tvm
-    from tvm import relax
-
     from splitc.passes.schedules import default_cpu_schedule
+    from tvm import relax
 
     fallbacks: list = []
     t0 = time.perf_counter()
@@ -271,10 +297,9 @@ def kernel_profile(mod, target, func: str = "backbone_loss_adjoint", top: int = 
     import collections
 
     import tvm
+    from splitc.passes.schedules import default_cpu_schedule
     from tvm import relax, tirx
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
-    from splitc.passes.schedules import default_cpu_schedule
 
     mod = default_cpu_schedule(mod, target)
     calls = collections.Counter()
@@ -290,8 +315,12 @@ def kernel_profile(mod, target, func: str = "backbone_loss_adjoint", top: int = 
         if not isinstance(f, tirx.PrimFunc) or gv.name_hint not in calls:
             continue
         infos = ArgInfo.from_prim_func(f)
-        args = [tvm.runtime.tensor(np.random.uniform(-1, 1, [int(d) for d in a.shape])
-                                   .astype(str(a.dtype)), dev) for a in infos]
+        args = [
+            tvm.runtime.tensor(
+                np.random.uniform(-1, 1, [int(d) for d in a.shape]).astype(str(a.dtype)), dev
+            )
+            for a in infos
+        ]
         lib = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target).jit()
         t = lib.time_evaluator("k", dev, number=3, repeat=1)(*args).mean
         shapes = [tuple(int(d) for d in a.shape) for a in infos]
@@ -302,12 +331,20 @@ def kernel_profile(mod, target, func: str = "backbone_loss_adjoint", top: int = 
 
 # ------------------------------------------------------------------------------- CLI
 @click.command()
-@click.option("--models", default="small_resnet,encoder", show_default=True,
-              help=f"comma-separated: {', '.join(MODEL_NAMES)}")
+@click.option(
+    "--models",
+    default="small_resnet,encoder",
+    show_default=True,
+    help=f"comma-separated: {', '.join(MODEL_NAMES)}",
+)
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-@click.option("--target", default="host", show_default=True,
-              help="'host' (llvm with this CPU's mcpu), 'llvm', or a JSON target")
+@click.option(
+    "--target",
+    default="host",
+    show_default=True,
+    help="'host' (llvm with this CPU's mcpu), 'llvm', or a JSON target",
+)
 @click.option("--no-plain", is_flag=True, help="skip the unscheduled TVM build (slow)")
 @click.option("--image", default=224, show_default=True, help="ResNet-50 input size")
 @click.option("--kernels", default=0, help="also list the N slowest scheduled kernels")
@@ -318,12 +355,14 @@ def main(models, repeats, threads, target, no_plain, image, kernels):
 
     import torch
     import tvm
-
     from splitc.passes.schedules import host_llvm_target
 
     torch.set_num_threads(threads)
-    tgt = host_llvm_target() if target == "host" else tvm.target.Target(
-        json.loads(target) if target.startswith("{") else target)
+    tgt = (
+        host_llvm_target()
+        if target == "host"
+        else tvm.target.Target(json.loads(target) if target.startswith("{") else target)
+    )
     rows = []
     for name in [m.strip() for m in models.split(",") if m.strip()]:
         torch.manual_seed(0)
@@ -337,20 +376,28 @@ def main(models, repeats, threads, target, no_plain, image, kernels):
         pt_train, pt_fwd = torch_times(model, x, y, repeats)
         xn, yn = x.numpy(), y.numpy().astype("int64")
         sch = tvm_times(mod, params, opt_state, xn, yn, tgt, True, repeats)
-        plain = None if no_plain else tvm_times(mod, params, opt_state, xn, yn, tgt, False,
-                                                max(1, repeats // 2))
+        plain = (
+            None
+            if no_plain
+            else tvm_times(mod, params, opt_state, xn, yn, tgt, False, max(1, repeats // 2))
+        )
         rows.append((name, shape, plain, sch, pt_train, pt_fwd, ref_loss))
         click.echo(_row(*rows[-1]), err=True)
         if sch.fallbacks:
-            click.echo(f"  {name}: {len(sch.fallbacks)} kernels not fully scheduled: "
-                       + ", ".join(f.kernel for f in sch.fallbacks), err=True)
+            click.echo(
+                f"  {name}: {len(sch.fallbacks)} kernels not fully scheduled: "
+                + ", ".join(f.kernel for f in sch.fallbacks),
+                err=True,
+            )
         if kernels:
             for t, n, k, shapes in kernel_profile(mod, tgt, top=kernels):
                 click.echo(f"  {t * 1e3:9.2f} ms  x{n} {k} {shapes}", err=True)
     click.echo(f"\ntarget {tgt}, {threads} threads, median of {repeats}\n")
-    click.echo("| model | input | TVM default step | TVM + schedules step | PyTorch step | "
-               "ratio (sched/PyTorch) | fwd ratio (sched/PyTorch) | TVM default / sched | "
-               "compile s (sched) | loss rel err |")
+    click.echo(
+        "| model | input | TVM default step | TVM + schedules step | PyTorch step | "
+        "ratio (sched/PyTorch) | fwd ratio (sched/PyTorch) | TVM default / sched | "
+        "compile s (sched) | loss rel err |"
+    )
     click.echo("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         click.echo(_row(*r))
@@ -360,9 +407,11 @@ def _row(name, shape, plain, sch, pt_train, pt_fwd, ref_loss) -> str:
     plain_s = f"{plain.train_s:.3f} s" if plain else "-"
     speedup = f"{plain.train_s / sch.train_s:.1f}x" if plain else "-"
     err = abs(sch.loss - ref_loss) / max(abs(ref_loss), 1e-12)
-    return (f"| {name} | {'x'.join(map(str, shape))} | {plain_s} | {sch.train_s:.3f} s | "
-            f"{pt_train:.3f} s | {sch.train_s / pt_train:.2f} | {sch.fwd_s / pt_fwd:.2f} | "
-            f"{speedup} | {sch.compile_s:.1f} | {err:.1e} |")
+    return (
+        f"| {name} | {'x'.join(map(str, shape))} | {plain_s} | {sch.train_s:.3f} s | "
+        f"{pt_train:.3f} s | {sch.train_s / pt_train:.2f} | {sch.fwd_s / pt_fwd:.2f} | "
+        f"{speedup} | {sch.compile_s:.1f} | {err:.1e} |"
+    )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tvm import relax, tirx
-from tvm.script import tirx as T
-
 from splitc import BuildError
 from splitc.passes import schedules
-from splitc.passes.schedules import KernelFallback, default_cpu_schedule, schedule_prim_func
+from splitc.passes.schedules import (
+    KernelFallback,
+    default_cpu_schedule,
+    schedule_prim_func,
+)
+from tvm import relax, tirx
+from tvm.script import tirx as T
 
 TARGET = tvm.target.Target("llvm")
 
@@ -67,7 +70,6 @@ def _step(mod, params, opt_state, x, y, target):
 @pytest.mark.parametrize("make", [_tiny_resnet, _tiny_transformer], ids=["cnn", "transformer"])
 def test_scheduled_training_step_equals_unscheduled(make):
     import torch
-
     from splitc.tools.bench_vs_pytorch import train_module
 
     torch.manual_seed(0)
@@ -89,14 +91,17 @@ def test_scheduled_training_step_equals_unscheduled(make):
     # Only the scalar loss kernels may fall back (their 0-d/1-d reductions are tiny).
     assert {f.kernel for f in fallbacks} <= {"nll_loss_without_weight"}
     # Every scheduled kernel is marked so tvm.compile's FuseOps/FuseTIR leave it alone.
-    for _, f in scheduled.functions.items():
+    for f in scheduled.functions.values():
         if isinstance(f, tirx.PrimFunc):
             assert bool(f.attrs["tir.is_scheduled"]) and int(f.attrs["op_pattern"]) == 8
 
 
 @T.prim_func(private=True, s_tir=True)
-def _matmul(a: T.Buffer((64, 32), "float32"), b: T.Buffer((32, 48), "float32"),
-            c: T.Buffer((64, 48), "float32")):
+def _matmul(
+    a: T.Buffer((64, 32), "float32"),
+    b: T.Buffer((32, 48), "float32"),
+    c: T.Buffer((64, 48), "float32"),
+):
     for i, j, k in T.grid(64, 48, 32):
         with T.sblock("matmul"):
             vi, vj, vk = T.axis.remap("SSR", [i, j, k])
@@ -146,8 +151,9 @@ def test_row_reduction_is_rfactored_and_exact():
     # the 128-long reduction is split into 4 vector lanes and rfactored: "sum_rf" block
     assert '"sum_rf' in new.script() and "T.vectorized" in new.script()
     a = np.random.default_rng(2).standard_normal((64, 128)).astype("float32")
-    np.testing.assert_allclose(_run(new, a, np.zeros(64, "float32")), a.sum(1), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _run(new, a, np.zeros(64, "float32")), a.sum(1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_rule_error_falls_back_and_is_reported(monkeypatch):
@@ -173,8 +179,12 @@ def test_rule_error_falls_back_and_is_reported(monkeypatch):
     an = rng.standard_normal((64, 32)).astype("float32")
     bn = rng.standard_normal((32, 48)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(scheduled, TARGET), tvm.cpu())
-    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(an), tvm.runtime.tensor(bn))
-                               .numpy(), an @ bn, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        vm["main"](tvm.runtime.tensor(an), tvm.runtime.tensor(bn)).numpy(),
+        an @ bn,
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_already_scheduled_kernels_are_kept():
@@ -185,8 +195,7 @@ def test_already_scheduled_kernels_are_kept():
     with bb.function("main", [a, b]):
         with bb.dataflow():
             gv = bb.add_func(marked, "tuned_mm")
-            out = bb.emit_output(relax.call_tir(gv, (a, b), relax.TensorType((64, 48),
-                                                                             "float32")))
+            out = bb.emit_output(relax.call_tir(gv, (a, b), relax.TensorType((64, 48), "float32")))
         bb.emit_func_output(out)
     scheduled = default_cpu_schedule(bb.get(), TARGET)
     # same loops (AnnotateTIROpPattern may add an op_pattern attribute, nothing else changes)
@@ -195,6 +204,9 @@ def test_already_scheduled_kernels_are_kept():
 
 
 def test_non_llvm_target_is_refused():
-    with pytest.raises(BuildError, match=r"^Schedules: default_cpu_schedule needs an llvm "
-                       r"target, got cuda; call default_schedule for GPU targets$"):
+    with pytest.raises(
+        BuildError,
+        match=r"^Schedules: default_cpu_schedule needs an llvm "
+        r"target, got cuda; call default_schedule for GPU targets$",
+    ):
         default_cpu_schedule(tvm.IRModule(), tvm.target.Target("cuda"))
