@@ -224,13 +224,16 @@ def test_constant_shape_chain_is_folded(tmp_path):
     np.testing.assert_array_equal(_run(mod, np.array([1, 2], np.float32)), [2.5, 3.5])
 
 
-def test_tiny_cnn_matches_pytorch_export(tiny_cnn_onnx, tiny_cnn):
-    # the imported module computes what onnx's reference evaluator computes on the file
+@pytest.mark.parametrize("name", ["tiny_cnn", "mbv2_block", "tiny_transformer"])
+def test_small_models_compute_what_the_onnx_file_says(onnx_model, name):
+    # the imported module (constant folding, Clip as maximum/minimum, training-mode batch
+    # norm, split/erf attention) computes what onnx's reference evaluator computes on the file
     from onnx.reference import ReferenceEvaluator
 
-    mod, info = tiny_cnn
-    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    want = ReferenceEvaluator(str(tiny_cnn_onnx)).run(None, {"x": x})[0]
+    path = onnx_model(name)
+    mod, info = load_onnx(path)
+    x = np.random.default_rng(0).standard_normal(info.inputs[0].shape).astype(np.float32)
+    want = ReferenceEvaluator(str(path)).run(None, {info.inputs[0].onnx_name: x})[0]
     got = _run(mod, x, *info.params.values())
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
