@@ -61,6 +61,17 @@ class TrainResult:
     rewinds: int = 0
     fedavg_rounds: int = 0
 
+    def median_time(self) -> StepTime:
+        """Median of each part over the steps (to print next to the plan's prediction)."""
+        if not self.times:
+            return StepTime(0.0, 0.0, 0.0, 0.0)
+        return StepTime(
+            *(
+                float(np.median([getattr(t, f) for t in self.times]))
+                for f in ("compute_s", "transfer_s", "server_s", "total_s")
+            )
+        )
+
     def _drop_after(self, step: int) -> None:
         keep = [i for i, s in enumerate(self.steps) if s <= step]
         self.steps = [self.steps[i] for i in keep]

@@ -33,6 +33,9 @@ def test_split_equals_unsplit_step_by_step(start_server, loader):
     assert seen[-1].bytes_up == res.bytes_up - 46  # all but the 46-byte BYE
     t = res.times[0]
     assert t.total_s >= t.compute_s and t.transfer_s >= 0 and t.server_s > 0
+    med = res.median_time()
+    assert med.total_s == float(np.median([x.total_s for x in res.times]))
+    assert med.server_s == float(np.median([x.server_s for x in res.times]))
     # Per FORWARD: 46 header + 2 * 80 tensor headers + h 16*32*4 = 2048 + labels 16*8 = 128
     # = 2382 bytes; plus HELLO (46 + meta) and BYE (46).
     per_step = 46 + 2 * 80 + 2048 + 128
