@@ -200,12 +200,6 @@ def _check_ops(model) -> None:
         "re-export the model without it or decompose it into supported ops")
 
 
-def _dtype_name(elem_type: int) -> str:
-    import onnx
-
-    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
-
-
 def _resolve_shapes(model, input_shapes: dict[str, tuple[int, ...]]):
     """Static shape of every real input; raise on a symbolic dim or an unknown shape name."""
     inits = {t.name for t in model.graph.initializer}
@@ -222,10 +216,8 @@ def _resolve_shapes(model, input_shapes: dict[str, tuple[int, ...]]):
                              f"input; the inputs are: {names}")
         given[onnx_name] = shape
     shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
     for inp in real:
         tt = inp.type.tensor_type
-        dtypes[inp.name] = _dtype_name(tt.elem_type)
         dims = list(tt.shape.dim) if tt.HasField("shape") else None
         if inp.name in given:
             shape = given[inp.name]
@@ -250,7 +242,7 @@ def _resolve_shapes(model, input_shapes: dict[str, tuple[int, ...]]):
                     f"Frontend: input {inp.name!r} has symbolic dim {k} ({sym!r}); pass "
                     f"--input-shapes \"{inp.name}:[...]\" with every dim fixed")
         shapes[inp.name] = tuple(int(d.dim_value) for d in dims)
-    return real, shapes, dtypes
+    return real, shapes
 
 
 def _buffers(model) -> set[str]:
@@ -273,7 +265,7 @@ def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None):
     path = Path(path)
     model, digest = _read_model(path)
     _check_ops(model)
-    real, shapes, _ = _resolve_shapes(model, dict(input_shapes or {}))
+    real, shapes = _resolve_shapes(model, dict(input_shapes or {}))
     onnx_prep.prepare(model, shapes)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     try:
