@@ -6,8 +6,10 @@
 Prints markdown tables: build + solve time of the min cut per engine, with and without the
 exact reductions, of the block-wise solver (median / worst over the graphs of each size),
 and the predicted per-step delay of every algorithm and baseline at 10, 100 and 1000 Mbps.
-Times cover Problem + network construction + scaling + reductions + max-flow + feasibility
-check; the exact Fraction re-cost of the final plan (``Plan.build``) is listed separately.
+Columns: ``problem`` reads the OpGraph into arrays (pins, forced sides; once per solve);
+each engine column is network construction + int64 scaling + reductions + max-flow +
+feasibility check on that problem; ``blockwise`` includes block detection and its own
+problem; ``recost`` is the exact Fraction re-cost of the final plan (``Plan.build``).
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ def _time(fn, reps=1):
 def bench_graph(g: OpGraph, link: Link, objective: str, engines, nx_max: int) -> dict:
     row: dict = {"graph": g.name, "ops": len(g.ops)}
     reps = 3 if len(g.ops) <= 20000 else 1
+    row["problem"], pb = _time(lambda: bl.Problem(g, link, objective), reps)
     for engine in engines:
         for reduce in (True, False):
             key = f"{engine}{'' if reduce else '-noreduce'}"
@@ -161,15 +164,12 @@ def bench_graph(g: OpGraph, link: Link, objective: str, engines, nx_max: int) ->
                 row[key] = None
                 continue
             stats: dict = {}
-            row[key], _ = _time(lambda: _mincut(bl.Problem(g, link, objective), engine, reduce,
-                                                stats), reps)
+            row[key], _ = _time(lambda: _mincut(pb, engine, reduce, stats), reps)
             if reduce and engine == engines[0]:
                 row["network"], row["reduced"] = stats.get("network"), stats.get("solved")
     notes: list[str] = []
-    row["blockwise"], dev_b = _time(
-        lambda: _blockwise(bl.Problem(g, link, objective), engines[0], True, notes), reps)
+    row["blockwise"], dev_b = _time(lambda: _blockwise(pb, engines[0], True, notes), reps)
     row["blockwise_note"] = notes[-1] if notes else ""
-    pb = bl.Problem(g, link, objective)
     dev = _mincut(pb, engines[0], True)
     row["recost"], plan = _time(lambda: Plan.build(g, pb.placement(dev), link, objective,
                                                    "mincut", "", ""))
@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     for n in a.sizes:
         groups[f"{n} ops"] = [gens[f](n, seed) for f in a.families for seed in range(a.graphs)]
     rows = []
-    cols = [*(f"{e}{s}" for e in a.engines for s in ("", "-noreduce")), "blockwise", "recost"]
+    cols = ["problem", *(f"{e}{s}" for e in a.engines for s in ("", "-noreduce")), "blockwise",
+            "recost"]
     print(f"## Build + solve time, ms (median / worst), {a.objective}, 100 Mbps\n")
     print("| graphs | n | " + " | ".join(cols) + " | network -> reduced nodes | blockwise gap |")
     print("|---" * (len(cols) + 4) + "|")
