@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from splitc import TransportError
+from splitc import InputError, TransportError
 from splitc.runtime import checkpoint, wire
 from splitc.runtime.codecs import Codec, parse_codec
 from splitc.runtime.data import DataLoader
@@ -200,7 +200,7 @@ def train(
             return 0
         s, arrays, meta = got
         if meta.get("plan_id") != plan_id:
-            raise TransportError(
+            raise InputError(
                 f"Device: checkpoint in {checkpoint_dir} is for plan {meta.get('plan_id')!r}, "
                 f"this half is {plan_id!r}; use another --checkpoint-dir or drop --resume"
             )

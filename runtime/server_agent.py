@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from splitc import SplitcError, TransportError
+from splitc import InputError, SplitcError, TransportError
 from splitc.runtime import checkpoint, wire
 from splitc.runtime.codecs import Codec, parse_codec
 from splitc.runtime.halves import ServerHalf
@@ -157,7 +157,7 @@ class ServerAgent:
             return
         step, arrays, meta = got
         if meta.get("plan_id") != self.plan_id:
-            raise TransportError(
+            raise InputError(
                 f"Server: checkpoint in {self.checkpoint_dir} is for plan {meta.get('plan_id')!r}, "
                 f"this half is {self.plan_id!r}; use another --checkpoint-dir or drop --resume"
             )
