@@ -39,7 +39,7 @@ __all__ = [
     "make_loss", "make_optimizer", "LOSSES", "OPTIMIZERS",
 ]
 
-LOSSES = ("cross-entropy", "mse", "output")
+LOSSES = ("cross-entropy", "mse", "none")  # none: the model's own (scalar) output is the loss
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 _BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
@@ -295,19 +295,25 @@ def running_stat_params(func: relax.Function) -> list[str]:
 def make_loss(kind: str, pred: relax.Expr, labels: relax.Var | None) -> relax.Expr:
     """The scalar loss expression of ``pred`` (a model output) against ``labels``.
 
-    cross-entropy: mean of ``-log_softmax(pred, axis=1)[label]`` (int64 labels, classes on
-    axis 1, like ``torch.nn.functional.cross_entropy``); mse: mean squared error (labels shaped like pred);
+    cross-entropy: mean of ``-log_softmax(pred, axis=-1)[label]`` over every position (int64
+    labels shaped ``pred.shape[:-1]``, as in OpGraph.labels); mse: mean squared error (labels shaped like pred);
     output: the model already ends in a scalar loss.
     """
     if kind == "cross-entropy":
-        # classes on axis 1, like torch: (N, C) or (N, C, d1, ...) against (N,) or (N, d1, ...)
-        return R.nn.nll_loss(R.nn.log_softmax(pred, axis=1), labels, reduction="mean")
+        # classes on the LAST axis, labels ``pred.shape[:-1]``: the convention AnnotateCosts
+        # puts into OpGraph.labels (and LM logits (N, T, V) use); torch's axis-1 layout for
+        # (N, C, H, W) outputs would need a transpose in the model
+        if len(_shape(pred)) > 2:
+            n_cls = _shape(pred)[-1]
+            pred = R.reshape(pred, [-1, n_cls])
+            labels = R.reshape(labels, [-1])
+        return R.nn.nll_loss(R.nn.log_softmax(pred, axis=-1), labels, reduction="mean")
     if kind == "mse":
         d = R.subtract(pred, labels)
         return R.mean(R.multiply(d, d))
-    if kind == "output":
+    if kind == "none":
         if _shape(pred):
-            raise InputError(f"Loss: --loss output needs a scalar model output, got shape "
+            raise InputError(f"Loss: --loss none needs a scalar model output, got shape "
                              f"{_shape(pred)}; use --loss cross-entropy or mse")
         return pred
     raise InputError(f"Loss: unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
@@ -317,7 +323,7 @@ def label_ty(kind: str, pred_ty: relax.TensorType) -> relax.TensorType | None:
     """Struct info of the labels for ``kind`` (None when the model computes its own loss)."""
     shp = [int(d) for d in pred_ty.shape]
     if kind == "cross-entropy":
-        return relax.TensorType(shp[:1] + shp[2:], "int64")
+        return relax.TensorType(shp[:-1], "int64")
     if kind == "mse":
         return relax.TensorType(shp, str(pred_ty.dtype))
     return None

@@ -245,4 +245,4 @@ def torch_step(model, x, y):
     model.zero_grad()
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    return float(loss), {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
+    return loss.item(), {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}

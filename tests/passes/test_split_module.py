@@ -166,3 +166,38 @@ def test_worked_example_of_the_docstring():
     # device_backward -> (grad_w1,)
     assert [tuple(int(d) for d in t.shape) for t in out["device_backward"].ret_ty.fields] == [
         (8, 6)]
+
+
+def test_model_that_ends_in_its_own_loss():
+    """--loss none: the scalar model output is the loss; server_step takes no labels."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import op as R
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 4), "float32"))
+    w1 = relax.Var("w1", relax.TensorType((4, 4), "float32"))
+    w2 = relax.Var("w2", relax.TensorType((4, 1), "float32"))
+    with bb.function("main", [x, w1, w2], {"num_input": 1}):
+        with bb.dataflow():
+            lv = bb.emit(R.nn.relu(R.matmul(x, w1)), "lv")
+            lv1 = bb.emit(R.matmul(lv, w2), "lv1")
+            gv = bb.emit_output(R.mean(R.multiply(lv1, lv1)), "gv")
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    smod, spec = split_module(mod, S.manual_plan(mod, ["lv"]), loss="none")
+    assert spec.labels is None
+    assert [p.name for p in smod["server_step"].params] == ["lv", "w2"]
+    rng = np.random.default_rng(0)
+    xv, w1v, w2v = (rng.standard_normal(s).astype("float32") for s in ((2, 4), (4, 4), (4, 1)))
+    vd, vs = S.compile_sides(smod)
+    t = tvm.runtime.tensor
+    (cut, *res) = vd["device_forward"](t(xv), t(w1v))
+    loss, g_cut, g_w2 = vs["server_step"](cut, t(w2v))
+    (g_w1,) = vd["device_backward"](*res, g_cut)
+    xt, w1t, w2t = (torch.from_numpy(a).requires_grad_() for a in (xv, w1v, w2v))
+    ref = ((torch.relu(xt @ w1t) @ w2t) ** 2).mean()
+    ref.backward()
+    _close(loss.numpy(), ref.item(), "loss")
+    _close(g_w1.numpy(), w1t.grad.numpy(), "grad w1")
+    _close(g_w2.numpy(), w2t.grad.numpy(), "grad w2")

@@ -127,13 +127,31 @@ def test_cross_entropy_and_mse_losses_match_pytorch():
                                rtol=1e-6)
 
 
+def test_cross_entropy_on_sequence_logits_uses_the_last_axis():
+    # (N, T, V) logits against (N, T) labels, as an LM: torch on the flattened rows
+    logits = RNG.standard_normal((2, 3, 5)).astype("float32")
+    labels = RNG.integers(0, 5, (2, 3)).astype("int64")
+    bb = relax.BlockBuilder()
+    p = relax.Var("p", relax.TensorType((2, 3, 5), "float32"))
+    y = relax.Var("y", T.label_ty("cross-entropy", p.ty))
+    with bb.function("ce", [p, y]):
+        with bb.dataflow():
+            out = bb.emit_output(T.make_loss("cross-entropy", p, y))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())
+    got = vm["ce"](tvm.runtime.tensor(logits), tvm.runtime.tensor(labels)).numpy()
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits).reshape(6, 5),
+                                            torch.from_numpy(labels).reshape(6))
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6)
+
+
 def test_bad_loss_and_optimizer_names():
     p = relax.Var("p", relax.TensorType((3, 5), "float32"))
     with pytest.raises(InputError, match=r"^Loss: unknown loss 'hinge'; use one of "
-                                         r"cross-entropy, mse, output$"):
+                                         r"cross-entropy, mse, none$"):
         T.make_loss("hinge", p, None)
-    with pytest.raises(InputError, match=r"^Loss: --loss output needs a scalar model output"):
-        T.make_loss("output", p, None)
+    with pytest.raises(InputError, match=r"^Loss: --loss none needs a scalar model output"):
+        T.make_loss("none", p, None)
     with pytest.raises(InputError, match=r"^Optimizer: unknown optimizer 'rmsprop'; use one of "
                                          r"sgd, momentum, adam$"):
         T.make_optimizer("rmsprop", 0.1, [p], "u")
