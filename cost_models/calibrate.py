@@ -17,10 +17,10 @@
    and spread); the whole step is timed through the Relax VM, so the per-call VM overhead is
    known too. Locally or on a board through TVM's RPC tracker (no authentication: trusted
    networks only, see ``cost_models/rpc.py``).
-4. Dataset: JSON lines, one row per (workload, function, role, kernel) and one ``step`` row
-   per workload, each with its provenance (target, board key, TVM version, date, repeats,
-   spread). Resumable: rows already in the file for the same target and board are not
-   measured again; a workload whose ``step`` row exists is not even compiled.
+4. Dataset: JSON lines, one row per (workload, function, role, kernel), one ``step`` row per
+   model workload and a ``done`` row closing each workload, each with its provenance (target,
+   board key, TVM version, date, repeats, spread). Resumable: rows already in the file for
+   the same target and board are not measured again; a ``done`` workload is not compiled.
 5. Fit (``fit_learned``): linear and tree regressors in log space, compared by leave-one-model-
    out error (fit on kernels of the other models + the sweep, test on the model never seen),
    the better one is refitted on everything and written, with the comparison against the
@@ -116,10 +116,39 @@ def model_module(path: Path, batch: int | None = None) -> Workload:
     smod, spec = split_module(mod, plan)
     keep = {gv: f for gv, f in smod.functions.items()
             if gv.name_hint in ("server_loss_adjoint", "server_step", "server_update")}
+    keep = _with_flat_entries(tvm.IRModule(keep), ("server_step", "server_update"))
     dims = ",".join(f"{i.name}={'x'.join(map(str, i.shape))}" for i in info.inputs)
     key = f"{info.name}@{info.sha256[:12]}[{dims}]"
-    return Workload(key, info.name, tvm.IRModule(keep), frozenset(spec.server_params),
-                    ("server_step", "server_update"))
+    return Workload(key, info.name, keep, frozenset(spec.server_params),
+                    ("server_step_flat", "server_update_flat"))
+
+
+def _with_flat_entries(mod, names):
+    """Add ``NAME_flat(tensors...)`` calling ``NAME`` with its tuple arguments rebuilt: TVM RPC
+    cannot pass nested tuples (``server_update((params), (grads), state)``) to a remote VM."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder(mod)
+    for name in names:
+        gv = mod.get_global_var(name)
+        func = mod[name]
+        if gv.ty is None or not hasattr(gv.ty, "ret"):
+            relax.expr._update_type(gv, func.ty)  # a GlobalVar from IRModule({...}) has none
+        flat, rebuilt = [], []
+
+        def unflatten(ty, hint):
+            if hasattr(ty, "fields"):
+                return relax.Tuple([unflatten(t, f"{hint}_{i}") for i, t in enumerate(ty.fields)])
+            v = relax.Var(hint, ty)
+            flat.append(v)
+            return v
+
+        for p in func.params:
+            rebuilt.append(unflatten(p.ty, p.name))
+        with bb.function(f"{name}_flat", flat):
+            out = bb.emit(relax.Call(gv, rebuilt))
+            bb.emit_func_output(out)
+    return bb.get()
 
 
 # single ops over shapes: (op, shapes...), see sweep_module
@@ -219,6 +248,10 @@ def _calls(sched, weights: frozenset) -> list[_Call]:
                     continue  # symbolic shapes: not timeable with fixed arrays
                 pb = sum(_nbytes(_spec(a.ty)) for a in args
                          if isinstance(a, relax.Var) and a.name in weights)
+                if role == "update" and "float" in outs[0][1]:
+                    # the optimizer reads weights through TupleGetItem vars: the new weight
+                    # (the kernel's output) has the weight's size
+                    pb = _nbytes(outs[0])
                 out.append(_Call(fname, role, v.args[0].name_hint, ins + outs, pb, len(outs)))
     return out
 
@@ -260,6 +293,9 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     if target.kind.name != "llvm":
         raise InputError(f"Calibrate: target {cfg.target!r} is not a CPU (llvm) target; GPU "
                          "calibration is not implemented yet")
+    if _row_key(w.key, "done", "", "") in done:
+        say(f"{w.key}: already measured")
+        return
     with target:
         sched = default_cpu_schedule(relax.transform.LegalizeOps()(w.module), target)
     calls = _calls(sched, w.weights)
@@ -300,6 +336,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
               "spread": max(t.spread for t in ts.values()), "n_calls": n_calls,
               "date": _now(), **prov})
         say(f"{w.key}: step {sum(t.median for t in ts.values()) * 1e3:.3f} ms")
+    emit({"type": "done", "workload": w.key, "model": w.model, "date": _now(), **prov})
 
 
 def _now() -> str:
@@ -338,8 +375,8 @@ def _done_keys(rows: list[dict]) -> set:
     for r in rows:
         if r["type"] == "kernel":
             keys.add(_row_key(r["workload"], r["function"], r["role"], r["symbol"]))
-        else:
-            keys.add(_row_key(r["workload"], "step", "", ""))
+        else:  # "step" or "done" (every row of the workload is in the file)
+            keys.add(_row_key(r["workload"], r["type"], "", ""))
     return keys
 
 
@@ -452,13 +489,14 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             raise InputError(f"Calibrate: model {str(m)!r} does not exist; pass ONNX files")
     base = load_profile(cfg.base_profile)
     runner = Runner(cfg.target, cfg.rpc_tracker, cfg.rpc_key)
+    board = runner.board
     ds = cfg.dataset_path
     ds.parent.mkdir(parents=True, exist_ok=True)
     if not cfg.resume and ds.exists():
         ds.unlink()
-    rows = load_rows(ds, cfg.target, runner.board)
+    rows = load_rows(ds, cfg.target, board)
     done = _done_keys(rows)
-    say(f"dataset {ds}: {len(rows)} rows already measured on {runner.board}")
+    say(f"dataset {ds}: {len(rows)} rows already measured on {board}")
     fh = ds.open("a")
 
     def emit(row: dict) -> None:
@@ -490,7 +528,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     prof = DeviceProfile(name, base.kind, dict(base.peak_flops), base.mem_bandwidth,
                          base.kernel_overhead,
                          {"status": "calibrated", "source": f"splitc calibrate on "
-                          f"{runner.board} ({cfg.target}), dataset {ds.name}",
+                          f"{board} ({cfg.target}), dataset {ds.name}",
                           "date": _now()[:10], "notes": notes}, learned)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ and spread reported), ``time_vm`` times whole Relax VM functions (the compiled t
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 
@@ -96,6 +97,8 @@ class Runner:
                                  "rpc_server registered with)")
             host, port = parse_tracker(tracker)
             try:
+                # probe first: connect_tracker retries for ~25 s before it gives up
+                socket.create_connection((host, port), timeout=5).close()
                 from tvm import rpc
 
                 self.remote = rpc.connect_tracker(host, port).request(

@@ -1,0 +1,189 @@
+"""cost_models/calibrate.py and rpc.py: measure fused kernels locally and through TVM RPC,
+resume a dataset, fit and load the calibrated profile, use it to plan."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from splitc import InputError
+from splitc.cost_models.calibrate import (CalibrateConfig, calibrate, load_rows, model_module,
+                                          sweep_module)
+from splitc.cost_models.features import parse_kinds
+from splitc.cost_models.learned import LearnedModel, cost_model_for
+from splitc.cost_models.profiles import load_profile
+from splitc.cost_models.rpc import parse_tracker
+
+
+@pytest.mark.parametrize("text", ["localhost", "host:", ":9190", "h:99999", "h:x"])
+def test_parse_tracker_errors(text):
+    with pytest.raises(InputError, match=r"Calibrate: RPC tracker .* must be HOST:PORT"):
+        parse_tracker(text)
+
+
+def test_parse_tracker():
+    assert parse_tracker("127.0.0.1:9190") == ("127.0.0.1", 9190)
+
+
+def test_load_rows_skips_torn_line_and_rejects_foreign(tmp_path):
+    p = tmp_path / "d.jsonl"
+    row = {"schema": 1, "type": "step", "workload": "w", "target": "llvm", "board": "local"}
+    p.write_text(json.dumps(row) + "\n" + json.dumps({**row, "board": "b"}) + "\n{\"sch")
+    assert load_rows(p) == [row, {**row, "board": "b"}]
+    assert load_rows(p, "llvm", "local") == [row]
+    p.write_text('{"a": 1}\n')
+    with pytest.raises(InputError, match=r"line 1 is not a splitc dataset row \(schema 1\)"):
+        load_rows(p)
+
+
+def test_calibrate_input_errors(tmp_path):
+    with pytest.raises(InputError, match=r"Calibrate: model '.*nope.onnx' does not exist"):
+        calibrate(CalibrateConfig(output=tmp_path / "p.json", models=(tmp_path / "nope.onnx",)))
+    with pytest.raises(InputError, match=r"--repeats and --number must be >= 1"):
+        calibrate(CalibrateConfig(output=tmp_path / "p.json", repeats=0))
+    with pytest.raises(InputError, match=r"--rpc-tracker needs --rpc-key"):
+        calibrate(CalibrateConfig(output=tmp_path / "p.json", rpc_tracker="127.0.0.1:1",
+                                  sweep=False, models=(tmp_path / "p.json",) * 0))
+
+
+def test_kernel_roles_of_the_training_step(tiny_cnn_onnx):
+    """The server-only split holds the whole step: forward, then backward, then SGD."""
+    import tvm
+    from tvm import relax
+
+    from splitc.cost_models.calibrate import _calls
+    from splitc.passes.schedules import default_cpu_schedule
+
+    w = model_module(tiny_cnn_onnx)
+    with tvm.target.Target("llvm") as t:
+        sched = default_cpu_schedule(relax.transform.LegalizeOps()(w.module), t)
+    calls = _calls(sched, w.weights)
+    roles = [c.role for c in calls if c.function == "server_loss_adjoint"]
+    # forward first, then only backward (Gradient emits the forward first)
+    assert roles == sorted(roles, key=["forward", "backward"].index) and "backward" in roles
+    fwd = {parse_kinds(c.symbol)[0] for c in calls if c.role == "forward"}
+    bwd = {parse_kinds(c.symbol)[0] for c in calls if c.role == "backward"}
+    assert "conv2d" in fwd and "conv2d_transpose" in bwd and "nll_loss" in bwd
+    # SGD: one update kernel per trainable tensor (conv1 w+b, bn1 w+b, conv2 w+b, fc w+b = 8)
+    # plus the int64 step counter
+    upd = [c for c in calls if c.role == "update"]
+    assert all(c.function == "server_update" for c in upd)
+    assert len([c for c in upd if c.param_bytes]) == 8 and len(upd) == 9
+    # the update kernel of fc.weight [10, 8] reads the 320-byte weight (10*8*4)
+    assert 320 in {c.param_bytes for c in upd}
+
+
+def test_sweep_module_has_one_kernel_per_op():
+    w = sweep_module()
+    assert len(w.module.functions) == int(w.key.split("-v")[1]) and w.step == ()
+
+
+def _calibrate(tmp_path, model, **kw):
+    msgs = []
+    cfg = CalibrateConfig(output=tmp_path / "cal.json", models=(model,), repeats=1, number=1,
+                          sweep=False, progress=msgs.append, base_profile="jetson-orin-nano",
+                          **kw)
+    return calibrate(cfg), msgs
+
+
+def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
+    out, msgs = _calibrate(tmp_path, tiny_cnn_onnx)
+    rows = load_rows(tmp_path / "cal.jsonl")
+    kern = [r for r in rows if r["type"] == "kernel"]
+    (step,) = [r for r in rows if r["type"] == "step"]
+    # tiny_cnn's step: 53 kernel calls (forward 18, backward 27, SGD 8), 42 distinct kernels
+    assert step["n_calls"] == 53 and len(kern) == 42 and sum(r["calls"] for r in kern) == 53
+    for r in rows:  # provenance on every row
+        assert r["target"] == "llvm" and r["board"] == "local" and r["repeats"] == 1
+        assert r["tvm"] and r["date"].endswith("Z") and r.get("spread", 0) >= 0
+    assert step["seconds"] > 0 and all(r["seconds"] > 0 for r in kern)
+    assert any("kernel 42/42" in m for m in msgs)
+    prof = load_profile(str(out))
+    assert prof.provenance["status"] == "calibrated" and prof.name == "cal"
+    assert prof.learned["dataset"]["kernels"] == 42
+    # roofline constants come from the base profile (the fallback for unseen families)
+    assert prof.mem_bandwidth == load_profile("jetson-orin-nano").mem_bandwidth
+    # resume: nothing is measured again, and the workload is not even compiled
+    n_lines = len((tmp_path / "cal.jsonl").read_text().splitlines())
+    _, msgs2 = _calibrate(tmp_path, tiny_cnn_onnx)
+    assert len((tmp_path / "cal.jsonl").read_text().splitlines()) == n_lines
+    # 42 kernels + 1 step + 1 done row
+    assert any("44 rows already measured" in m for m in msgs2)
+    assert any(m.endswith(": already measured") for m in msgs2)
+    # the profile plans: the learned model annotates every op of the model
+    from splitc.passes.annotate_costs import annotate_costs
+
+    mod, info = tiny_cnn
+    model = cost_model_for(prof)
+    assert isinstance(model, LearnedModel)
+    g = annotate_costs(mod, model, model, name=info.name)
+    assert g.cost_model.startswith("device=learned:cal(")
+    assert all(op.device.training > 0 for op in g.ops)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def rpc_tracker():
+    """A TVM RPC tracker and one server (key ``splitc-test``) on 127.0.0.1, each in its own
+    process group: killing only the parent leaves a forked worker holding the port."""
+    from tvm import rpc
+
+    port, sport = _free_port(), _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
+                               "127.0.0.1", "--port", str(port), "--port-end", str(port + 1),
+                               "--silent"], start_new_session=True)]
+    try:
+        deadline = time.time() + 60
+        while True:  # a plain socket probe: connect_tracker itself retries every 5 s
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+             "--key", "splitc-test", "--host", "127.0.0.1", "--port", str(sport),
+             "--port-end", str(sport + 1), "--silent"], start_new_session=True))
+        while "splitc-test" not in str(rpc.connect_tracker("127.0.0.1", port).summary()):
+            if time.time() > deadline:
+                raise TimeoutError("rpc_server did not register with the tracker")
+            time.sleep(0.3)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_calibrate_through_rpc_tracker(tmp_path, tiny_cnn_onnx, rpc_tracker):
+    out, msgs = _calibrate(tmp_path, tiny_cnn_onnx, rpc_tracker=rpc_tracker,
+                           rpc_key="splitc-test")
+    rows = load_rows(tmp_path / "cal.jsonl")
+    assert rows and all(r["board"] == "splitc-test" for r in rows)
+    assert len([r for r in rows if r["type"] == "kernel"]) == 42
+    prof = load_profile(str(out))
+    assert prof.learned["dataset"]["board"] == "splitc-test"
+    assert "splitc-test" in prof.provenance["source"]
+
+
+def test_rpc_tracker_unreachable(tmp_path, tiny_cnn_onnx):
+    port = _free_port()  # nothing listens there
+    with pytest.raises(Exception, match=r"Calibrate: cannot get a board with key 'k' from the "
+                                        r"RPC tracker 127.0.0.1:\d+"):
+        _calibrate(tmp_path, tiny_cnn_onnx, rpc_tracker=f"127.0.0.1:{port}", rpc_key="k")
