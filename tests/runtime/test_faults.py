@@ -73,6 +73,7 @@ def test_device_killed_mid_run_resumes_exactly(start_server, loader, tmp_path):
     pid = _fork(slow_device)
     _wait(lambda: any(e.kind == "step" and e.step >= 15 for e in srv.events))
     _kill(pid)
+    time.sleep(0.3)  # a FORWARD already in the server's socket is still applied: let it land
     applied_at_kill = srv.agent.sessions[0].applied
     assert 15 <= applied_at_kill < STEPS
     dev = nh.NumpyDevice()
