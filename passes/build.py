@@ -10,8 +10,9 @@ Target names accepted (``resolve_target``):
   translated to a dict target (``{"kind": "cuda", "arch": "sm_90"}``);
 - a JSON object.
 
-TVM 0.27 pitfalls handled here: every Jetson Orin tag carries the Xavier host
-``mcpu=carmel``; Orin is Cortex-A78AE, so the host becomes ``cortex-a78ae``. An aarch64 host
+TVM 0.27 pitfalls handled here: Jetson Orin tags carry the Xavier host ``mcpu=carmel``
+(orin-nano) or ``cortex-a78`` (agx-orin); Orin is Cortex-A78AE, so the host becomes
+``cortex-a78ae``. An aarch64 host
 needs a cross compiler (``aarch64-linux-gnu-gcc`` by default) to link the library. CUDA code
 is compiled at build time with nvcc (``TVM_CUDA_COMPILE_MODE=nvcc``, a fatbin for the tag's
 ``arch``), so a board never JIT-compiles; the CUDA version used is recorded for JetPack.
@@ -85,8 +86,10 @@ def resolve_target(text: str) -> tvm.target.Target:
         raise BuildError(f"Build: TVM rejects target {spec!r} ({why}); use llvm, a tag such as "
                          "nvidia/jetson-orin-nano, 'cuda -arch=sm_90' or a JSON target") from None
     host = target.host
+    # orin-nano says "carmel" (Xavier), agx-orin "cortex-a78": both are Cortex-A78AE, which
+    # this LLVM knows (llvm_get_cpu_archlist lists "cortex-a78ae")
     if (spec.startswith("nvidia/jetson") and "orin" in spec and host is not None
-            and str(host.attrs.get("mcpu", "")) == "carmel"):
+            and str(host.attrs.get("mcpu", "")) != _ORIN_HOST_CPU):
         d = dict(target.export())
         h = dict(d.pop("host"))
         h["mcpu"] = _ORIN_HOST_CPU

@@ -53,8 +53,10 @@ def test_tvmc_style_string_becomes_a_dict_target():
     assert t.kind.name == "cuda" and str(t.attrs["arch"]) == "sm_90"
 
 
-def test_orin_tag_gets_the_orin_host_cpu():
-    t = resolve_target("nvidia/jetson-orin-nano")
+@pytest.mark.parametrize("tag", ["nvidia/jetson-orin-nano", "nvidia/jetson-agx-orin-32gb",
+                                 "nvidia/jetson-agx-orin-64gb"])
+def test_orin_tag_gets_the_orin_host_cpu(tag):
+    t = resolve_target(tag)
     assert str(t.attrs["arch"]) == "sm_87"
     assert str(t.host.attrs["mcpu"]) == "cortex-a78ae"  # the tag says Xavier's "carmel"
     assert str(t.host.attrs["mtriple"]) == "aarch64-linux-gnu"
@@ -166,6 +168,30 @@ def test_halves_from_a_package_match_the_raw_functions(packages, cnn_split):
     loss, g = s.step(d.forward([x]), y)
     assert loss == pytest.approx(loss_raw, rel=1e-6)
     assert [gi.shape for gi in g] == [c.shape for c in d.cut if c.grad]
+
+
+def test_halves_follow_the_runtime_protocol_and_checkpoint(packages, cnn_split):
+    from splitc.runtime.halves import DeviceHalf, ServerHalf
+
+    _, _, x, y = cnn_split
+    d, s = load_device_half(packages[0]), load_server_half(packages[0])
+    assert isinstance(d, DeviceHalf) and isinstance(s, ServerHalf)
+    for _ in range(2):
+        _, g = s.step(d.forward([x]), y)
+        d.backward(g)
+    saved = (d.state_dict(), s.state_dict())
+    # the step counter of SGD's state and the running stats are part of the checkpoint
+    assert int(saved[0]["opt.0"]) == 2 and "state.b1.running_mean" in saved[0]
+    d2, s2 = load_device_half(packages[0]), load_server_half(packages[0])
+    d2.load_state_dict(saved[0])
+    s2.load_state_dict(saved[1])
+    loss_a, g_a = s.step(d.forward([x]), y)
+    loss_b, g_b = s2.step(d2.forward([x]), y)
+    d.backward(g_a)
+    d2.backward(g_b)
+    assert loss_a == loss_b
+    for k, v in d.state_dict().items():
+        np.testing.assert_array_equal(v, d2.state_dict()[k], err_msg=k)
 
 
 def test_corrupt_tar(tmp_path, packages):
