@@ -36,11 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
+from splitc import BuildError
 from tvm import relax
 
-from splitc import BuildError
-
-__all__ = ["resolve_target", "BuiltSide", "build_side", "cuda_version", "side_module"]
+__all__ = ["BuiltSide", "build_side", "cuda_version", "resolve_target", "side_module"]
 
 # Tags whose host is an Orin (Cortex-A78AE) though TVM's tag says Xavier's "carmel".
 _ORIN_HOST_CPU = "cortex-a78ae"
@@ -62,8 +61,10 @@ def _target_dict(text: str) -> dict:
     for o in opts:
         m = _OPT.match(o)
         if not m:
-            raise BuildError(f"Build: cannot read option {o!r} of target {text!r}; write options "
-                             "as -key=value, e.g. 'cuda -arch=sm_90'")
+            raise BuildError(
+                f"Build: cannot read option {o!r} of target {text!r}; write options "
+                "as -key=value, e.g. 'cuda -arch=sm_90'"
+            )
         k, v = m.group(1), m.group(2)
         d[k] = v.split(",") if k in ("mattr", "libs", "keys") else _value(v)
     return d
@@ -83,13 +84,19 @@ def resolve_target(text: str) -> tvm.target.Target:
         raise
     except Exception as e:  # noqa: BLE001 - TVM raises ValueError / TVMError subclasses
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise BuildError(f"Build: TVM rejects target {spec!r} ({why}); use llvm, a tag such as "
-                         "nvidia/jetson-orin-nano, 'cuda -arch=sm_90' or a JSON target") from None
+        raise BuildError(
+            f"Build: TVM rejects target {spec!r} ({why}); use llvm, a tag such as "
+            "nvidia/jetson-orin-nano, 'cuda -arch=sm_90' or a JSON target"
+        ) from None
     host = target.host
     # orin-nano says "carmel" (Xavier), agx-orin "cortex-a78": both are Cortex-A78AE, which
     # this LLVM knows (llvm_get_cpu_archlist lists "cortex-a78ae")
-    if (spec.startswith("nvidia/jetson") and "orin" in spec and host is not None
-            and str(host.attrs.get("mcpu", "")) != _ORIN_HOST_CPU):
+    if (
+        spec.startswith("nvidia/jetson")
+        and "orin" in spec
+        and host is not None
+        and str(host.attrs.get("mcpu", "")) != _ORIN_HOST_CPU
+    ):
         d = dict(target.export())
         h = dict(d.pop("host"))
         h["mcpu"] = _ORIN_HOST_CPU
@@ -113,11 +120,12 @@ def _is_aarch64(target: tvm.target.Target) -> bool:
 
 def cuda_version() -> str | None:
     """``"13.0"`` for the nvcc on PATH (or under /usr/local/cuda), None without CUDA."""
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
-                                    if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    nvcc = shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    )
     if nvcc is None:
         return None
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"release (\d+\.\d+)", out)
     return m.group(1) if m else None
 
@@ -162,8 +170,13 @@ def _cpu_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     return default_cpu_schedule(mod, target)
 
 
-def build_side(mod: tvm.IRModule, side: str, target: str | tvm.target.Target, out_path: str,
-               cross_compiler: str | None = None) -> BuiltSide:
+def build_side(
+    mod: tvm.IRModule,
+    side: str,
+    target: str | tvm.target.Target,
+    out_path: str,
+    cross_compiler: str | None = None,
+) -> BuiltSide:
     """Compile ``side``'s functions of ``mod`` for ``target`` and export ``out_path`` (.so)."""
     tgt = resolve_target(target) if isinstance(target, str) else target
     sub = side_module(mod, side)
@@ -172,17 +185,21 @@ def build_side(mod: tvm.IRModule, side: str, target: str | tvm.target.Target, ou
         # --cross-compiler applies to the aarch64 side(s); an x86 server links natively
         cc = cross_compiler or "aarch64-linux-gnu-gcc"
         if shutil.which(cc) is None:
-            raise BuildError(f"Build: cross compiler {cc!r} not found for the aarch64 {side} "
-                             "target; apt-get install g++-aarch64-linux-gnu or pass "
-                             "--cross-compiler")
+            raise BuildError(
+                f"Build: cross compiler {cc!r} not found for the aarch64 {side} "
+                "target; apt-get install g++-aarch64-linux-gnu or pass "
+                "--cross-compiler"
+            )
         from tvm.support import cc as tcc
 
         fcompile = tcc.cross_compiler(cc)
     gpu = _is_gpu(tgt)
     cuda = cuda_version() if tgt.kind.name == "cuda" else None
     if tgt.kind.name == "cuda" and cuda is None:
-        raise BuildError(f"Build: {side} target {tgt.kind.name} needs nvcc (CUDA toolkit) to "
-                         "compile kernels; install CUDA or use an llvm target")
+        raise BuildError(
+            f"Build: {side} target {tgt.kind.name} needs nvcc (CUDA toolkit) to "
+            "compile kernels; install CUDA or use an llvm target"
+        )
     t0 = time.perf_counter()
     try:
         with _env(TVM_CUDA_COMPILE_MODE="nvcc"), tgt:
@@ -199,9 +216,11 @@ def build_side(mod: tvm.IRModule, side: str, target: str | tvm.target.Target, ou
         raise
     except Exception as e:  # noqa: BLE001 - compiler errors come as many TVM types
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        raise BuildError(f"Build: compiling the {side} half for {tgt.kind.name} failed "
-                         f"({lines[-1][:200] if lines else type(e).__name__}); check the "
-                         "target and toolchain") from None
+        raise BuildError(
+            f"Build: compiling the {side} half for {tgt.kind.name} failed "
+            f"({lines[-1][:200] if lines else type(e).__name__}); check the "
+            "target and toolchain"
+        ) from None
     return BuiltSide(side, _export(tgt), out_path, time.perf_counter() - t0, cuda, cc)
 
 
@@ -227,13 +246,22 @@ class _FatbinPacker:
         with tempfile.TemporaryDirectory(prefix="splitc-nvcc-") as d:
             src, out = os.path.join(d, "k.cu"), os.path.join(d, "k.fatbin")
             Path(src).write_text(code)
-            cmd = [shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc", "--fatbin", "-O3",
-                   f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]", "-o", out, src]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            cmd = [
+                shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc",
+                "--fatbin",
+                "-O3",
+                f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]",
+                "-o",
+                out,
+                src,
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 tail = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
-                raise BuildError(f"Build: nvcc failed for {self.arch} ({tail}); check the CUDA "
-                                 "toolkit supports this arch")
+                raise BuildError(
+                    f"Build: nvcc failed for {self.arch} ({tail}); check the CUDA "
+                    "toolkit supports this arch"
+                )
             return Path(out).read_bytes()
 
     def __call__(self, mod, is_system_lib, prefix, workspace_dir):
@@ -247,21 +275,27 @@ class _FatbinPacker:
             fmt_at = blob.rfind(kind, 0, at)  # fmt "cuda", then the fmap, then the source
             head = fmt_at - 20  # kind "cuda", u64 payload size, payload
             end = at + len(data)
-            if (at < 0 or head < 0 or blob[head:head + 12] != kind
-                    or struct.unpack_from("<Q", blob, head + 12)[0] != end - fmt_at):
-                raise BuildError("Build: unexpected CUDA module layout in TVM's library blob; "
-                                 "report the TVM version")
+            if (
+                at < 0
+                or head < 0
+                or blob[head : head + 12] != kind
+                or struct.unpack_from("<Q", blob, head + 12)[0] != end - fmt_at
+            ):
+                raise BuildError(
+                    "Build: unexpected CUDA module layout in TVM's library blob; "
+                    "report the TVM version"
+                )
             fb = self._fatbin(src.decode())
-            payload = _u64(6) + b"fatbin" + blob[fmt_at + 12:at] + _u64(len(fb)) + fb
+            payload = _u64(6) + b"fatbin" + blob[fmt_at + 12 : at] + _u64(len(fb)) + fb
             blob = blob[: head + 12] + _u64(len(payload)) + payload + blob[end:]
         blob = _u64(len(blob) - 8) + blob[8:]
         c = api.ModulePackImportsToC(mod, is_system_lib, prefix)
         start = c.index("__tvm_ffi__library_bin[", c.index("const unsigned char"))
-        body_start, body_end = c.index("{", start) + 1, c.index("};", start)
-        rows = ",\n".join(",".join(f"0x{v:02x}" for v in blob[i:i + 20])
-                           for i in range(0, len(blob), 20))
-        c = (c[:start] + f"__tvm_ffi__library_bin[{len(blob)}] = {{\n" + rows + ",\n"
-             + c[body_end:])
+        body_end = c.index("};", start)
+        rows = ",\n".join(
+            ",".join(f"0x{v:02x}" for v in blob[i : i + 20]) for i in range(0, len(blob), 20)
+        )
+        c = c[:start] + f"__tvm_ffi__library_bin[{len(blob)}] = {{\n" + rows + ",\n" + c[body_end:]
         path = os.path.join(workspace_dir, f"{prefix}devc.c")
         Path(path).write_text(c)
         return path
@@ -295,16 +329,24 @@ def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         def __init__(self, rule):
             self.rule = rule
 
-        def apply(self, func, target, tunable):  # noqa: D102
+        def apply(self, func, target, tunable):
             try:
                 return self.rule.apply(func, target, tunable)
             except Exception:  # noqa: BLE001 - try the next rule
                 return None
 
-    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-             dl.gpu.Fallback()]
+    rules = [
+        dl.gpu.Matmul(),
+        dl.gpu.GEMV(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
+        dl.gpu.Fallback(),
+    ]
     legalize = cp.legalize_passes(target)[:-1]  # all but TVM's ApplyDefaultSchedule
     return tvm.transform.Sequential(
-        cp.library_dispatch_passes(target) + legalize
+        cp.library_dispatch_passes(target)
+        + legalize
         + [dl.ApplyDefaultSchedule(*[_Safe(r) for r in rules])]
-        + cp.dataflow_lower_passes(target) + cp.finalize_passes(target))
+        + cp.dataflow_lower_passes(target)
+        + cp.finalize_passes(target)
+    )

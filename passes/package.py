@@ -27,16 +27,15 @@ import os
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-
 import splitc
 from splitc import BuildError
 from splitc.passes.plan import Plan
 
-__all__ = ["compile_split", "PACKAGE_SCHEMA_VERSION"]
+__all__ = ["PACKAGE_SCHEMA_VERSION", "compile_split"]
 
 PACKAGE_SCHEMA_VERSION = 1
 
@@ -53,19 +52,28 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
 
 def initial_params(mod) -> dict[str, np.ndarray]:
     """Initial weights kept by the ONNX import (``main`` attr ``params``), by parameter name."""
-    from splitc.passes.compat import func_param_values, func_num_inputs, var_name
+    from splitc.passes.compat import func_num_inputs, func_param_values, var_name
 
     main = mod["main"]
     n = func_num_inputs(main)
     return {var_name(p): v for p, v in zip(main.params[n:], func_param_values(main))}
 
 
-def compile_split(mod, plan: Plan, *, device_target: str = "llvm", server_target: str = "llvm",
-                  loss: str = "cross-entropy", optimizer: str = "sgd", lr: float = 0.01,
-                  recompute: bool = False, cross_compiler: str | None = None,
-                  output: str | Path = "split.tar",
-                  progress: Callable[[str], None] | None = None,
-                  params: dict[str, np.ndarray] | None = None) -> dict:
+def compile_split(
+    mod,
+    plan: Plan,
+    *,
+    device_target: str = "llvm",
+    server_target: str = "llvm",
+    loss: str = "cross-entropy",
+    optimizer: str = "sgd",
+    lr: float = 0.01,
+    recompute: bool = False,
+    cross_compiler: str | None = None,
+    output: str | Path = "split.tar",
+    progress: Callable[[str], None] | None = None,
+    params: dict[str, np.ndarray] | None = None,
+) -> dict:
     """Split ``mod`` by ``plan``, compile both halves and write ``output``; returns a summary
     (plan id, targets, CUDA version, compile seconds and artifact bytes per side)."""
     from splitc.passes.build import build_side, resolve_target
@@ -77,8 +85,7 @@ def compile_split(mod, plan: Plan, *, device_target: str = "llvm", server_target
     targets = {"device": resolve_target(device_target), "server": resolve_target(server_target)}
     say("splitting the module")
     t0 = time.perf_counter()
-    smod, spec = split_module(mod, plan, loss=loss, optimizer=optimizer, lr=lr,
-                              recompute=recompute)
+    smod, spec = split_module(mod, plan, loss=loss, optimizer=optimizer, lr=lr, recompute=recompute)
     split_s = time.perf_counter() - t0
     values = dict(initial_params(mod))
     values.update(params or {})
@@ -92,8 +99,12 @@ def compile_split(mod, plan: Plan, *, device_target: str = "llvm", server_target
     }
     core_sha = plan_core_sha256(core)
     files: dict[str, bytes] = {}
-    summary: dict = {"plan_id": plan.plan_id, "output": str(output), "split_seconds": split_s,
-                     "sides": {}}
+    summary: dict = {
+        "plan_id": plan.plan_id,
+        "output": str(output),
+        "split_seconds": split_s,
+        "sides": {},
+    }
     cuda = None
     with tempfile.TemporaryDirectory(prefix="splitc-build-") as tmp:
         for side in ("device", "server"):
@@ -104,22 +115,29 @@ def compile_split(mod, plan: Plan, *, device_target: str = "llvm", server_target
             names = getattr(spec, f"{side}_params") + getattr(spec, f"{side}_state")
             missing = [n for n in names if n not in values]
             if missing:
-                raise BuildError(f"Package: no initial value for parameters {missing[:3]}; "
-                                 "import the model with keep_params_in_input=True")
+                raise BuildError(
+                    f"Package: no initial value for parameters {missing[:3]}; "
+                    "import the model with keep_params_in_input=True"
+                )
             files[f"{side}/lib.so"] = Path(lib).read_bytes()
             files[f"{side}/params.npz"] = _npz({n: values[n] for n in names})
             st = spec.opt_state.get(side, [])
             files[f"{side}/opt_state.npz"] = _npz({f"s{i}": a for i, a in enumerate(st)})
             manifest = spec.side_json(side) | {
-                "schema": PACKAGE_SCHEMA_VERSION, "side": side, "model_hash": plan.model_hash,
+                "schema": PACKAGE_SCHEMA_VERSION,
+                "side": side,
+                "model_hash": plan.model_hash,
                 "plan_sha256": core_sha,
-                "target": built.target, "library": "lib.so", "cuda": built.cuda,
+                "target": built.target,
+                "library": "lib.so",
+                "cuda": built.cuda,
                 "has_update": bool(getattr(spec, f"{side}_params")),
                 "opt_state": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in st],
             }
             files[f"{side}/manifest.json"] = json.dumps(manifest, indent=1).encode()
             summary["sides"][side] = {
-                "target": built.target, "compile_seconds": built.seconds,
+                "target": built.target,
+                "compile_seconds": built.seconds,
                 "library_bytes": len(files[f"{side}/lib.so"]),
                 "params_bytes": len(files[f"{side}/params.npz"]),
                 "opt_state_bytes": len(files[f"{side}/opt_state.npz"]),

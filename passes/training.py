@@ -28,15 +28,21 @@ import math
 
 import numpy as np
 import tvm
+from splitc import InputError, UnsupportedError
 from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from splitc import InputError, UnsupportedError
-
 __all__ = [
-    "DecomposeForTraining", "LiftOpaqueElementwise", "register_gradients", "check_gradients", "running_stat_params",
-    "make_loss", "make_optimizer", "LOSSES", "OPTIMIZERS",
+    "LOSSES",
+    "OPTIMIZERS",
+    "DecomposeForTraining",
+    "LiftOpaqueElementwise",
+    "check_gradients",
+    "make_loss",
+    "make_optimizer",
+    "register_gradients",
+    "running_stat_params",
 ]
 
 LOSSES = ("cross-entropy", "mse", "none")  # none: the model's own (scalar) output is the loss
@@ -65,7 +71,7 @@ class _Decompose(PyExprMutator):
         super().__init__(mod)
         self.training = training
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if call.op == _BATCH_NORM:
             return self._batch_norm(call)
@@ -97,11 +103,15 @@ class _Decompose(PyExprMutator):
             var = self.builder_.emit(R.variance(x, axes, keepdims=True))
             m = float(a.momentum)
             # ONNX semantics (see module docstring) with PyTorch's unbiased variance: n/(n-1).
-            new_mean = R.add(R.multiply(_const(m, dt), rmean),
-                             R.multiply(_const(1 - m, dt), R.reshape(mean, [c])))
+            new_mean = R.add(
+                R.multiply(_const(m, dt), rmean),
+                R.multiply(_const(1 - m, dt), R.reshape(mean, [c])),
+            )
             unbiased = float(n) / float(max(n - 1, 1))
-            new_var = R.add(R.multiply(_const(m, dt), rvar),
-                            R.multiply(_const((1 - m) * unbiased, dt), R.reshape(var, [c])))
+            new_var = R.add(
+                R.multiply(_const(m, dt), rvar),
+                R.multiply(_const((1 - m) * unbiased, dt), R.reshape(var, [c])),
+            )
         else:
             mean = self._bcast(rmean, len(shp), axis, c)
             var = self._bcast(rvar, len(shp), axis, c)
@@ -111,8 +121,9 @@ class _Decompose(PyExprMutator):
             y = R.multiply(y, self._bcast(gamma, len(shp), axis, c))
         if a.center:
             y = R.add(y, self._bcast(beta, len(shp), axis, c))
-        return relax.Tuple([self.builder_.emit(y), self.builder_.emit(new_mean),
-                            self.builder_.emit(new_var)])
+        return relax.Tuple(
+            [self.builder_.emit(y), self.builder_.emit(new_mean), self.builder_.emit(new_var)]
+        )
 
     def _layer_norm(self, call: relax.Call) -> relax.Expr:
         x, gamma, beta = call.args
@@ -155,13 +166,19 @@ class DecomposeForTraining:
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 # PrimFuncs the ONNX importer emits through topi for Clip (ReLU6 = minimum(maximum(x, 0), 6)):
 # opaque to Gradient, so they go back to the Relax ops that compute the same thing.
-_TOPI_BINARY = {"maximum": R.maximum, "minimum": R.minimum, "add": R.add,
-                "subtract": R.subtract, "multiply": R.multiply, "divide": R.divide}
+_TOPI_BINARY = {
+    "maximum": R.maximum,
+    "minimum": R.minimum,
+    "add": R.add,
+    "subtract": R.subtract,
+    "multiply": R.multiply,
+    "divide": R.divide,
+}
 
 
 @mutator
 class _Lift(PyExprMutator):
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if call.op != _CALL_TIR or len(call.args) < 2:
             return call
@@ -196,18 +213,25 @@ def _erf_grad(orig_var, orig_call, output_grad, ctx):
     # d/dx erf(x) = 2/sqrt(pi) * exp(-x^2)
     x = orig_call.args[0]
     dt = _dtype(x)
-    return [R.multiply(output_grad, R.multiply(_const(2.0 / math.sqrt(math.pi), dt),
-                                               R.exp(R.negative(R.multiply(x, x)))))]
+    return [
+        R.multiply(
+            output_grad,
+            R.multiply(_const(2.0 / math.sqrt(math.pi), dt), R.exp(R.negative(R.multiply(x, x)))),
+        )
+    ]
 
 
 def _gelu_grad(orig_var, orig_call, output_grad, ctx):
     # gelu(x) = x * Phi(x): d/dx = Phi(x) + x * phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)
     x = orig_call.args[0]
     dt = _dtype(x)
-    cdf = R.multiply(_const(0.5, dt), R.add(_const(1.0, dt),
-                                            R.erf(R.multiply(x, _const(1 / math.sqrt(2), dt)))))
-    pdf = R.multiply(_const(1 / math.sqrt(2 * math.pi), dt),
-                     R.exp(R.multiply(_const(-0.5, dt), R.multiply(x, x))))
+    cdf = R.multiply(
+        _const(0.5, dt), R.add(_const(1.0, dt), R.erf(R.multiply(x, _const(1 / math.sqrt(2), dt))))
+    )
+    pdf = R.multiply(
+        _const(1 / math.sqrt(2 * math.pi), dt),
+        R.exp(R.multiply(_const(-0.5, dt), R.multiply(x, x))),
+    )
     return [R.multiply(output_grad, R.add(cdf, R.multiply(x, pdf)))]
 
 
@@ -249,8 +273,9 @@ def _free_vars(e: relax.Expr) -> list[relax.Var]:
     return list(relax.analysis.free_vars(e))
 
 
-def check_gradients(func: relax.Function, wrt: list[relax.Var], where: str,
-                    target: relax.Var | None = None) -> None:
+def check_gradients(
+    func: relax.Function, wrt: list[relax.Var], where: str, target: relax.Var | None = None
+) -> None:
     """Raise ``UnsupportedError`` listing every op between ``wrt`` and the target that has no
     gradient (``op (binding)``, in program order). ``target`` defaults to the return value."""
     from splitc.passes.naming import binding_names
@@ -268,13 +293,18 @@ def check_gradients(func: relax.Function, wrt: list[relax.Var], where: str,
             continue
         live.update(_free_vars(b.value))
         v = b.value
-        if (b.var in tainted and isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)
-                and v.op.get_attr("FPrimalGradient") is None):
+        if (
+            b.var in tainted
+            and isinstance(v, relax.Call)
+            and isinstance(v.op, tvm.ir.Op)
+            and v.op.get_attr("FPrimalGradient") is None
+        ):
             missing.append(f"{v.op.name} ({names.get(b.var, b.var.name)})")
     if missing:
         raise UnsupportedError(
             f"Gradient: {where}: no gradient for {', '.join(reversed(missing))}; register one "
-            "with tvm.relax.op.register_gradient or keep these ops out of training")
+            "with tvm.relax.op.register_gradient or keep these ops out of training"
+        )
 
 
 def running_stat_params(func: relax.Function) -> list[str]:
@@ -313,8 +343,10 @@ def make_loss(kind: str, pred: relax.Expr, labels: relax.Var | None) -> relax.Ex
         return R.mean(R.multiply(d, d))
     if kind == "none":
         if _shape(pred):
-            raise InputError(f"Loss: --loss none needs a scalar model output, got shape "
-                             f"{_shape(pred)}; use --loss cross-entropy or mse")
+            raise InputError(
+                f"Loss: --loss none needs a scalar model output, got shape "
+                f"{_shape(pred)}; use --loss cross-entropy or mse"
+            )
         return pred
     raise InputError(f"Loss: unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
 
@@ -346,8 +378,9 @@ def make_optimizer(kind: str, lr: float, params: list[relax.Var], name: str):
     elif kind == "adam":
         o = opt.Adam(lr)
     else:
-        raise InputError(f"Optimizer: unknown optimizer {kind!r}; use one of "
-                         f"{', '.join(OPTIMIZERS)}")
+        raise InputError(
+            f"Optimizer: unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}"
+        )
     # TVM 0.27's Optimizer.init builds its state with ``np.ones((), T.float32)`` and fails (the
     # dtype became a PrimType): set params and dtype ourselves and build the same state.
     o._set_params_and_dtype(list(params))

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from splitc import PackageError
 from splitc.runtime.halves import CutSpec
 
@@ -70,16 +69,22 @@ def read_package(path: str | Path, *, model_hash: str | None = None) -> SplitPac
                 if m.isdir():
                     continue
                 if not m.isfile() or m.name.startswith("/") or ".." in Path(m.name).parts:
-                    raise _err(path, f"unsafe member {m.name!r}",
-                               "the archive was tampered with; rebuild it with splitc compile")
+                    raise _err(
+                        path,
+                        f"unsafe member {m.name!r}",
+                        "the archive was tampered with; rebuild it with splitc compile",
+                    )
                 files[m.name] = tar.extractfile(m).read()
     except PackageError:
         raise
     except FileNotFoundError:
         raise _err(path, "no such file", "check the path or run splitc compile") from None
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise _err(path, f"not a readable split.tar ({type(e).__name__})",
-                   "the file is corrupt; rebuild it with splitc compile") from None
+        raise _err(
+            path,
+            f"not a readable split.tar ({type(e).__name__})",
+            "the file is corrupt; rebuild it with splitc compile",
+        ) from None
     if "plan.json" not in files:
         raise _err(path, "no plan.json", "the file is corrupt; rebuild it with splitc compile")
     try:
@@ -87,35 +92,58 @@ def read_package(path: str | Path, *, model_hash: str | None = None) -> SplitPac
         listed = dict(plan["files"])
         plan_id, mhash = plan["plan_id"], plan["model_hash"]
     except (ValueError, KeyError, TypeError):
-        raise _err(path, "plan.json is unreadable",
-                   "the file is corrupt; rebuild it with splitc compile") from None
+        raise _err(
+            path, "plan.json is unreadable", "the file is corrupt; rebuild it with splitc compile"
+        ) from None
     if model_hash is not None and mhash != model_hash:
-        raise _err(path, f"plan is for model {mhash!r}, not {model_hash!r}",
-                   "compile a plan made for this model")
+        raise _err(
+            path,
+            f"plan is for model {mhash!r}, not {model_hash!r}",
+            "compile a plan made for this model",
+        )
     for side in ("device", "server"):
         name = f"{side}/manifest.json"
         try:
             man = json.loads(files[name])
         except (KeyError, ValueError):
-            raise _err(path, f"{name} missing or unreadable",
-                       "the file is corrupt; rebuild it with splitc compile") from None
+            raise _err(
+                path,
+                f"{name} missing or unreadable",
+                "the file is corrupt; rebuild it with splitc compile",
+            ) from None
         if man.get("model_hash") != mhash:
-            raise _err(path, f"the {side} half was built for model {man.get('model_hash')!r} "
-                       f"but plan.json is for {mhash!r}", "rebuild both halves from one plan")
+            raise _err(
+                path,
+                f"the {side} half was built for model {man.get('model_hash')!r} "
+                f"but plan.json is for {mhash!r}",
+                "rebuild both halves from one plan",
+            )
         if man.get("plan_id") != plan_id:
-            raise _err(path, f"the {side} half belongs to plan {man.get('plan_id')!r}, not "
-                       f"{plan_id!r}", "rebuild both halves from one plan with splitc compile")
+            raise _err(
+                path,
+                f"the {side} half belongs to plan {man.get('plan_id')!r}, not {plan_id!r}",
+                "rebuild both halves from one plan with splitc compile",
+            )
         if man.get("plan_sha256") != _core_sha(plan):
-            raise _err(path, f"plan.json differs from the plan the {side} half was built with "
-                       "(tampered)", "rebuild it with splitc compile")
+            raise _err(
+                path,
+                f"plan.json differs from the plan the {side} half was built with (tampered)",
+                "rebuild it with splitc compile",
+            )
     for name, digest in listed.items():
         if name not in files:
             raise _err(path, f"{name} is missing", "rebuild it with splitc compile")
         if hashlib.sha256(files[name]).hexdigest() != digest:
-            raise _err(path, f"sha256 of {name} does not match plan.json (tampered or corrupt)",
-                       "rebuild it with splitc compile")
+            raise _err(
+                path,
+                f"sha256 of {name} does not match plan.json (tampered or corrupt)",
+                "rebuild it with splitc compile",
+            )
     extra = sorted(set(files) - set(listed) - {"plan.json"})
     if extra:
-        raise _err(path, f"unlisted files {extra[:3]}", "the archive was tampered with; rebuild "
-                   "it with splitc compile")
+        raise _err(
+            path,
+            f"unlisted files {extra[:3]}",
+            "the archive was tampered with; rebuild it with splitc compile",
+        )
     return SplitPackage(path, plan, files)

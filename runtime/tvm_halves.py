@@ -17,12 +17,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from splitc import TransportError
 from splitc.runtime.halves import CutSpec
 from splitc.runtime.package import SplitPackage, read_package
 
-__all__ = ["load_device_half", "load_server_half", "TVMDeviceHalf", "TVMServerHalf"]
+__all__ = ["TVMDeviceHalf", "TVMServerHalf", "load_device_half", "load_server_half"]
 
 
 class _Half:
@@ -61,7 +60,8 @@ class _Half:
         if not self.has_update:
             return
         new_params, new_state = self.vm[f"{self.side}_update"](
-            list(self.params), list(grads), list(self.opt_state))
+            list(self.params), list(grads), list(self.opt_state)
+        )
         self.params, self.opt_state = list(new_params), list(new_state)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -77,15 +77,19 @@ class _Half:
 
     def _check(self, arrays: list, specs: list, what: str) -> list:
         if len(arrays) != len(specs):
-            raise TransportError(f"{self.side}: got {len(arrays)} {what}, the transport spec "
-                                 f"says {len(specs)}; both agents must load the same split.tar")
+            raise TransportError(
+                f"{self.side}: got {len(arrays)} {what}, the transport spec "
+                f"says {len(specs)}; both agents must load the same split.tar"
+            )
         out = []
         for a, s in zip(arrays, specs):
             a = np.asarray(a)
             if tuple(a.shape) != tuple(s.shape) or str(a.dtype) != s.dtype:
-                raise TransportError(f"{self.side}: {what} {s.name!r} is {a.dtype}{list(a.shape)}"
-                                     f", expected {s.dtype}{list(s.shape)}; check the peer's "
-                                     "split.tar")
+                raise TransportError(
+                    f"{self.side}: {what} {s.name!r} is {a.dtype}{list(a.shape)}"
+                    f", expected {s.dtype}{list(s.shape)}; check the peer's "
+                    "split.tar"
+                )
             out.append(self._t(a))
         return out
 
@@ -102,8 +106,8 @@ class TVMDeviceHalf(_Half):
         xs = [self._t(np.asarray(x)) for x in inputs]
         out = list(self.vm["device_forward"](*xs, *self.params, *self.state))
         nc = len(self.cut)
-        self._residuals = out[nc:nc + self.n_res]
-        self.state = out[nc + self.n_res:]
+        self._residuals = out[nc : nc + self.n_res]
+        self.state = out[nc + self.n_res :]
         return [a.numpy() for a in out[:nc]]
 
     def backward(self, grads: list[np.ndarray]) -> None:
@@ -129,9 +133,9 @@ class TVMServerHalf(_Half):
         ng = sum(c.grad for c in self.cut)
         npar = len(self.params)
         loss = float(out[0].numpy())
-        gcut = [a.numpy() for a in out[1:1 + ng]]
-        self._update(out[1 + ng:1 + ng + npar])
-        self.state = out[1 + ng + npar:]
+        gcut = [a.numpy() for a in out[1 : 1 + ng]]
+        self._update(out[1 + ng : 1 + ng + npar])
+        self.state = out[1 + ng + npar :]
         return loss, gcut
 
     def infer(self, cut: list[np.ndarray]) -> list[np.ndarray]:
@@ -139,11 +143,13 @@ class TVMServerHalf(_Half):
         return [a.numpy() for a in self.vm["server_infer"](*xs, *self.params, *self.state)]
 
 
-def load_device_half(tar_path: str | Path, *, model_hash: str | None = None,
-                     dev=None) -> TVMDeviceHalf:
+def load_device_half(
+    tar_path: str | Path, *, model_hash: str | None = None, dev=None
+) -> TVMDeviceHalf:
     return TVMDeviceHalf(read_package(tar_path, model_hash=model_hash), dev)
 
 
-def load_server_half(tar_path: str | Path, *, model_hash: str | None = None,
-                     dev=None) -> TVMServerHalf:
+def load_server_half(
+    tar_path: str | Path, *, model_hash: str | None = None, dev=None
+) -> TVMServerHalf:
     return TVMServerHalf(read_package(tar_path, model_hash=model_hash), dev)

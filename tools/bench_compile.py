@@ -32,8 +32,13 @@ def _test_models() -> list[Path]:
     return [mod.export_model(n) for n in ("tiny_cnn", "mbv2_block", "tiny_transformer")]
 
 
-def bench_one(model: Path, device_target: str, server_target: str, batch_size: int | None,
-              cross_compiler: str | None) -> dict:
+def bench_one(
+    model: Path,
+    device_target: str,
+    server_target: str,
+    batch_size: int | None,
+    cross_compiler: str | None,
+) -> dict:
     from splitc.cost_models.link import Link
     from splitc.passes.package import compile_split
     from splitc.passes.pipeline import PlanConfig, annotate_model
@@ -42,15 +47,33 @@ def bench_one(model: Path, device_target: str, server_target: str, batch_size: i
     t0 = time.perf_counter()
     mod, _, graph = annotate_model(PlanConfig(model=model, batch_size=batch_size))
     ops = [o.name for o in graph.ops]
-    plan = Plan.build(graph, Placement.of(ops[: len(ops) // 2]), Link.parse("100Mbps"),
-                      "training", "half", "bench", "bench")
+    plan = Plan.build(
+        graph,
+        Placement.of(ops[: len(ops) // 2]),
+        Link.parse("100Mbps"),
+        "training",
+        "half",
+        "bench",
+        "bench",
+    )
     import_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
-        s = compile_split(mod, plan, device_target=device_target, server_target=server_target,
-                          cross_compiler=cross_compiler, output=Path(d) / "split.tar")
-    row = {"model": model.name, "ops": len(ops), "import_s": round(import_s, 2),
-           "split_s": round(s["split_seconds"], 2), "tar_bytes": s["tar_bytes"],
-           "cuda": s["cuda"]}
+        s = compile_split(
+            mod,
+            plan,
+            device_target=device_target,
+            server_target=server_target,
+            cross_compiler=cross_compiler,
+            output=Path(d) / "split.tar",
+        )
+    row = {
+        "model": model.name,
+        "ops": len(ops),
+        "import_s": round(import_s, 2),
+        "split_s": round(s["split_seconds"], 2),
+        "tar_bytes": s["tar_bytes"],
+        "cuda": s["cuda"],
+    }
     for side, v in s["sides"].items():
         row[f"{side}_compile_s"] = round(v["compile_seconds"], 2)
         row[f"{side}_lib_bytes"] = v["library_bytes"]
@@ -61,31 +84,45 @@ def bench_one(model: Path, device_target: str, server_target: str, batch_size: i
 
 @click.command()
 @click.argument("models", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option("--test-models", is_flag=True, help="Also run tiny_cnn, mbv2_block, tiny_transformer.")
+@click.option(
+    "--test-models", is_flag=True, help="Also run tiny_cnn, mbv2_block, tiny_transformer."
+)
 @click.option("--device-target", default="llvm", show_default=True)
 @click.option("--server-target", default="llvm", show_default=True)
 @click.option("--cross-compiler", default=None)
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="For models with a symbolic batch dim.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=8,
+    show_default=True,
+    help="For models with a symbolic batch dim.",
+)
 @click.option("--json", "as_json", is_flag=True)
-def main(models, test_models, device_target, server_target, cross_compiler, batch_size,
-         as_json):
+def main(models, test_models, device_target, server_target, cross_compiler, batch_size, as_json):
     paths = list(models) or ([] if test_models else [HERE / "models" / "demo_cnn.onnx"])
     if test_models:
         paths += _test_models()
-    rows = [bench_one(p, device_target, server_target, batch_size, cross_compiler)
-            for p in paths]
+    rows = [bench_one(p, device_target, server_target, batch_size, cross_compiler) for p in paths]
     if as_json:
         json.dump(rows, sys.stdout, indent=1)
         print()
         return
-    cols = ["model", "ops", "split_s", "device_compile_s", "server_compile_s",
-            "device_lib_bytes", "server_lib_bytes", "device_params_bytes", "server_params_bytes",
-            "tar_bytes"]
+    cols = [
+        "model",
+        "ops",
+        "split_s",
+        "device_compile_s",
+        "server_compile_s",
+        "device_lib_bytes",
+        "server_lib_bytes",
+        "device_params_bytes",
+        "server_params_bytes",
+        "tar_bytes",
+    ]
     print(f"device={device_target} server={server_target}")
     print(" ".join(f"{c:>18}" for c in cols))
     for r in rows:
-        print(" ".join(f"{str(r[c]):>18}" for c in cols))
+        print(" ".join(f"{r[c]!s:>18}" for c in cols))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
-
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph, OpNode, Param, Tensor
 from splitc.passes.plan import Placement, Plan
+from torch import nn
 
 
 class ResCNN(nn.Module):
@@ -40,8 +39,9 @@ class MobileBlock(nn.Module):
     def __init__(self, c=4, e=8):
         super().__init__()
         self.expand = nn.Sequential(nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6())
-        self.dw = nn.Sequential(nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False),
-                                nn.BatchNorm2d(e), nn.ReLU6())
+        self.dw = nn.Sequential(
+            nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6()
+        )
         self.project = nn.Sequential(nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
         self.fc = nn.Linear(c, 3)
 
@@ -90,8 +90,15 @@ def make_model(kind: str, seed: int = 0):
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(m, (x,), buf, training=torch.onnx.TrainingMode.TRAINING,
-                          do_constant_folding=False, dynamo=False, input_names=["x"])
+        torch.onnx.export(
+            m,
+            (x,),
+            buf,
+            training=torch.onnx.TrainingMode.TRAINING,
+            do_constant_folding=False,
+            dynamo=False,
+            input_names=["x"],
+        )
     return m, buf.getvalue(), x, y
 
 
@@ -112,9 +119,8 @@ def param_values(mod) -> dict[str, np.ndarray]:
 
 def manual_graph(mod, name: str = "m") -> OpGraph:
     """Cost-free OpGraph of ``main`` (naming contract of passes/opgraph.py)."""
-    from tvm import relax
-
     from splitc.passes.naming import binding_names
+    from tvm import relax
 
     main = mod["main"]
     names = binding_names(main)
@@ -125,8 +131,12 @@ def manual_graph(mod, name: str = "m") -> OpGraph:
 
     def tensor(v, producer):
         ty = v.ty
-        tensors[names[v]] = dict(shape=tuple(int(d) for d in ty.shape), dtype=str(ty.dtype),
-                                 producer=producer, consumers=[])
+        tensors[names[v]] = dict(
+            shape=tuple(int(d) for d in ty.shape),
+            dtype=str(ty.dtype),
+            producer=producer,
+            consumers=[],
+        )
 
     for p in inputs:
         tensor(p, None)
@@ -143,8 +153,14 @@ def manual_graph(mod, name: str = "m") -> OpGraph:
             tensor(b.var, op["name"])
             op["outputs"].append(names[b.var])
             continue
-        op = dict(name=names[b.var], op=str(getattr(b.value, "op", "tuple")), inputs=[],
-                  outputs=[], params=set(), prep=[])
+        op = dict(
+            name=names[b.var],
+            op=str(getattr(b.value, "op", "tuple")),
+            inputs=[],
+            outputs=[],
+            params=set(),
+            prep=[],
+        )
         for v in fv:
             if v in weights:
                 op["params"].add(v)
@@ -166,22 +182,42 @@ def manual_graph(mod, name: str = "m") -> OpGraph:
             readers.setdefault(p, []).append(op["name"])
     g = OpGraph(
         name=name,
-        ops=tuple(OpNode(o["name"], o["op"], tuple(o["inputs"]), tuple(o["outputs"]),
-                         tuple(sorted(names[p] for p in o["params"])), tuple(o["prep"]))
-                  for o in ops),
-        tensors={k: Tensor(k, t["shape"], t["dtype"], t["producer"], tuple(t["consumers"]),
-                           k in outs) for k, t in tensors.items()},
-        params={names[p]: Param(names[p], tuple(int(d) for d in p.ty.shape), str(p.ty.dtype),
-                                tuple(readers.get(p, ()))) for p in main.params[n:]},
-        inputs=tuple(names[p] for p in inputs), outputs=tuple(outs), model_hash=name,
+        ops=tuple(
+            OpNode(
+                o["name"],
+                o["op"],
+                tuple(o["inputs"]),
+                tuple(o["outputs"]),
+                tuple(sorted(names[p] for p in o["params"])),
+                tuple(o["prep"]),
+            )
+            for o in ops
+        ),
+        tensors={
+            k: Tensor(k, t["shape"], t["dtype"], t["producer"], tuple(t["consumers"]), k in outs)
+            for k, t in tensors.items()
+        },
+        params={
+            names[p]: Param(
+                names[p],
+                tuple(int(d) for d in p.ty.shape),
+                str(p.ty.dtype),
+                tuple(readers.get(p, ())),
+            )
+            for p in main.params[n:]
+        },
+        inputs=tuple(names[p] for p in inputs),
+        outputs=tuple(outs),
+        model_hash=name,
     )
     return g
 
 
 def manual_plan(mod, device_ops, name: str = "m", objective: str = "training") -> Plan:
     g = manual_graph(mod, name)
-    return Plan.build(g, Placement.of(device_ops), Link.parse("100Mbps", None, "0"),
-                      objective, "manual", "p", "p")
+    return Plan.build(
+        g, Placement.of(device_ops), Link.parse("100Mbps", None, "0"), objective, "manual", "p", "p"
+    )
 
 
 def op_names(mod) -> list[str]:
@@ -191,13 +227,14 @@ def op_names(mod) -> list[str]:
 def compile_sides(smod):
     """``(device VM, server VM)`` of a split module compiled for llvm."""
     import tvm
+    from splitc.passes.build import side_module
     from tvm import relax
 
-    from splitc.passes.build import side_module
-
     dev = tvm.cpu()
-    return tuple(relax.VirtualMachine(tvm.compile(side_module(smod, s), target="llvm"), dev)
-                 for s in ("device", "server"))
+    return tuple(
+        relax.VirtualMachine(tvm.compile(side_module(smod, s), target="llvm"), dev)
+        for s in ("device", "server")
+    )
 
 
 def _t(a):
@@ -211,27 +248,30 @@ def split_step(vms, spec, values, x, y):
     new running stats by name)``."""
     vd, vs = vms
     nc, nr = len(spec.cut), len(spec.residuals)
-    out = list(vd["device_forward"](_t(x), *[_t(values[n]) for n in spec.device_params
-                                             + spec.device_state]))
-    cut, res, dstate = out[:nc], out[nc:nc + nr], out[nc + nr:]
+    out = list(
+        vd["device_forward"](
+            _t(x), *[_t(values[n]) for n in spec.device_params + spec.device_state]
+        )
+    )
+    cut, res, dstate = out[:nc], out[nc : nc + nr], out[nc + nr :]
     sargs = cut + [_t(values[n]) for n in spec.server_params + spec.server_state]
     o = list(vs["server_step"](*sargs, _t(y)))
     ng = sum(c.grad for c in spec.cut)
     ns = len(spec.server_params)
-    grads = dict(zip(spec.server_params, [a.numpy() for a in o[1 + ng:1 + ng + ns]]))
-    gd = list(vd["device_backward"](*res, *o[1:1 + ng])) if spec.device_params else []
+    grads = dict(zip(spec.server_params, [a.numpy() for a in o[1 + ng : 1 + ng + ns]]))
+    gd = list(vd["device_backward"](*res, *o[1 : 1 + ng])) if spec.device_params else []
     grads |= dict(zip(spec.device_params, [a.numpy() for a in gd]))
     stats = dict(zip(spec.device_state, [a.numpy() for a in dstate]))
-    stats |= dict(zip(spec.server_state, [a.numpy() for a in o[1 + ng + ns:]]))
+    stats |= dict(zip(spec.server_state, [a.numpy() for a in o[1 + ng + ns :]]))
     return float(o[0].numpy()), grads, stats
 
 
 def split_infer(vms, spec, values, x):
     vd, vs = vms
-    cut = list(vd["device_infer"](_t(x), *[_t(values[n]) for n in spec.device_params
-                                           + spec.device_state]))
-    out = vs["server_infer"](*cut, *[_t(values[n]) for n in spec.server_params
-                                     + spec.server_state])
+    cut = list(
+        vd["device_infer"](_t(x), *[_t(values[n]) for n in spec.device_params + spec.device_state])
+    )
+    out = vs["server_infer"](*cut, *[_t(values[n]) for n in spec.server_params + spec.server_state])
     return [a.numpy() for a in out]
 
 

@@ -11,7 +11,6 @@ import tarfile
 import numpy as np
 import pytest
 import split_models as S
-
 from splitc import BuildError, PackageError
 from splitc.passes.build import build_side, cuda_version, resolve_target
 from splitc.passes.package import compile_split
@@ -53,8 +52,9 @@ def test_tvmc_style_string_becomes_a_dict_target():
     assert t.kind.name == "cuda" and str(t.attrs["arch"]) == "sm_90"
 
 
-@pytest.mark.parametrize("tag", ["nvidia/jetson-orin-nano", "nvidia/jetson-agx-orin-32gb",
-                                 "nvidia/jetson-agx-orin-64gb"])
+@pytest.mark.parametrize(
+    "tag", ["nvidia/jetson-orin-nano", "nvidia/jetson-agx-orin-32gb", "nvidia/jetson-agx-orin-64gb"]
+)
 def test_orin_tag_gets_the_orin_host_cpu(tag):
     t = resolve_target(tag)
     assert str(t.attrs["arch"]) == "sm_87"
@@ -71,8 +71,11 @@ def test_json_target():
 
 @pytest.mark.parametrize("text", ["cuda -arch", "nosuchkind", "llvm -mcpu=x -bogus_option=3"])
 def test_target_tvm_rejects_is_one_clear_line(text):
-    with pytest.raises(BuildError, match=r"^Build: (TVM rejects target|cannot read option)"
-                                         r"[^\n]*$"):
+    with pytest.raises(
+        BuildError,
+        match=r"^Build: (TVM rejects target|cannot read option)"
+        r"[^\n]*$",
+    ):
         resolve_target(text)
 
 
@@ -87,24 +90,37 @@ def cnn_split():
 def test_missing_cross_compiler(tmp_path, cnn_split):
     mod, ops, _, _ = cnn_split
     smod, _ = split_module(mod, S.manual_plan(mod, ops[:4]))
-    with pytest.raises(BuildError, match=r"^Build: cross compiler 'no-such-gcc' not found for "
-                                         r"the aarch64 device target; apt-get install"):
-        build_side(smod, "device", "nvidia/jetson-orin-nano", str(tmp_path / "d.so"),
-                   cross_compiler="no-such-gcc")
+    with pytest.raises(
+        BuildError,
+        match=r"^Build: cross compiler 'no-such-gcc' not found for "
+        r"the aarch64 device target; apt-get install",
+    ):
+        build_side(
+            smod,
+            "device",
+            "nvidia/jetson-orin-nano",
+            str(tmp_path / "d.so"),
+            cross_compiler="no-such-gcc",
+        )
 
 
 needs_cuda_toolchain = pytest.mark.skipif(
     cuda_version() is None or shutil.which("aarch64-linux-gnu-gcc") is None,
-    reason="needs nvcc and aarch64-linux-gnu-gcc (installed by .ci/run)")
+    reason="needs nvcc and aarch64-linux-gnu-gcc (installed by .ci/run)",
+)
 
 
 @pytest.mark.slow
 @needs_cuda_toolchain
 def test_jetson_device_and_sm90_server_libraries(tmp_path, cnn_split):
     mod, ops, _, _ = cnn_split
-    summary = compile_split(mod, S.manual_plan(mod, ops[:4]),
-                            device_target="nvidia/jetson-orin-nano",
-                            server_target="cuda -arch=sm_90", output=tmp_path / "split.tar")
+    summary = compile_split(
+        mod,
+        S.manual_plan(mod, ops[:4]),
+        device_target="nvidia/jetson-orin-nano",
+        server_target="cuda -arch=sm_90",
+        output=tmp_path / "split.tar",
+    )
     pkg = read_package(tmp_path / "split.tar")
     dev, srv = pkg.library("device"), pkg.library("server")
     assert elf_machine(dev) == EM_AARCH64
@@ -142,19 +158,27 @@ def _write(path, files: dict[str, bytes]) -> None:
 
 
 def test_package_contents(packages, cnn_split):
-    mod, ops, x, y = cnn_split
+    mod, ops, _, _ = cnn_split
     a, _ = packages
     pkg = read_package(a)
     plan = S.manual_plan(mod, ops[:4])
     assert pkg.plan_id == plan.plan_id
     assert pkg.plan["transport"] == [c.to_json() for c in plan.cut]
     assert sorted(pkg.plan["files"]) == [
-        "device/lib.so", "device/manifest.json", "device/opt_state.npz", "device/params.npz",
-        "server/lib.so", "server/manifest.json", "server/opt_state.npz", "server/params.npz"]
+        "device/lib.so",
+        "device/manifest.json",
+        "device/opt_state.npz",
+        "device/params.npz",
+        "server/lib.so",
+        "server/manifest.json",
+        "server/opt_state.npz",
+        "server/params.npz",
+    ]
     params = pkg.arrays("device", "params.npz")
     values = S.param_values(mod)
-    assert sorted(params) == sorted(pkg.manifest("device")["params"]
-                                    + pkg.manifest("device")["state"])
+    assert sorted(params) == sorted(
+        pkg.manifest("device")["params"] + pkg.manifest("device")["state"]
+    )
     for k, v in params.items():
         np.testing.assert_array_equal(v, values[k])
 
@@ -197,8 +221,11 @@ def test_halves_follow_the_runtime_protocol_and_checkpoint(packages, cnn_split):
 def test_corrupt_tar(tmp_path, packages):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(packages[0].read_bytes()[:5000])
-    with pytest.raises(PackageError, match=r"^Package: .*bad.tar: (not a readable split.tar|"
-                                           r".* is missing|no plan.json)[^\n]*$"):
+    with pytest.raises(
+        PackageError,
+        match=r"^Package: .*bad.tar: (not a readable split.tar|"
+        r".* is missing|no plan.json)[^\n]*$",
+    ):
         read_package(bad)
 
 
@@ -208,8 +235,11 @@ def test_tampered_file(tmp_path, packages):
     lib[len(lib) // 2] ^= 0xFF
     files["server/lib.so"] = bytes(lib)
     _write(tmp_path / "t.tar", files)
-    with pytest.raises(PackageError, match=r"sha256 of server/lib.so does not match plan.json "
-                                           r"\(tampered or corrupt\); rebuild"):
+    with pytest.raises(
+        PackageError,
+        match=r"sha256 of server/lib.so does not match plan.json "
+        r"\(tampered or corrupt\); rebuild",
+    ):
         load_server_half(tmp_path / "t.tar")
 
 
@@ -218,8 +248,11 @@ def test_halves_from_different_plans(tmp_path, packages):
     mixed = {k: v for k, v in a.items() if not k.startswith("server/")}
     mixed |= {k: v for k, v in b.items() if k.startswith("server/")}
     _write(tmp_path / "m.tar", mixed)
-    with pytest.raises(PackageError, match=r"the server half belongs to plan '[0-9a-f]+', not "
-                                           r"'[0-9a-f]+'; rebuild both halves from one plan"):
+    with pytest.raises(
+        PackageError,
+        match=r"the server half belongs to plan '[0-9a-f]+', not "
+        r"'[0-9a-f]+'; rebuild both halves from one plan",
+    ):
         read_package(tmp_path / "m.tar")
 
 
@@ -229,8 +262,11 @@ def test_plan_from_another_model(tmp_path, packages):
     plan["model_hash"] = "another-model"
     files["plan.json"] = json.dumps(plan).encode()
     _write(tmp_path / "o.tar", files)
-    with pytest.raises(PackageError, match=r"the device half was built for model 'm' but "
-                                           r"plan.json is for 'another-model'"):
+    with pytest.raises(
+        PackageError,
+        match=r"the device half was built for model 'm' but "
+        r"plan.json is for 'another-model'",
+    ):
         read_package(tmp_path / "o.tar")
     with pytest.raises(PackageError, match=r"plan is for model 'm', not 'other'; compile a plan"):
         read_package(packages[0], model_hash="other")
@@ -242,8 +278,11 @@ def test_edited_plan_json(tmp_path, packages):
     plan["transport"][0]["grad"] = not plan["transport"][0]["grad"]
     files["plan.json"] = json.dumps(plan).encode()
     _write(tmp_path / "e.tar", files)
-    with pytest.raises(PackageError, match=r"plan.json differs from the plan the device half "
-                                           r"was built with \(tampered\)"):
+    with pytest.raises(
+        PackageError,
+        match=r"plan.json differs from the plan the device half "
+        r"was built with \(tampered\)",
+    ):
         read_package(tmp_path / "e.tar")
 
 
@@ -253,7 +292,12 @@ def test_failed_compile_keeps_the_old_file(tmp_path, cnn_split):
     out = tmp_path / "split.tar"
     out.write_bytes(b"old")
     with pytest.raises(BuildError, match="cross compiler 'no-such-gcc' not found"):
-        compile_split(mod, S.manual_plan(mod, ops[:4]), device_target="nvidia/jetson-orin-nano",
-                      cross_compiler="no-such-gcc", output=out)
+        compile_split(
+            mod,
+            S.manual_plan(mod, ops[:4]),
+            device_target="nvidia/jetson-orin-nano",
+            cross_compiler="no-such-gcc",
+            output=out,
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["split.tar"]
     assert out.read_bytes() == b"old"

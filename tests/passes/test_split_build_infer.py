@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import split_models as S
 import torch
-
 from splitc.passes.package import compile_split
 from splitc.runtime.package import read_package
 from splitc.runtime.tvm_halves import load_device_half, load_server_half

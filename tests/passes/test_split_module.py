@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import split_models as S
 import torch
-
 from splitc import BuildError, UnsupportedError
 from splitc.passes.split_module import check_split, split_module
 
@@ -62,7 +61,7 @@ def test_split_forward_and_gradients_match_unsplit_and_pytorch(case):
 
 
 def test_recompute_gives_the_same_gradients():
-    model, onnx_bytes, x, y = S.make_model("cnn")
+    _, onnx_bytes, x, y = S.make_model("cnn")
     mod = S.import_onnx(onnx_bytes)
     ops = S.op_names(mod)
     plan = S.manual_plan(mod, ops[:4])
@@ -103,7 +102,7 @@ def test_check_split_names_the_broken_function():
     _, onnx_bytes, _, _ = S.make_model("cnn")
     mod = S.import_onnx(onnx_bytes)
     ops = S.op_names(mod)
-    smod, spec = split_module(mod, S.manual_plan(mod, ops[:4]))
+    smod, _ = split_module(mod, S.manual_plan(mod, ops[:4]))
     other = split_module(mod, S.manual_plan(mod, ops[:7]))[1]
     with pytest.raises(BuildError, match=r"^SplitModule: device_forward sends .* transport spec"):
         check_split(smod, other)
@@ -130,11 +129,9 @@ def test_tied_weights_across_the_cut_are_refused():
 
 def test_worked_example_of_the_docstring():
     """The four-op model of passes/split_module.py's docstring, split after the relu."""
-    import tvm
+    from splitc.passes.split_module import SplitModule
     from tvm import relax
     from tvm.relax import op as R
-
-    from splitc.passes.split_module import SplitModule
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((2, 8), "float32"))
@@ -151,21 +148,24 @@ def test_worked_example_of_the_docstring():
     plan = S.manual_plan(mod, ["lv", "lv1"])
     assert [(c.name, c.shape, c.grad) for c in plan.cut] == [("lv1", (2, 6), True)]
     out = SplitModule(plan, optimizer="sgd")(mod)
-    sig = {gv.name_hint: [p.name for p in f.params] for gv, f in out.functions.items()
-           if isinstance(f, relax.Function) and gv.name_hint != "server_loss_adjoint"}
+    sig = {
+        gv.name_hint: [p.name for p in f.params]
+        for gv, f in out.functions.items()
+        if isinstance(f, relax.Function) and gv.name_hint != "server_loss_adjoint"
+    }
     assert sig["device_forward"] == ["x", "w1"]
     assert sig["device_infer"] == ["x", "w1"]
     assert sig["device_backward"][-1] == "g_lv1"  # residuals first, then the cut gradients
     assert sig["server_step"] == ["lv1", "w2", "labels"]
     assert sig["server_infer"] == ["lv1", "w2"]
-    assert sig["device_update"] == sig["server_update"] == ["params", "gradients",
-                                                            "optim_states"]
+    assert sig["device_update"] == sig["server_update"] == ["params", "gradients", "optim_states"]
     # server_step -> (loss, g_lv1, grad_w2): shapes (), (2, 6), (6, 3)
     ret = out["server_step"].ret_ty.fields
     assert [tuple(int(d) for d in t.shape) for t in ret] == [(), (2, 6), (6, 3)]
     # device_backward -> (grad_w1,)
     assert [tuple(int(d) for d in t.shape) for t in out["device_backward"].ret_ty.fields] == [
-        (8, 6)]
+        (8, 6)
+    ]
 
 
 def test_model_that_ends_in_its_own_loss():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from splitc.cost_models.link import Link
 from splitc.passes.package import compile_split
 from splitc.passes.pipeline import PlanConfig, annotate_model
@@ -18,8 +17,15 @@ from splitc.runtime.tvm_halves import load_device_half, load_server_half
 
 
 def _plan(graph, device_ops):
-    return Plan.build(graph, Placement.of(device_ops), Link.parse("100Mbps"), "training",
-                      "manual", "local-cpu", "local-cpu")
+    return Plan.build(
+        graph,
+        Placement.of(device_ops),
+        Link.parse("100Mbps"),
+        "training",
+        "manual",
+        "local-cpu",
+        "local-cpu",
+    )
 
 
 def _steps(tar, x, y, n=3):
@@ -33,10 +39,16 @@ def _steps(tar, x, y, n=3):
     return np.array(losses), params
 
 
-@pytest.mark.parametrize("name", ["tiny_cnn", pytest.param("mbv2_block", marks=pytest.mark.slow),
-                                  pytest.param("tiny_transformer", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny_cnn",
+        pytest.param("mbv2_block", marks=pytest.mark.slow),
+        pytest.param("tiny_transformer", marks=pytest.mark.slow),
+    ],
+)
 def test_real_plan_split_trains_like_unsplit(tmp_path, onnx_model, name):
-    mod, info, graph = annotate_model(PlanConfig(model=onnx_model(name)))
+    mod, _, graph = annotate_model(PlanConfig(model=onnx_model(name)))
     ops = [o.name for o in graph.ops]
     split = _plan(graph, ops[: len(ops) // 2])
     assert split.cut and any(c.grad for c in split.cut)

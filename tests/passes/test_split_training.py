@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import split_models as S
 import torch
-
 from splitc.passes.package import compile_split
 from splitc.runtime.tvm_halves import load_device_half, load_server_half
 
@@ -24,8 +23,11 @@ def _train(tar, xs, ys):
         loss, g = s.step(d.forward([x]), y)
         d.backward(g)
         losses.append(loss)
-    params = {k.split(".", 1)[1]: v for k, v in (d.state_dict() | s.state_dict()).items()
-              if k.startswith(("param.", "state."))}
+    params = {
+        k.split(".", 1)[1]: v
+        for k, v in (d.state_dict() | s.state_dict()).items()
+        if k.startswith(("param.", "state."))
+    }
     return np.array(losses), params
 
 
@@ -38,14 +40,17 @@ def _batches(model_kind, x, y):
     return xs, ys
 
 
-@pytest.mark.parametrize("kind,optimizer", [
-    ("cnn", "sgd"),
-    pytest.param("cnn", "adam", marks=pytest.mark.slow),
-    pytest.param("mobile", "sgd", marks=pytest.mark.slow),
-    pytest.param("mobile", "adam", marks=pytest.mark.slow),
-    pytest.param("transformer", "sgd", marks=pytest.mark.slow),
-    pytest.param("transformer", "adam", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "kind,optimizer",
+    [
+        ("cnn", "sgd"),
+        pytest.param("cnn", "adam", marks=pytest.mark.slow),
+        pytest.param("mobile", "sgd", marks=pytest.mark.slow),
+        pytest.param("mobile", "adam", marks=pytest.mark.slow),
+        pytest.param("transformer", "sgd", marks=pytest.mark.slow),
+        pytest.param("transformer", "adam", marks=pytest.mark.slow),
+    ],
+)
 def test_twenty_steps_split_equals_unsplit(tmp_path, kind, optimizer):
     model, onnx_bytes, x, y = S.make_model(kind)
     mod = S.import_onnx(onnx_bytes)
@@ -54,8 +59,9 @@ def test_twenty_steps_split_equals_unsplit(tmp_path, kind, optimizer):
     tars = {}
     for name, device_ops in (("split", ops[: len(ops) // 2]), ("whole", [])):
         tars[name] = tmp_path / f"{name}.tar"
-        compile_split(mod, S.manual_plan(mod, device_ops), optimizer=optimizer, lr=LR,
-                      output=tars[name])
+        compile_split(
+            mod, S.manual_plan(mod, device_ops), optimizer=optimizer, lr=LR, output=tars[name]
+        )
     loss_s, p_s = _train(tars["split"], xs, ys)
     loss_w, p_w = _train(tars["whole"], xs, ys)
     np.testing.assert_allclose(loss_s, loss_w, rtol=1e-4, atol=1e-6)
@@ -67,8 +73,9 @@ def test_twenty_steps_split_equals_unsplit(tmp_path, kind, optimizer):
     opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(model.parameters(), lr=LR)
     for xb, yb in zip(xs, ys):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb)
-                                          ).backward()
+        torch.nn.functional.cross_entropy(
+            model(torch.from_numpy(xb)), torch.from_numpy(yb)
+        ).backward()
         opt.step()
     sd = model.state_dict()
     # A conv bias right before batch norm has zero gradient analytically (BN subtracts the mean)

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax
-from tvm.relax import op as R
-
 from splitc import InputError, UnsupportedError
 from splitc.passes import training as T
+from tvm import relax
+from tvm.relax import op as R
 
 SHAPE = (2, 1, 3, 4)
 RNG = np.random.default_rng(0)
@@ -62,8 +61,9 @@ def test_added_gradients_match_pytorch_autograd():
         ref = (top(xt) * torch.from_numpy(weights[name])).sum()
         ref.backward()
         np.testing.assert_allclose(loss.numpy(), ref.item(), rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(grad.numpy(), xt.grad.numpy(), rtol=1e-4, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            grad.numpy(), xt.grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name
+        )
 
 
 def test_every_op_without_gradient_is_reported_by_name():
@@ -78,9 +78,12 @@ def test_every_op_without_gradient_is_reported_by_name():
             loss = bb.emit_output(R.sum(R.add(b, R.sum(c))))
         bb.emit_func_output(loss)
     f = bb.get()["demo"]
-    with pytest.raises(UnsupportedError, match=r"^Gradient: demo half: no gradient for "
-                                               r"relax.floor \(lv1\), relax.image.resize2d "
-                                               r"\(lv2\); register one with "):
+    with pytest.raises(
+        UnsupportedError,
+        match=r"^Gradient: demo half: no gradient for "
+        r"relax.floor \(lv1\), relax.image.resize2d "
+        r"\(lv2\); register one with ",
+    ):
         T.check_gradients(f, [f.params[1]], "demo half")
 
 
@@ -95,8 +98,11 @@ def test_clip_becomes_minimum_of_maximum():
         return bb.get()
 
     before = build(lambda x: R.clip(x, 0.0, 6.0))
-    expected = build(lambda x: R.minimum(R.maximum(x, relax.const(np.float32(0.0))),
-                                         relax.const(np.float32(6.0))))
+    expected = build(
+        lambda x: R.minimum(
+            R.maximum(x, relax.const(np.float32(0.0))), relax.const(np.float32(6.0))
+        )
+    )
     tvm.ir.assert_structural_equal(T.DecomposeForTraining()(before), expected)
 
 
@@ -121,10 +127,12 @@ def test_cross_entropy_and_mse_losses_match_pytorch():
     ce = vm["cross_entropy"](t(logits), t(labels)).numpy()
     mse = vm["mse"](t(logits), t(target)).numpy()
     lt = torch.from_numpy(logits)
-    np.testing.assert_allclose(ce, torch.nn.functional.cross_entropy(lt, torch.from_numpy(labels)),
-                               rtol=1e-6)
-    np.testing.assert_allclose(mse, torch.nn.functional.mse_loss(lt, torch.from_numpy(target)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        ce, torch.nn.functional.cross_entropy(lt, torch.from_numpy(labels)), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        mse, torch.nn.functional.mse_loss(lt, torch.from_numpy(target)), rtol=1e-6
+    )
 
 
 def test_cross_entropy_on_sequence_logits_uses_the_last_axis():
@@ -140,20 +148,27 @@ def test_cross_entropy_on_sequence_logits_uses_the_last_axis():
         bb.emit_func_output(out)
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())
     got = vm["ce"](tvm.runtime.tensor(logits), tvm.runtime.tensor(labels)).numpy()
-    ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits).reshape(6, 5),
-                                            torch.from_numpy(labels).reshape(6))
+    ref = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits).reshape(6, 5), torch.from_numpy(labels).reshape(6)
+    )
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6)
 
 
 def test_bad_loss_and_optimizer_names():
     p = relax.Var("p", relax.TensorType((3, 5), "float32"))
-    with pytest.raises(InputError, match=r"^Loss: unknown loss 'hinge'; use one of "
-                                         r"cross-entropy, mse, none$"):
+    with pytest.raises(
+        InputError,
+        match=r"^Loss: unknown loss 'hinge'; use one of "
+        r"cross-entropy, mse, none$",
+    ):
         T.make_loss("hinge", p, None)
     with pytest.raises(InputError, match=r"^Loss: --loss none needs a scalar model output"):
         T.make_loss("none", p, None)
-    with pytest.raises(InputError, match=r"^Optimizer: unknown optimizer 'rmsprop'; use one of "
-                                         r"sgd, momentum, adam$"):
+    with pytest.raises(
+        InputError,
+        match=r"^Optimizer: unknown optimizer 'rmsprop'; use one of "
+        r"sgd, momentum, adam$",
+    ):
         T.make_optimizer("rmsprop", 0.1, [p], "u")
     with pytest.raises(InputError, match=r"^Optimizer: learning rate must be > 0, got 0"):
         T.make_optimizer("sgd", 0, [p], "u")
