@@ -256,12 +256,12 @@ def _calls(sched, weights: frozenset) -> list[_Call]:
     return out
 
 
-def _features(c: _Call, flops: float) -> KernelFeatures:
+def _features(c: _Call, flops: float, parallel: bool | None = None) -> KernelFeatures:
     ins, outs = c.specs[:len(c.specs) - c.n_out], c.specs[len(c.specs) - c.n_out:]
     dtype = outs[0][1] if outs else "float32"
     return KernelFeatures(parse_kinds(c.symbol), float(flops), sum(map(_nbytes, ins)),
                           sum(map(_nbytes, outs)), c.param_bytes, c.role,
-                          tuple(s for s, _ in ins), tuple(s for s, _ in outs), dtype)
+                          tuple(s for s, _ in ins), tuple(s for s, _ in outs), dtype, parallel)
 
 
 def _vm_specs(func) -> list:
@@ -321,7 +321,8 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
             t = runner.time_kernels(lib, [(sym, list(specs))], cfg.repeats, cfg.number)[0]
             emit({"type": "kernel", "workload": w.key, "model": w.model, "function": fname,
                   "role": role, "symbol": sym, "calls": len(cs),
-                  "features": _features(cs[0], flops).to_json(), "seconds": t.median,
+                  "features": _features(cs[0], flops, "T.parallel(" in prims[sym].script()
+                                        ).to_json(), "seconds": t.median,
                   "spread": t.spread, "date": _now(), **prov})
             say(f"{w.key}: kernel {i + 1}/{len(todo)} {sym} {t.median * 1e6:.1f} us")
     if w.step and _row_key(w.key, "step", "", "") not in done:
@@ -443,22 +444,31 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "tree
                 step_rep[w][name] = float((calls * p[idx]).sum() + extra)
                 step_rep[w]["measured"] = steps[w]["seconds"]
     out["kernels"] = len(meas)
+    meas = np.asarray(meas)
+    big = meas >= 1e-5  # kernels of 10 us or more: below, timer resolution and noise dominate
+    out["kernels_ge_10us"] = int(big.sum())
     for name, p in preds.items():
+        p = np.asarray(p)
         out[name] = {"within_10pct": within(p, meas), "mape_pct": mape(p, meas)}
+        if big.any():
+            out[name].update(within_10pct_ge_10us=within(p[big], meas[big]),
+                             mape_pct_ge_10us=mape(p[big], meas[big]))
     out["steps"] = dict(step_rep)
     return out
 
 
-def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "trees")) -> dict:
+def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "trees"),
+                heldout: bool = True) -> dict:
     """The ``learned`` section of a calibrated profile: the regressor with the lower held-out
-    MAPE (trees when there is only one model to hold out), refitted on every row."""
+    MAPE (trees when there is only one model to hold out), refitted on every row.
+    ``heldout=False`` skips the leave-one-model-out comparison and fits ``kinds[0]``."""
     kern = [r for r in rows if r["type"] == "kernel"]
     if len(kern) < 8:
         raise SplitcError(f"Calibrate: only {len(kern)} kernels measured; add models or enable "
                           "the op sweep")
-    report = heldout_report(rows, prof, kinds)
+    report = heldout_report(rows, prof, kinds) if heldout else {"models": [], "kernels": 0}
     scored = [k for k in kinds if k in report]
-    best = min(scored, key=lambda k: report[k]["mape_pct"]) if scored else "trees"
+    best = min(scored, key=lambda k: report[k]["mape_pct"]) if scored else kinds[-1]
     ks, X, y = _xy(kern, prof)
     reg: Regressor = fit_regressor(best, X, y)
     steps = [r for r in rows if r["type"] == "step"]

@@ -27,7 +27,7 @@ from splitc.cost_models.base import OpFeatures
 
 __all__ = [
     "KernelFeatures", "FAMILIES", "ROLES", "parse_kinds", "family_of", "op_kernels", "vector",
-    "FEATURE_NAMES",
+    "FEATURE_NAMES", "parallel_guess",
 ]
 
 # Heaviest first: a fused kernel belongs to the first family any of its kinds falls in.
@@ -71,6 +71,9 @@ class KernelFeatures:
     in_shapes: tuple[tuple[int, ...], ...] = ()
     out_shapes: tuple[tuple[int, ...], ...] = ()
     dtype: str = "float32"
+    # whether the scheduled kernel runs a parallel loop (read from its TIR by calibration);
+    # None for kernels predicted from OpFeatures: then guessed, see ``parallel_guess``
+    parallel: bool | None = None
 
     @property
     def family(self) -> str:
@@ -81,14 +84,16 @@ class KernelFeatures:
                 "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
                 "param_bytes": self.param_bytes, "role": self.role,
                 "in_shapes": [list(s) for s in self.in_shapes],
-                "out_shapes": [list(s) for s in self.out_shapes], "dtype": self.dtype}
+                "out_shapes": [list(s) for s in self.out_shapes], "dtype": self.dtype,
+                "parallel": self.parallel}
 
     @classmethod
     def from_json(cls, d: dict) -> "KernelFeatures":
         return cls(tuple(d["kinds"]), float(d["flops"]), int(d["bytes_read"]),
                    int(d["bytes_written"]), int(d["param_bytes"]), str(d["role"]),
                    tuple(tuple(s) for s in d.get("in_shapes", ())),
-                   tuple(tuple(s) for s in d.get("out_shapes", ())), d.get("dtype", "float32"))
+                   tuple(tuple(s) for s in d.get("out_shapes", ())), d.get("dtype", "float32"),
+                   d.get("parallel"))
 
 
 def parse_kinds(kernel_name: str) -> tuple[str, ...]:
@@ -194,10 +199,24 @@ def op_kernels(f: OpFeatures, optimizer_bytes: int = 3, optimizer_flops: int = 2
 FEATURE_NAMES = (
     ["log_flops", "log_bytes_read", "log_bytes_written", "log_param_bytes", "log_roofline",
      "arith_intensity", "log_out_elems", "log_flops_per_out", "n_kinds", "has_reduce",
-     "has_layout"]
+     "has_layout", "parallel"]
     + [f"family={f}" for f in FAMILIES] + [f"role={r}" for r in ROLES]
     + [f"family={f}*log_flops" for f in FAMILIES] + [f"family={f}*log_bytes" for f in FAMILIES]
 )
+
+
+# passes/schedules.py parallelises a kernel whose loop nest has >= 4096 iterations (below,
+# waking the worker threads, ~5 us here, costs more than it saves)
+_MIN_PARALLEL_WORK = 4096
+
+
+def parallel_guess(k: KernelFeatures) -> bool:
+    """Whether the default CPU schedule would parallelise ``k``: iterations ~ output elements
+    for injective kernels, ~ FLOPs / 2 (multiply-accumulates) for reductions."""
+    if k.parallel is not None:
+        return k.parallel
+    n_out = sum(math.prod(s) for s in k.out_shapes) if k.out_shapes else k.bytes_written / 4
+    return max(n_out, k.flops / 2) >= _MIN_PARALLEL_WORK
 
 
 def vector(k: KernelFeatures, peak_flops: float, bandwidth: float) -> list[float]:
@@ -216,7 +235,7 @@ def vector(k: KernelFeatures, peak_flops: float, bandwidth: float) -> list[float
     v = [lf, math.log10(k.bytes_read + 1.0), math.log10(k.bytes_written + 1.0),
          math.log10(k.param_bytes + 1.0), math.log10(roof), lf - lb, lo,
          math.log10(k.flops / max(n_out, 1.0) + 1.0), float(len(k.kinds)),
-         float("reduce" in fams), float("layout" in fams)]
+         float("reduce" in fams), float("layout" in fams), float(parallel_guess(k))]
     v += [float(fam == f) for f in FAMILIES] + [float(k.role == r) for r in ROLES]
     v += [lf * (fam == f) for f in FAMILIES] + [lb * (fam == f) for f in FAMILIES]
     return v

@@ -1,0 +1,216 @@
+"""Benchmark of the learned cost model on this CPU: held-out accuracy, whole steps, decisions.
+
+    python -m splitc.tools.bench_cost_model --out /tmp/costbench [--repeats 7]
+
+1. Calibrates (resumably, dataset in OUT/bench.jsonl) on the op sweep and every model below.
+2. Held-out kernels: leave-one-model-out (``cost_models/calibrate.py: heldout_report``):
+   share of kernels within +-10 % and MAPE, for the roofline prior, linear and trees.
+3. Whole step, two ways, each with the model held out of the fit: the sum of the predicted
+   kernels of its compiled step (+ VM call overhead), and the sum of the per-op
+   ``LearnedModel.op_cost`` the planner sees, vs the measured compiled step (VM).
+4. Decisions: per-op "measured" costs are the measured kernel times attributed back to ops
+   (per role and family, in proportion to each op's roofline time; VM overhead per kernel);
+   device = those costs, server 10x faster; the mincut plan chosen with predicted costs is
+   evaluated with the measured costs against the plan chosen with measured costs, at 10, 100
+   and 1000 Mbps.
+
+Timings on a shared machine are noisy: kernels are medians of ``--repeats`` timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+def _models(out: Path) -> dict[str, Path]:
+    """Test models (tests/helpers/models.py) plus medium ones defined here."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "helpers"))
+    import models as M  # noqa: E402
+
+    paths = {n: M.export_model(n) for n in ("tiny_cnn", "mbv2_block", "tiny_transformer")}
+
+    def cnn():
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)), (8, 3, 32, 32)
+
+    def mlp():
+        return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                             nn.Linear(256, 10)), (32, 784)
+
+    def wide_cnn():
+        return nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(32, 64, 1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(64 * 16 * 16, 10)), (4, 8, 16, 16)
+
+    def transformer():
+        layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True,
+                                           activation="gelu", norm_first=True)
+
+        class T(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.enc, self.head = layer, nn.Linear(128, 10)
+
+            def forward(self, x):
+                return self.head(self.enc(x).mean(1))
+
+        return T(), (4, 32, 128)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, make in (("cnn_small", cnn), ("mlp", mlp), ("wide_cnn", wide_cnn),
+                       ("transformer_small", transformer)):
+        p = out / f"{name}.onnx"
+        if not p.exists():
+            torch.manual_seed(0)
+            model, shape = make()
+            # batch norm exports its training form only in TRAINING mode; models without it
+            # export in EVAL mode, so no Dropout op (no Relax gradient) appears
+            has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+            model.train(has_bn)
+            mode = torch.onnx.TrainingMode.TRAINING if has_bn else torch.onnx.TrainingMode.EVAL
+            torch.onnx.export(model, (torch.randn(*shape),), str(p), input_names=["x"],
+                              opset_version=17, dynamo=False, do_constant_folding=False,
+                              training=mode)
+        paths[name] = p
+    return paths
+
+
+def _attribute(graph, kern_rows, step_row, prof):
+    """Measured per-op OpCost: kernel time per (role, family) bucket spread over the ops'
+    predicted kernels of that bucket in proportion to their roofline time."""
+    from splitc.cost_models.base import OpCost
+    from splitc.cost_models.features import op_kernels
+    from splitc.cost_models.roofline import RooflineModel
+
+    roof = RooflineModel(prof)
+    virt = []  # (op name or None for the loss, role, family, weight)
+    items = [(op.name, op.features) for op in graph.ops if op.features is not None]
+    for name, f in items:
+        for role, ks in op_kernels(f).items():
+            for k in ks:
+                w = roof.compute_time(int(k.flops), k.bytes_read + k.bytes_written) + \
+                    prof.kernel_overhead
+                virt.append((name, role, k.family, w))
+    total = defaultdict(float)
+    for r in kern_rows:
+        total[(r["role"], r["features"]["family"])] += r["calls"] * r["seconds"]
+    share = defaultdict(lambda: [0.0, 0.0, 0.0])
+    idx = {"forward": 0, "backward": 1, "update": 2}
+    for (role, fam), t in total.items():
+        group = [v for v in virt if v[1] == role and v[2] == fam] or \
+            [v for v in virt if v[1] == role] or virt
+        s = sum(v[3] for v in group)
+        for v in group:
+            share[v[0]][idx[v[1]]] += t * v[3] / s
+    overhead = max(step_row["seconds"] - sum(total.values()), 0.0) / max(len(virt), 1)
+    for v in virt:
+        share[v[0]][idx[v[1]]] += overhead
+    return {name: OpCost(*share[name]) for name, _ in items}
+
+
+def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
+    from splitc.cost_models.base import OpCost
+
+    ops = []
+    for op in graph.ops:
+        c = dev.get(op.name, op.device)
+        s = OpCost(c.forward / server_speedup, c.backward / server_speedup,
+                   c.update / server_speedup)
+        ops.append(dataclasses.replace(op, device=c, server=s))
+    return dataclasses.replace(graph, ops=tuple(ops))
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("/tmp/splitc-costbench"))
+@click.option("--repeats", default=7, show_default=True)
+@click.option("--number", default=3, show_default=True)
+def main(out: Path, repeats: int, number: int) -> None:
+    from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
+    from splitc.cost_models.learned import LearnedModel, mape, within
+    from splitc.cost_models.link import Link
+    from splitc.cost_models.profiles import DeviceProfile, load_profile
+    from splitc.cost_models.roofline import RooflineModel
+    from splitc.passes.annotate_costs import annotate_costs
+    from splitc.passes.frontend import load_onnx
+    from splitc.passes.partition import solve
+    from splitc.passes.plan import evaluate
+
+    t0 = time.time()
+    paths = _models(out)
+    log = lambda m: click.echo(f"[{time.time() - t0:7.1f}s] {m}", err=True)  # noqa: E731
+    prof_path = calibrate(CalibrateConfig(output=out / "bench.json", models=tuple(paths.values()),
+                                          repeats=repeats, number=number, progress=log))
+    prof = load_profile(str(prof_path))
+    acc = prof.learned["accuracy"]
+    click.echo(f"held-out kernels: {acc['kernels']} from {len(acc['models'])} models")
+    for k in ("roofline", "linear", "trees"):
+        click.echo(f"  {k:8s} within10={acc[k]['within_10pct']:.1%}  MAPE={acc[k]['mape_pct']:.1f}%")
+    rows = load_rows(out / "bench.jsonl")
+    base = DeviceProfile(prof.name, prof.kind, prof.peak_flops, prof.mem_bandwidth,
+                         prof.kernel_overhead, prof.provenance)
+    by_model = {r["model"]: r["workload"] for r in rows if r["type"] == "step"}
+    click.echo("whole step (model held out): measured | kernel-sum pred | op-sum pred "
+               "(learned) | op-sum roofline  [ms]")
+    results = {"accuracy": acc, "steps": {}, "decisions": {}}
+    for name, path in paths.items():
+        mname = next((m for m in by_model if m.startswith(name)), None)
+        if mname is None:
+            continue
+        w = by_model[mname]
+        held = [r for r in rows if r["model"] != mname]
+        learned = fit_learned(held, base, (prof.learned["regressor"]["kind"],), heldout=False)
+        lp = dataclasses.replace(base, learned=learned)
+        step = next(r for r in rows if r["type"] == "step" and r["workload"] == w)
+        kern = [r for r in rows if r["type"] == "kernel" and r["workload"] == w]
+        ksum = prof.learned["steps"].get(w, {}).get(prof.learned["regressor"]["kind"])
+        mod, info = load_onnx(path)
+        lm = LearnedModel(lp)
+        g = annotate_costs(mod, lm, lm, name=info.name, buffers=info.buffers)
+        opsum = sum(op.device.training for op in g.ops) + g.loss_server.training
+        rm = RooflineModel(base)
+        gr = annotate_costs(mod, rm, rm, name=info.name, buffers=info.buffers)
+        roofsum = sum(op.device.training for op in gr.ops) + gr.loss_server.training
+        meas = step["seconds"]
+        click.echo(f"  {name:18s} {meas * 1e3:8.3f} | {ksum * 1e3 if ksum else float('nan'):8.3f}"
+                   f" ({(ksum / meas - 1) * 100 if ksum else float('nan'):+6.1f}%) | "
+                   f"{opsum * 1e3:8.3f} ({(opsum / meas - 1) * 100:+6.1f}%) | "
+                   f"{roofsum * 1e3:8.3f} ({(roofsum / meas - 1) * 100:+6.1f}%)  {lm.name}")
+        results["steps"][name] = {"measured": meas, "kernel_sum": ksum, "op_sum": opsum,
+                                  "roofline_op_sum": roofsum}
+        measured_ops = _attribute(g, kern, step, base)
+        gm = _with_costs(g, measured_ops)
+        gp = _with_costs(g, {op.name: op.device for op in g.ops})
+        dec = {}
+        for rate in ("10Mbps", "100Mbps", "1000Mbps"):
+            link = Link.parse(rate, None, "0")
+            best = solve(gm, link, algorithm="mincut")
+            pred = solve(gp, link, algorithm="mincut")
+            t_best = float(evaluate(gm, best.placement, link).total)
+            t_pred = float(evaluate(gm, pred.placement, link).total)
+            dec[rate] = {"gap_pct": (t_pred / t_best - 1) * 100,
+                         "device_ops_pred": len(pred.placement.device),
+                         "device_ops_best": len(best.placement.device)}
+        results["decisions"][name] = dec
+        click.echo("      decision gap: " + ", ".join(
+            f"{r} {d['gap_pct']:.2f}% (dev ops {d['device_ops_pred']}/{d['device_ops_best']})"
+            for r, d in dec.items()))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    click.echo(f"wrote {out / 'results.json'} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
