@@ -176,6 +176,9 @@ class DeviceTransport:
         )
         s.connect(endpoint(connect))
         self.sock = s
+        self._poller = zmq.Poller()
+        self._poller.register(s, zmq.POLLIN)
+        self._poller.register(self._mon, zmq.POLLIN)
         self.connect_to = connect
         self.up = TokenBucket(link_rate) if link_rate else None
         self.down = TokenBucket(link_rate) if link_rate else None
@@ -213,9 +216,7 @@ class DeviceTransport:
     def recv(self, timeout_s: float):
         """Frames of the next message, or None after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._mon, zmq.POLLIN)
+        poller = self._poller
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
