@@ -38,19 +38,28 @@ import datetime
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-
 from splitc import InputError, SplitcError, __version__
 from splitc.cost_models.features import FAMILIES, FEATURE_NAMES, KernelFeatures, parse_kinds, vector
 from splitc.cost_models.learned import LEARNED_VERSION, Regressor, fit_regressor, mape, within
 from splitc.cost_models.profiles import DeviceProfile
 
-__all__ = ["CalibrateConfig", "calibrate", "default_models", "measure_workload", "load_rows",
-           "fit_learned", "heldout_report", "sweep_module", "model_module", "DATASET_VERSION"]
+__all__ = [
+    "DATASET_VERSION",
+    "CalibrateConfig",
+    "calibrate",
+    "default_models",
+    "fit_learned",
+    "heldout_report",
+    "load_rows",
+    "measure_workload",
+    "model_module",
+    "sweep_module",
+]
 
 DATASET_VERSION = 1
 _BUNDLED = Path(__file__).resolve().parent.parent / "tools" / "models"
@@ -95,14 +104,14 @@ class Workload:
 
 def model_module(path: Path, batch: int | None = None) -> Workload:
     """Server-only split of one ONNX model: the whole training step on one side."""
-    from splitc.cost_models.roofline import RooflineModel
+    import tvm
     from splitc.cost_models.link import Link
+    from splitc.cost_models.roofline import RooflineModel
     from splitc.passes.annotate_costs import annotate_costs
     from splitc.passes.frontend import load_onnx
     from splitc.passes.partition import solve
     from splitc.passes.pipeline import resolve_input_shapes
     from splitc.passes.split_module import split_module
-    import tvm
 
     shapes = resolve_input_shapes(Path(path), {}, batch)
     mod, info = load_onnx(path, shapes or None)
@@ -123,6 +132,17 @@ def model_module(path: Path, batch: int | None = None) -> Workload:
                     ("server_step_flat", "server_update_flat"))
 
 
+def _unflatten(ty, hint: str, flat: list):
+    """An expression of type ``ty`` built from fresh tensor vars (appended to ``flat``)."""
+    from tvm import relax
+
+    if hasattr(ty, "fields"):
+        return relax.Tuple([_unflatten(t, f"{hint}_{i}", flat) for i, t in enumerate(ty.fields)])
+    v = relax.Var(hint, ty)
+    flat.append(v)
+    return v
+
+
 def _with_flat_entries(mod, names):
     """Add ``NAME_flat(tensors...)`` calling ``NAME`` with its tuple arguments rebuilt: TVM RPC
     cannot pass nested tuples (``server_update((params), (grads), state)``) to a remote VM."""
@@ -134,17 +154,8 @@ def _with_flat_entries(mod, names):
         func = mod[name]
         if gv.ty is None or not hasattr(gv.ty, "ret"):
             relax.expr._update_type(gv, func.ty)  # a GlobalVar from IRModule({...}) has none
-        flat, rebuilt = [], []
-
-        def unflatten(ty, hint):
-            if hasattr(ty, "fields"):
-                return relax.Tuple([unflatten(t, f"{hint}_{i}") for i, t in enumerate(ty.fields)])
-            v = relax.Var(hint, ty)
-            flat.append(v)
-            return v
-
-        for p in func.params:
-            rebuilt.append(unflatten(p.ty, p.name))
+        flat: list = []
+        rebuilt = [_unflatten(p.ty, p.name, flat) for p in func.params]
         with bb.function(f"{name}_flat", flat):
             out = bb.emit(relax.Call(gv, rebuilt))
             bb.emit_func_output(out)
@@ -171,7 +182,6 @@ _SWEEP = (
 
 def sweep_module() -> Workload:
     """One Relax function per single op of the sweep (all forward kernels)."""
-    import tvm
     from tvm import relax
     from tvm.relax import op as R
 
@@ -284,10 +294,9 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     """Compile ``w`` as the build does, time its kernels (skipping keys in ``done``) and its
     whole step, and ``emit`` one row per kernel and one ``step`` row."""
     import tvm
+    from splitc.passes.schedules import default_cpu_schedule
     from tvm import relax, tirx
     from tvm.s_tir.analysis import estimate_tir_flops
-
-    from splitc.passes.schedules import default_cpu_schedule
 
     target = tvm.target.Target(cfg.target)
     if target.kind.name != "llvm":
@@ -341,7 +350,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _row_key(workload: str, function: str, role: str, symbol: str) -> tuple:

@@ -26,8 +26,15 @@ from dataclasses import dataclass
 from splitc.cost_models.base import OpFeatures
 
 __all__ = [
-    "KernelFeatures", "FAMILIES", "ROLES", "parse_kinds", "family_of", "op_kernels", "vector",
-    "FEATURE_NAMES", "parallel_guess",
+    "FAMILIES",
+    "FEATURE_NAMES",
+    "ROLES",
+    "KernelFeatures",
+    "family_of",
+    "op_kernels",
+    "parallel_guess",
+    "parse_kinds",
+    "vector",
 ]
 
 # Heaviest first: a fused kernel belongs to the first family any of its kinds falls in.
@@ -88,7 +95,7 @@ class KernelFeatures:
                 "parallel": self.parallel}
 
     @classmethod
-    def from_json(cls, d: dict) -> "KernelFeatures":
+    def from_json(cls, d: dict) -> KernelFeatures:
         return cls(tuple(d["kinds"]), float(d["flops"]), int(d["bytes_read"]),
                    int(d["bytes_written"]), int(d["param_bytes"]), str(d["role"]),
                    tuple(tuple(s) for s in d.get("in_shapes", ())),

@@ -25,15 +25,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from splitc import InputError
 from splitc.cost_models.base import OpCost, OpFeatures
 from splitc.cost_models.features import FEATURE_NAMES, KernelFeatures, op_kernels, vector
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.roofline import OPTIMIZERS, RooflineModel
 
-__all__ = ["LearnedModel", "Regressor", "fit_regressor", "cost_model_for", "LEARNED_VERSION",
-           "mape", "within"]
+__all__ = [
+    "LEARNED_VERSION",
+    "LearnedModel",
+    "Regressor",
+    "cost_model_for",
+    "fit_regressor",
+    "mape",
+    "within",
+]
 
 LEARNED_VERSION = 1
 
@@ -70,7 +76,7 @@ class Regressor:
         return {"kind": self.kind, **self.params}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Regressor":
+    def from_json(cls, d: dict) -> Regressor:
         d = dict(d)
         return cls(d.pop("kind"), d)
 

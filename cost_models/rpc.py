@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from tvm import relax
-
 from splitc import InputError, SplitcError
+from tvm import relax
 
 __all__ = ["Runner", "Timing", "parse_tracker", "random_args"]
 

@@ -27,7 +27,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import click
-import numpy as np
 
 
 def _models(out: Path) -> dict[str, Path]:
@@ -36,7 +35,7 @@ def _models(out: Path) -> dict[str, Path]:
     from torch import nn
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "helpers"))
-    import models as M  # noqa: E402
+    import models as M
 
     paths = {n: M.export_model(n) for n in ("tiny_cnn", "mbv2_block", "tiny_transformer")}
 
@@ -140,7 +139,7 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
 @click.option("--number", default=3, show_default=True)
 def main(out: Path, repeats: int, number: int) -> None:
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
-    from splitc.cost_models.learned import LearnedModel, mape, within
+    from splitc.cost_models.learned import LearnedModel
     from splitc.cost_models.link import Link
     from splitc.cost_models.profiles import DeviceProfile, load_profile
     from splitc.cost_models.roofline import RooflineModel
@@ -151,7 +150,7 @@ def main(out: Path, repeats: int, number: int) -> None:
 
     t0 = time.time()
     paths = _models(out)
-    log = lambda m: click.echo(f"[{time.time() - t0:7.1f}s] {m}", err=True)  # noqa: E731
+    log = lambda m: click.echo(f"[{time.time() - t0:7.1f}s] {m}", err=True)
     prof_path = calibrate(CalibrateConfig(output=out / "bench.json", models=tuple(paths.values()),
                                           repeats=repeats, number=number, progress=log))
     prof = load_profile(str(prof_path))

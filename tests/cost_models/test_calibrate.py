@@ -10,10 +10,14 @@ import sys
 import time
 
 import pytest
-
 from splitc import InputError
-from splitc.cost_models.calibrate import (CalibrateConfig, calibrate, load_rows, model_module,
-                                          sweep_module)
+from splitc.cost_models.calibrate import (
+    CalibrateConfig,
+    calibrate,
+    load_rows,
+    model_module,
+    sweep_module,
+)
 from splitc.cost_models.features import parse_kinds
 from splitc.cost_models.learned import LearnedModel, cost_model_for
 from splitc.cost_models.profiles import load_profile
@@ -54,10 +58,9 @@ def test_calibrate_input_errors(tmp_path):
 def test_kernel_roles_of_the_training_step(tiny_cnn_onnx):
     """The server-only split holds the whole step: forward, then backward, then SGD."""
     import tvm
-    from tvm import relax
-
     from splitc.cost_models.calibrate import _calls
     from splitc.passes.schedules import default_cpu_schedule
+    from tvm import relax
 
     w = model_module(tiny_cnn_onnx)
     with tvm.target.Target("llvm") as t:
@@ -172,7 +175,7 @@ def rpc_tracker():
 
 @pytest.mark.slow
 def test_calibrate_through_rpc_tracker(tmp_path, tiny_cnn_onnx, rpc_tracker):
-    out, msgs = _calibrate(tmp_path, tiny_cnn_onnx, rpc_tracker=rpc_tracker,
+    out, _ = _calibrate(tmp_path, tiny_cnn_onnx, rpc_tracker=rpc_tracker,
                            rpc_key="splitc-test")
     rows = load_rows(tmp_path / "cal.jsonl")
     assert rows and all(r["board"] == "splitc-test" for r in rows)

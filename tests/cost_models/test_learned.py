@@ -1,16 +1,29 @@
 """cost_models/features.py and learned.py: kernel features, JSON regressors, fallback."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-
 from splitc import InputError
 from splitc.cost_models.base import OpFeatures
-from splitc.cost_models.features import (FEATURE_NAMES, KernelFeatures, family_of, op_kernels,
-                                         parse_kinds, vector)
-from splitc.cost_models.learned import (LEARNED_VERSION, LearnedModel, Regressor,
-                                        cost_model_for, fit_regressor, mape, within)
+from splitc.cost_models.features import (
+    FEATURE_NAMES,
+    KernelFeatures,
+    family_of,
+    op_kernels,
+    parse_kinds,
+    vector,
+)
+from splitc.cost_models.learned import (
+    LEARNED_VERSION,
+    LearnedModel,
+    Regressor,
+    cost_model_for,
+    fit_regressor,
+    mape,
+    within,
+)
 from splitc.cost_models.profiles import DeviceProfile, load_profile
 from splitc.cost_models.roofline import RooflineModel
 
@@ -158,3 +171,17 @@ def test_learned_model_errors():
         LearnedModel(prof, "lamb")
     with pytest.raises(InputError, match=r"unknown regressor 'svm'; use linear or trees"):
         fit_regressor("svm", *_synthetic())
+
+
+def test_parallel_guess_follows_the_schedule_threshold():
+    from splitc.cost_models.features import parallel_guess
+
+    # injective: 64 x 64 = 4096 output elements reach the 4096-iteration threshold, 64 x 63 not
+    big = KernelFeatures(("add",), 4096, 32768, 16384, 0, "forward", (), ((64, 64),))
+    small = KernelFeatures(("add",), 4032, 32256, 16128, 0, "forward", (), ((64, 63),))
+    assert parallel_guess(big) and not parallel_guess(small)
+    # a reduction to 10 outputs with 2 x 4096 FLOPs = 4096 multiply-accumulates: parallel
+    red = KernelFeatures(("matmul",), 8192, 1, 40, 0, "forward", (), ((10,),))
+    assert parallel_guess(red)
+    # measured from the TIR wins over the guess
+    assert not parallel_guess(dataclasses.replace(big, parallel=False))
