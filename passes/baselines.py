@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
-
 from splitc import InputError, PlanError
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph, needs_grad
 from splitc.passes.plan import OBJECTIVES, Placement, evaluate
+
 
 def _reach_many(n, tails, heads, starts) -> np.ndarray:
     """Mask of nodes reachable from any of ``starts`` (scipy BFS from a virtual root)."""
@@ -42,8 +42,16 @@ def _reach_many(n, tails, heads, starts) -> np.ndarray:
     return m
 
 
-__all__ = ["Problem", "device_only", "server_only", "layerwise", "exhaustive",
-           "EXHAUSTIVE_LIMIT", "TIED_POLICIES"]
+__all__ = [
+    "EXHAUSTIVE_LIMIT",
+    "TIED_POLICIES",
+    "Problem",
+    "device_only",
+    "exhaustive",
+    "layerwise",
+    "no_crossing",
+    "server_only",
+]
 
 EXHAUSTIVE_LIMIT = 20  # 2**20 placements at ~50 us each in Python: under a minute
 TIED_POLICIES = ("sync", "pin")
@@ -58,15 +66,21 @@ def _resolve_pins(graph: OpGraph, pins: dict | None) -> dict[str, tuple[str, str
     out: dict[str, tuple[str, str]] = {}
     for pat, side in (pins or {}).items():
         if side not in ("device", "server"):
-            raise InputError(f"Partition: pin {pat!r}={side!r}; the side must be device or server")
+            raise InputError(
+                f"Partition: pin {pat!r}={side!r}; the side must be device or server"
+            )
         hits = [pat] if pat in names else fnmatch.filter(names, pat)
         if not hits:
-            raise InputError(f"Partition: pin {pat!r} matches no op; use an op name or a glob "
-                             f"such as {names[0]!r} or 'conv*' (see the graph's op list)")
+            raise InputError(
+                f"Partition: pin {pat!r} matches no op; use an op name or a glob "
+                f"such as {names[0]!r} or 'conv*' (see the graph's op list)"
+            )
         for h in hits:
             if h in out and out[h][0] != side:
-                raise PlanError(f"Partition: op {h!r} is pinned to {out[h][0]} by {out[h][1]!r} "
-                                f"and to {side} by {pat!r}; remove one of the two pins")
+                raise PlanError(
+                    f"Partition: op {h!r} is pinned to {out[h][0]} by {out[h][1]!r} "
+                    f"and to {side} by {pat!r}; remove one of the two pins"
+                )
             out[h] = (side, pat)
     return out
 
@@ -87,9 +101,13 @@ class Problem:
     def __post_init__(self) -> None:
         g, obj = self.graph, self.objective
         if obj not in OBJECTIVES:
-            raise InputError(f"Partition: unknown objective {obj!r}; use training or inference")
+            raise InputError(
+                f"Partition: unknown objective {obj!r}; use training or inference"
+            )
         if self.tied_policy not in TIED_POLICIES:
-            raise InputError(f"Partition: unknown tied_policy {self.tied_policy!r}; use sync or pin")
+            raise InputError(
+                f"Partition: unknown tied_policy {self.tied_policy!r}; use sync or pin"
+            )
         self.index = {op.name: i for i, op in enumerate(g.ops)}
         n = len(g.ops)
         self.cd = np.array([op.device.for_objective(obj) for op in g.ops], dtype=float)
@@ -117,7 +135,9 @@ class Problem:
         self.e_c = np.array(e_c, dtype=np.int64)
         self.t_ncons = np.bincount(self.e_t, minlength=len(names))
         self.e_p = self.t_p[self.e_t]  # producer of the tensor each entry reads
-        self.out_down = np.zeros(n)  # inference: result bytes down when made on the server
+        self.out_down = np.zeros(
+            n
+        )  # inference: result bytes down when made on the server
         self.makes_result = np.zeros(n, dtype=bool)
         if obj == "inference":
             for name in g.outputs:
@@ -129,15 +149,20 @@ class Problem:
         for p in g.params.values():
             unknown = [r for r in p.readers if r not in self.index]
             if unknown:
-                raise InputError(f"Partition: param {p.name!r} lists reader {unknown[0]!r} "
-                                 "that is no op; re-run AnnotateCosts")
+                raise InputError(
+                    f"Partition: param {p.name!r} lists reader {unknown[0]!r} "
+                    "that is no op; re-run AnnotateCosts"
+                )
             readers = tuple(sorted({self.index[r] for r in p.readers}))
             if len(readers) > 1:
                 self.tied.append((p.name, readers, p.nbytes / up + p.nbytes / down))
         self.constant = 0.0  # training constants evaluate() adds: loss, labels, latency
         if obj == "training":
-            self.constant = (g.loss_server.training + 2 * self.link.latency
-                             + sum(t.nbytes for t in g.labels) / up)
+            self.constant = (
+                g.loss_server.training
+                + 2 * self.link.latency
+                + sum(t.nbytes for t in g.labels) / up
+            )
         self._forced()
 
     # -- pins and forced sides ----------------------------------------------------------
@@ -151,9 +176,11 @@ class Problem:
                 for c in g.tensors[name].consumers:
                     i = idx[c]
                     if reason.get(i, ("device",))[0] == "server":
-                        raise PlanError(f"Partition: op {c!r} is {reason[i][1]} but reads model "
-                                        f"input {name!r} and raw data never leaves the device; "
-                                        "unpin it or pass allow_raw_upload=True")
+                        raise PlanError(
+                            f"Partition: op {c!r} is {reason[i][1]} but reads model "
+                            f"input {name!r} and raw data never leaves the device; "
+                            "unpin it or pass allow_raw_upload=True"
+                        )
                     reason.setdefault(i, ("device", f"reads model input {name!r}"))
         self.reason = reason
         groups = [list(gr) for gr in self.groups]
@@ -183,7 +210,7 @@ class Problem:
             srv_next[b].append(a)
         dev_par = self._closure(dev_start, dev_next)
         srv_par = self._closure(srv_start, srv_next)
-        x = sorted(set(dev_par) & set(srv_par))[0]
+        x = min(set(dev_par) & set(srv_par))
         d, p = self._root(x, dev_par), self._root(x, srv_par)
         chain = self._chain(x, srv_par)[::-1] + self._chain(x, dev_par)[1:]
         names = " -> ".join(g.ops[i].name for i in chain)
@@ -191,7 +218,8 @@ class Problem:
             f"Partition: contradictory pins: {g.ops[p].name!r} ({reason[p][1]}) must run on "
             f"the server and {g.ops[d].name!r} ({reason[d][1]}) on the device, but the first "
             f"feeds the second ({names}) and nothing on the server may feed the device; "
-            "change one of these pins")
+            "change one of these pins"
+        )
 
     @staticmethod
     def _closure(start, nxt):
@@ -244,7 +272,9 @@ class Problem:
         tot = float(self.cd[dev].sum() + self.cs[~dev].sum() + self.t_comm[cross].sum())
         tot += self.constant
         if self.objective == "training":
-            tot += sum(c for _, rd, c in self.tied if len({bool(dev[r]) for r in rd}) == 2)
+            tot += sum(
+                c for _, rd, c in self.tied if len({bool(dev[r]) for r in rd}) == 2
+            )
         else:
             tot += float(self.out_down[~dev].sum())
             if cross.any() or self.makes_result[~dev].any():
@@ -263,7 +293,9 @@ class Problem:
         return Placement.of(op.name for op, d in zip(self.graph.ops, dev) if d)
 
     def exact(self, dev) -> Fraction:
-        return evaluate(self.graph, self.placement(dev), self.link, self.objective).total
+        return evaluate(
+            self.graph, self.placement(dev), self.link, self.objective
+        ).total
 
     def best_exact(self, candidates):
         """The exactly cheapest of ``(float cost, dev mask)`` candidates near the float best."""
@@ -340,10 +372,12 @@ def layerwise(pb: Problem) -> np.ndarray | None:
 
 def exhaustive(pb: Problem) -> np.ndarray:
     """The exact optimum over every valid placement (raises above the size limit)."""
-    g, n = pb.graph, len(pb.graph.ops)
+    n = len(pb.graph.ops)
     if pb.free > EXHAUSTIVE_LIMIT:
-        raise InputError(f"Partition: exhaustive search over {pb.free} free ops is too large "
-                         f"(limit {EXHAUSTIVE_LIMIT}); use algorithm 'mincut' (exact)")
+        raise InputError(
+            f"Partition: exhaustive search over {pb.free} free ops is too large "
+            f"(limit {EXHAUSTIVE_LIMIT}); use algorithm 'mincut' (exact)"
+        )
     prods: list[set[int]] = [set() for _ in range(n)]
     for c, p in zip(pb.e_c.tolist(), pb.e_p.tolist()):
         if p >= 0:
@@ -368,3 +402,38 @@ def exhaustive(pb: Problem) -> np.ndarray:
     if not cands:
         raise PlanError("Partition: no valid placement; check the pins")
     return pb.best_exact(cands)
+
+
+def no_crossing(pb: Problem) -> np.ndarray | None:
+    """Inference: the cheapest placement where nothing crosses (no latency), or None."""
+    n = len(pb.graph.ops)
+    root = list(range(n))
+
+    def find(x):
+        while root[x] != x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+
+    for c, p in zip(pb.e_c.tolist(), pb.e_p.tolist()):
+        if p >= 0:
+            root[find(c)] = find(p)
+    for gr in pb.same:
+        for a in gr[1:]:
+            root[find(a)] = find(gr[0])
+    comp = np.array([find(i) for i in range(n)])
+    dev_only = (
+        pb.forced_dev | pb.makes_result
+    )  # and readers of model inputs (raw upload)
+    dev_only[pb.e_c[pb.e_p < 0]] = True
+    for i in np.nonzero(pb.forced_srv)[0]:
+        if dev_only[comp == comp[i]].any():
+            return None
+    dev = np.ones(n, dtype=bool)
+    for r in set(comp.tolist()):
+        m = comp == r
+        if not dev_only[m].any() and (
+            pb.forced_srv[m].any() or pb.cs[m].sum() < pb.cd[m].sum()
+        ):
+            dev[m] = False
+    return dev

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
-
 from splitc.passes.opgraph import OpGraph
 
 __all__ = ["Blocks", "find_blocks"]
@@ -81,7 +81,7 @@ def find_blocks(graph: OpGraph, min_repeats: int = 2) -> Blocks:
             live[m + 1] -= 1
     live = np.cumsum(live)
     cuts = [0] + [k for k in range(1, n) if live[k] <= 1] + [n]
-    segs = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    segs = [(a, b) for a, b in pairwise(cuts) if b > a]
     cands = _blocks(segs)
     sig = {r: tuple(ops[i].op for i in range(*r)) for r in cands}
     count = Counter(sig.values())

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from splitc import InputError, PlanError
 from splitc.cost_models.base import OpCost
 from splitc.cost_models.link import Link
@@ -31,7 +30,7 @@ from splitc.passes.partition import _mincut, build_network, compare, solve
 from splitc.passes.plan import Placement, evaluate
 
 _COST = st.floats(-9, 3).map(lambda e: 10.0**e)
-_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 
 
 @st.composite
@@ -46,8 +45,14 @@ def dags(draw, max_ops=8):
     ops_spec = []
     for i in range(n):
         k = draw(st.integers(1, min(3, len(avail))))
-        ins = draw(st.lists(st.sampled_from(avail[-4:] + avail[:1]), min_size=k, max_size=k,
-                            unique=True))
+        ins = draw(
+            st.lists(
+                st.sampled_from(avail[-4:] + avail[:1]),
+                min_size=k,
+                max_size=k,
+                unique=True,
+            )
+        )
         outs = [f"t{i}"] + ([f"t{i}b"] if draw(st.integers(0, 5)) == 0 else [])
         for o in outs:
             shape[o] = (int(10.0 ** draw(st.floats(0, 8.4))),)
@@ -64,30 +69,57 @@ def dags(draw, max_ops=8):
         if has_param:
             params[f"w_{name}"] = [name]
     if n >= 2 and draw(st.booleans()):  # a tied weight read by two or three ops
-        readers = draw(st.lists(st.sampled_from([s[0] for s in ops_spec]), min_size=2,
-                                max_size=3, unique=True))
+        readers = draw(
+            st.lists(
+                st.sampled_from([s[0] for s in ops_spec]),
+                min_size=2,
+                max_size=3,
+                unique=True,
+            )
+        )
         params["tied"] = readers
     ops = []
     for name, ins, outs, _, dev, srv in ops_spec:
         ps = tuple(p for p, rd in params.items() if name in rd)
-        ops.append(OpNode(name, "op", tuple(ins), tuple(outs), ps, device=dev, server=srv))
+        ops.append(
+            OpNode(name, "op", tuple(ins), tuple(outs), ps, device=dev, server=srv)
+        )
     unread = [t for t in avail if t not in reads and not t.startswith("x")]
-    extra = [t for t in avail if t in reads and not t.startswith("x") and draw(st.integers(0, 6)) == 0]
+    extra = [
+        t
+        for t in avail
+        if t in reads and not t.startswith("x") and draw(st.integers(0, 6)) == 0
+    ]
     outputs = tuple(unread + extra)
     tensors = {}
     for t in avail:
         prod = None if t.startswith("x") else "op" + t[1:].rstrip("b")
-        tensors[t] = Tensor(t, shape[t], dtype[t], prod, tuple(reads.get(t, ())), t in outputs)
-    ps = {p: Param(p, (draw(st.integers(1, 10**6)),), "float32", tuple(rd))
-          for p, rd in params.items()}
+        tensors[t] = Tensor(
+            t, shape[t], dtype[t], prod, tuple(reads.get(t, ())), t in outputs
+        )
+    ps = {
+        p: Param(p, (draw(st.integers(1, 10**6)),), "float32", tuple(rd))
+        for p, rd in params.items()
+    }
     labels = (Tensor("label", (draw(st.integers(1, 100)),), "int64", None),)
-    return OpGraph("rand", tuple(ops), tensors, ps, tuple(avail[:n_in]), outputs, labels,
-                   OpCost(draw(_COST)))
+    return OpGraph(
+        "rand",
+        tuple(ops),
+        tensors,
+        ps,
+        tuple(avail[:n_in]),
+        outputs,
+        labels,
+        OpCost(draw(_COST)),
+    )
 
 
-links = st.builds(Link, st.floats(3, 10).map(lambda e: 10.0**e),
-                  st.floats(3, 10).map(lambda e: 10.0**e),
-                  st.sampled_from([0.0, 1e-3, 0.05]))
+links = st.builds(
+    Link,
+    st.floats(3, 10).map(lambda e: 10.0**e),
+    st.floats(3, 10).map(lambda e: 10.0**e),
+    st.sampled_from([0.0, 1e-3, 0.05]),
+)
 
 
 def _tol(pb, opt):
@@ -114,7 +146,8 @@ def problems(draw, max_ops=8):
     pins = {}
     if draw(st.integers(0, 3)) == 0:
         pins[draw(st.sampled_from([o.name for o in g.ops]))] = draw(
-            st.sampled_from(["device", "server"]))
+            st.sampled_from(["device", "server"])
+        )
     return g, draw(links), draw(st.sampled_from(["training", "inference"])), pins
 
 
@@ -132,8 +165,14 @@ def test_mincut_equals_exhaustive(case, tied_policy):
     pb = _problem(g, link, obj, pins, tied_policy=tied_policy)
     if pb is None:
         return
-    best = solve(g, link, objective=obj, algorithm="exhaustive", pins=pins,
-                 tied_policy=tied_policy)
+    best = solve(
+        g,
+        link,
+        objective=obj,
+        algorithm="exhaustive",
+        pins=pins,
+        tied_policy=tied_policy,
+    )
     plan = solve(g, link, objective=obj, pins=pins, tied_policy=tied_policy)
     _check_plan(g, plan, pins, obj)
     assert plan.tied_policy == tied_policy
@@ -199,7 +238,9 @@ def test_network_prices_every_placement_like_evaluate(case, tied_policy):
         bd = evaluate(g, pb.placement(dev), link, obj)
         var = bd.total - (bd.fixed if obj == "inference" else 0)
         got = net.value(dev) + net.constant
-        assert math.isclose(got, float(var), rel_tol=1e-9, abs_tol=1e-12 * float(bd.total))
+        assert math.isclose(
+            got, float(var), rel_tol=1e-9, abs_tol=1e-12 * float(bd.total)
+        )
         assert math.isclose(pb.cost(dev), float(bd.total), rel_tol=1e-9)
 
 
@@ -214,7 +255,9 @@ def test_baselines_and_blockwise_never_beat_mincut(case):
     m = plans["mincut"]
     _check_plan(g, m, pins, obj)
     for name, p in plans.items():
-        if name != "server-only":  # the one baseline that may upload raw data and ignore pins
+        if (
+            name != "server-only"
+        ):  # the one baseline that may upload raw data and ignore pins
             assert p.total >= m.total - _tol(pb, m.total), name
             _check_plan(g, p, pins, obj)
     srv = plans["server-only"]
@@ -226,25 +269,46 @@ def test_baselines_and_blockwise_never_beat_mincut(case):
 
 # -- worked examples with exact arithmetic -------------------------------------------------
 
+
 def _chain(costs, nbytes, tied=False):
     """x -> op0 -> op1 -> ... ; op i costs (device, server); tensor i has nbytes[i] bytes."""
     ops, tensors = [], {"x": Tensor("x", (nbytes[0] // 4,), "float32", None, ("op0",))}
     for i, (d, s) in enumerate(costs):
         out = f"t{i + 1}"
         last = i == len(costs) - 1
-        tensors[out] = Tensor(out, (nbytes[i + 1] // 4,), "float32", f"op{i}",
-                              () if last else (f"op{i + 1}",), last)
+        tensors[out] = Tensor(
+            out,
+            (nbytes[i + 1] // 4,),
+            "float32",
+            f"op{i}",
+            () if last else (f"op{i + 1}",),
+            last,
+        )
         ps = ("w",) if tied and i in (0, len(costs) - 1) else (f"w{i}",)
-        ops.append(OpNode(f"op{i}", "op", ("x" if i == 0 else f"t{i}",), (out,), ps,
-                          device=OpCost(d), server=OpCost(s)))
-    params = {p: Param(p, (250,), "float32", tuple(o.name for o in ops if p in o.params))
-              for o in ops for p in o.params}
+        ops.append(
+            OpNode(
+                f"op{i}",
+                "op",
+                ("x" if i == 0 else f"t{i}",),
+                (out,),
+                ps,
+                device=OpCost(d),
+                server=OpCost(s),
+            )
+        )
+    params = {
+        p: Param(p, (250,), "float32", tuple(o.name for o in ops if p in o.params))
+        for o in ops
+        for p in o.params
+    }
     return OpGraph("chain", tuple(ops), tensors, params, ("x",), (f"t{len(costs)}",))
 
 
 def test_tied_weight_sync_is_charged_exactly():
     # op0 and op2 share the 1000-byte weight w; at 1 MB/s a sync costs 1 ms up + 1 ms down.
-    g = _chain([(0.001, 0.001), (0.5, 0.001), (0.5, 0.001)], [4000, 1000, 1000, 40], tied=True)
+    g = _chain(
+        [(0.001, 0.001), (0.5, 0.001), (0.5, 0.001)], [4000, 1000, 1000, 40], tied=True
+    )
     link = Link(1e6, 1e6)
     plan = solve(g, link)
     # best: op0 on device (op0 reads x); t1 crosses: 1000 B up + down = 2 ms; w split: 2 ms
@@ -282,48 +346,68 @@ def test_reductions_shrink_a_chain():
 
 # -- errors ----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def chain():
     return _chain([(0.01, 0.001)] * 3, [400] * 4)
 
 
 def test_pin_matching_no_op(chain):
-    with pytest.raises(InputError, match=r"Partition: pin 'xyz\*' matches no op; use an op name"):
+    with pytest.raises(
+        InputError, match=r"Partition: pin 'xyz\*' matches no op; use an op name"
+    ):
         solve(chain, Link(1e6, 1e6), pins={"xyz*": "device"})
 
 
 def test_pin_bad_side(chain):
-    with pytest.raises(InputError, match=r"pin 'op1'='gpu'; the side must be device or server"):
+    with pytest.raises(
+        InputError, match=r"pin 'op1'='gpu'; the side must be device or server"
+    ):
         solve(chain, Link(1e6, 1e6), pins={"op1": "gpu"})
 
 
 def test_contradictory_pins_name_the_ops(chain):
-    with pytest.raises(PlanError, match=r"contradictory pins: 'op1' \(pinned to server by 'op1'\)"
-                       r" must run on the server and 'op2' \(pinned to device by 'op2'\) on the "
-                       r"device, but the first feeds the second \(op1 -> op2\)"):
+    with pytest.raises(
+        PlanError,
+        match=r"contradictory pins: 'op1' \(pinned to server by 'op1'\)"
+        r" must run on the server and 'op2' \(pinned to device by 'op2'\) on the "
+        r"device, but the first feeds the second \(op1 -> op2\)",
+    ):
         solve(chain, Link(1e6, 1e6), pins={"op1": "server", "op2": "device"})
 
 
 def test_pin_both_sides(chain):
-    with pytest.raises(PlanError, match=r"op 'op1' is pinned to device by 'op1' and to server "
-                       r"by 'op\*'"):
+    with pytest.raises(
+        PlanError,
+        match=r"op 'op1' is pinned to device by 'op1' and to server "
+        r"by 'op\*'",
+    ):
         solve(chain, Link(1e6, 1e6), pins={"op1": "device", "op*": "server"})
 
 
 def test_server_pin_on_input_reader(chain):
-    with pytest.raises(PlanError, match=r"op 'op0' is pinned to server by 'op0' but reads model "
-                       r"input 'x' and raw data never leaves the device"):
+    with pytest.raises(
+        PlanError,
+        match=r"op 'op0' is pinned to server by 'op0' but reads model "
+        r"input 'x' and raw data never leaves the device",
+    ):
         solve(chain, Link(1e6, 1e6), pins={"op0": "server"})
     plan = solve(chain, Link(1e6, 1e6), pins={"op0": "server"}, allow_raw_upload=True)
     assert plan.placement.device == frozenset() and plan.cut[0].name == "x"
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"algorithm": "magic"}, r"unknown algorithm 'magic'; use one of mincut, blockwise"),
-    ({"engine": "scipy"}, r"unknown engine 'scipy'; use one of ortools, networkx"),
-    ({"objective": "fun"}, r"unknown objective 'fun'; use training or inference"),
-    ({"tied_policy": "ignore"}, r"unknown tied_policy 'ignore'; use sync or pin"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (
+            {"algorithm": "magic"},
+            r"unknown algorithm 'magic'; use one of mincut, blockwise",
+        ),
+        ({"engine": "scipy"}, r"unknown engine 'scipy'; use one of ortools, networkx"),
+        ({"objective": "fun"}, r"unknown objective 'fun'; use training or inference"),
+        ({"tied_policy": "ignore"}, r"unknown tied_policy 'ignore'; use sync or pin"),
+    ],
+)
 def test_unknown_options(chain, kw, msg):
     with pytest.raises(InputError, match=msg):
         solve(chain, Link(1e6, 1e6), **kw)
@@ -331,7 +415,9 @@ def test_unknown_options(chain, kw, msg):
 
 def test_exhaustive_refuses_large_graphs():
     g = _chain([(0.01, 0.001)] * 22, [400] * 23)
-    with pytest.raises(InputError, match=r"exhaustive search over 21 free ops is too large"):
+    with pytest.raises(
+        InputError, match=r"exhaustive search over 21 free ops is too large"
+    ):
         solve(g, Link(1e6, 1e6), algorithm="exhaustive")
     plans = compare(g, Link(1e6, 1e6))
     assert "exhaustive" not in plans
@@ -340,16 +426,32 @@ def test_exhaustive_refuses_large_graphs():
 
 def test_layerwise_without_valid_cut():
     # diamond x -> a -> (b, c) -> d with order a, b, c, d: pins b=server, c=device leave no prefix
-    ts = {"x": Tensor("x", (1,), "float32", None, ("a",)),
-          "ta": Tensor("ta", (1,), "float32", "a", ("b", "c")),
-          "tb": Tensor("tb", (1,), "float32", "b", ("d",)),
-          "tc": Tensor("tc", (1,), "float32", "c", ("d",)),
-          "td": Tensor("td", (1,), "float32", "d", (), True)}
-    ops = tuple(OpNode(n, "op", ins, (f"t{n}",)) for n, ins in
-                [("a", ("x",)), ("b", ("ta",)), ("c", ("ta",)), ("d", ("tb", "tc"))])
+    ts = {
+        "x": Tensor("x", (1,), "float32", None, ("a",)),
+        "ta": Tensor("ta", (1,), "float32", "a", ("b", "c")),
+        "tb": Tensor("tb", (1,), "float32", "b", ("d",)),
+        "tc": Tensor("tc", (1,), "float32", "c", ("d",)),
+        "td": Tensor("td", (1,), "float32", "d", (), True),
+    }
+    ops = tuple(
+        OpNode(n, "op", ins, (f"t{n}",))
+        for n, ins in [
+            ("a", ("x",)),
+            ("b", ("ta",)),
+            ("c", ("ta",)),
+            ("d", ("tb", "tc")),
+        ]
+    )
     g = OpGraph("d", ops, ts, {}, ("x",), ("td",))
-    with pytest.raises(PlanError, match=r"no single cut of the topological order respects"):
-        solve(g, Link(1e6, 1e6), algorithm="layerwise", pins={"b": "server", "c": "device"})
+    with pytest.raises(
+        PlanError, match=r"no single cut of the topological order respects"
+    ):
+        solve(
+            g,
+            Link(1e6, 1e6),
+            algorithm="layerwise",
+            pins={"b": "server", "c": "device"},
+        )
     plan = solve(g, Link(1e6, 1e6), pins={"b": "server", "c": "device"})
     assert plan.placement.device == frozenset({"a", "c"})
 

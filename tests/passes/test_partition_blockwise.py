@@ -5,7 +5,6 @@ from __future__ import annotations
 import doctest
 
 import pytest
-
 from splitc.cost_models.link import Link
 from splitc.passes import baselines, blockwise, maxflow, partition
 from splitc.passes import baselines as bl
@@ -58,7 +57,9 @@ def test_reductions_shrink_dnn_networks_exactly():
     st_off: dict = {}
     on = _mincut(pb, "ortools", True, st_on)
     off = _mincut(pb, "ortools", False, st_off)
-    assert st_on["solved"][0] * 3 < st_off["solved"][0]  # chain merges + pruning: > 3x fewer
+    assert (
+        st_on["solved"][0] * 3 < st_off["solved"][0]
+    )  # chain merges + pruning: > 3x fewer
     assert pb.exact(on) == pb.exact(off) or abs(pb.exact(on) - pb.exact(off)) < 1e-12
 
 
@@ -67,6 +68,8 @@ def test_inference_objective_on_a_dnn():
     for mbps in (10, 1000):
         link = Link.parse(f"{mbps}Mbps", latency="5ms")
         plan = solve(g, link, objective="inference")
-        base = [solve(g, link, objective="inference", algorithm=a).total
-                for a in ("layerwise", "device-only")]
+        base = [
+            solve(g, link, objective="inference", algorithm=a).total
+            for a in ("layerwise", "device-only")
+        ]
         assert plan.total <= min(base)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fractions import Fraction as F
 
 import pytest
-
 from splitc import PlanError
 from splitc.cost_models.base import OpCost
 from splitc.cost_models.link import Link
@@ -23,15 +22,39 @@ def _graph():
         "tc": Tensor("tc", (10,), "float32", "c", (), True),  # 40 B, the model output
     }
     ops = (
-        OpNode("a", "matmul", ("x",), ("ta",), ("w",), device=OpCost(0.5, 0.25, 0.125),
-               server=OpCost(0.0625)),
-        OpNode("b", "argmax", ("ta",), ("tb",), device=OpCost(0.25), server=OpCost(0.125)),
-        OpNode("c", "gather", ("ta", "tb"), ("tc",), ("w",), device=OpCost(2.0, 1.0),
-               server=OpCost(0.5, 0.25)),
+        OpNode(
+            "a",
+            "matmul",
+            ("x",),
+            ("ta",),
+            ("w",),
+            device=OpCost(0.5, 0.25, 0.125),
+            server=OpCost(0.0625),
+        ),
+        OpNode(
+            "b", "argmax", ("ta",), ("tb",), device=OpCost(0.25), server=OpCost(0.125)
+        ),
+        OpNode(
+            "c",
+            "gather",
+            ("ta", "tb"),
+            ("tc",),
+            ("w",),
+            device=OpCost(2.0, 1.0),
+            server=OpCost(0.5, 0.25),
+        ),
     )
     params = {"w": Param("w", (500,), "float32", ("a", "c"))}  # 2000 B, tied
-    return OpGraph("toy", ops, ts, params, ("x",), ("tc",),
-                   labels=(Tensor("y", (8,), "int64", None),), loss_server=OpCost(0.03125))
+    return OpGraph(
+        "toy",
+        ops,
+        ts,
+        params,
+        ("x",),
+        ("tc",),
+        labels=(Tensor("y", (8,), "int64", None),),
+        loss_server=OpCost(0.03125),
+    )
 
 
 LINK = Link(1e6, 2e6, latency=0.01)
@@ -70,7 +93,9 @@ def test_inference_result_comes_down_and_latency_only_when_crossing():
 
 
 def test_server_feeding_device_is_rejected():
-    with pytest.raises(PlanError, match=r"tensor 'ta' made on the server feeds device op 'b'"):
+    with pytest.raises(
+        PlanError, match=r"tensor 'ta' made on the server feeds device op 'b'"
+    ):
         crossing_tensors(_graph(), Placement.of(["b"]))
 
 
@@ -78,8 +103,9 @@ def test_plan_json_round_trip_is_exact():
     plan = solve(_graph(), LINK, pins={"b": "device", "c": "server"})
     back = Plan.from_json(plan.to_json())
     assert back == plan and back.total == plan.total
-    assert [c.name for c in plan.cut] == ["ta", "tb"] and [c.grad for c in plan.cut] == [True,
-                                                                                         False]
+    assert [c.name for c in plan.cut] == ["ta", "tb"] and [
+        c.grad for c in plan.cut
+    ] == [True, False]
     other = solve(_graph(), LINK, algorithm="device-only")
     assert other.plan_id != plan.plan_id and len(plan.plan_id) == 16
 
@@ -88,8 +114,10 @@ def test_solver_total_matches_hand_optimum():
     # every valid placement of the toy graph (a always on the device: it reads x):
     # {a}: 0.875 + 0.125 + 0.75 + loss, ta up/down, w synced; {a,b}: above; {a,b,c}: all local
     g = _graph()
-    totals = {k: evaluate(g, Placement.of(k), LINK).total
-              for k in (("a",), ("a", "b"), ("a", "b", "c"))}
+    totals = {
+        k: evaluate(g, Placement.of(k), LINK).total
+        for k in (("a",), ("a", "b"), ("a", "b", "c"))
+    }
     plan = solve(g, LINK)
     assert plan.total == min(totals.values())
     assert plan.placement == Placement.of(min(totals, key=totals.get))
