@@ -66,9 +66,7 @@ def _resolve_pins(graph: OpGraph, pins: dict | None) -> dict[str, tuple[str, str
     out: dict[str, tuple[str, str]] = {}
     for pat, side in (pins or {}).items():
         if side not in ("device", "server"):
-            raise InputError(
-                f"Partition: pin {pat!r}={side!r}; the side must be device or server"
-            )
+            raise InputError(f"Partition: pin {pat!r}={side!r}; the side must be device or server")
         hits = [pat] if pat in names else fnmatch.filter(names, pat)
         if not hits:
             raise InputError(
@@ -101,9 +99,7 @@ class Problem:
     def __post_init__(self) -> None:
         g, obj = self.graph, self.objective
         if obj not in OBJECTIVES:
-            raise InputError(
-                f"Partition: unknown objective {obj!r}; use training or inference"
-            )
+            raise InputError(f"Partition: unknown objective {obj!r}; use training or inference")
         if self.tied_policy not in TIED_POLICIES:
             raise InputError(
                 f"Partition: unknown tied_policy {self.tied_policy!r}; use sync or pin"
@@ -135,9 +131,7 @@ class Problem:
         self.e_c = np.array(e_c, dtype=np.int64)
         self.t_ncons = np.bincount(self.e_t, minlength=len(names))
         self.e_p = self.t_p[self.e_t]  # producer of the tensor each entry reads
-        self.out_down = np.zeros(
-            n
-        )  # inference: result bytes down when made on the server
+        self.out_down = np.zeros(n)  # inference: result bytes down when made on the server
         self.makes_result = np.zeros(n, dtype=bool)
         if obj == "inference":
             for name in g.outputs:
@@ -272,9 +266,7 @@ class Problem:
         tot = float(self.cd[dev].sum() + self.cs[~dev].sum() + self.t_comm[cross].sum())
         tot += self.constant
         if self.objective == "training":
-            tot += sum(
-                c for _, rd, c in self.tied if len({bool(dev[r]) for r in rd}) == 2
-            )
+            tot += sum(c for _, rd, c in self.tied if len({bool(dev[r]) for r in rd}) == 2)
         else:
             tot += float(self.out_down[~dev].sum())
             if cross.any() or self.makes_result[~dev].any():
@@ -293,9 +285,7 @@ class Problem:
         return Placement.of(op.name for op, d in zip(self.graph.ops, dev) if d)
 
     def exact(self, dev) -> Fraction:
-        return evaluate(
-            self.graph, self.placement(dev), self.link, self.objective
-        ).total
+        return evaluate(self.graph, self.placement(dev), self.link, self.objective).total
 
     def best_exact(self, candidates):
         """The exactly cheapest of ``(float cost, dev mask)`` candidates near the float best."""
@@ -422,9 +412,7 @@ def no_crossing(pb: Problem) -> np.ndarray | None:
         for a in gr[1:]:
             root[find(a)] = find(gr[0])
     comp = np.array([find(i) for i in range(n)])
-    dev_only = (
-        pb.forced_dev | pb.makes_result
-    )  # and readers of model inputs (raw upload)
+    dev_only = pb.forced_dev | pb.makes_result  # and readers of model inputs (raw upload)
     dev_only[pb.e_c[pb.e_p < 0]] = True
     for i in np.nonzero(pb.forced_srv)[0]:
         if dev_only[comp == comp[i]].any():
@@ -432,8 +420,6 @@ def no_crossing(pb: Problem) -> np.ndarray | None:
     dev = np.ones(n, dtype=bool)
     for r in set(comp.tolist()):
         m = comp == r
-        if not dev_only[m].any() and (
-            pb.forced_srv[m].any() or pb.cs[m].sum() < pb.cd[m].sum()
-        ):
+        if not dev_only[m].any() and (pb.forced_srv[m].any() or pb.cs[m].sum() < pb.cd[m].sum()):
             dev[m] = False
     return dev

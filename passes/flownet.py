@@ -33,9 +33,7 @@ class Network:
     n: int
     n_ops: int
     constant: float
-    merges: tuple[
-        tuple[int, int], ...
-    ] = ()  # (u, w) from _chain_merges: u dev => w dev
+    merges: tuple[tuple[int, int], ...] = ()  # (u, w) from _chain_merges: u dev => w dev
 
     def sides(self, dev) -> np.ndarray:
         """Node mask (True = source side) of ops ``dev``, aux nodes placed at their best."""
@@ -89,9 +87,7 @@ def _chain_merges(pb: bl.Problem) -> list[tuple[int, int]]:
     for gr in [*(rd for _, rd, _ in pb.tied), *pb.same]:
         shared[list(gr)] = True
     ok = (n_readers == 1) & ~pb.forced_dev & ~shared & (delta <= 1e-9 * mag)
-    unsure = np.nonzero(ok & (delta > -1e-9 * mag))[
-        0
-    ]  # float sign not certain: be exact
+    unsure = np.nonzero(ok & (delta > -1e-9 * mag))[0]  # float sign not certain: be exact
     for u in unsure.tolist():
         ok[u] = _exact_delta(pb, u) <= 0
     us = np.nonzero(ok)[0]
@@ -112,11 +108,7 @@ def _exact_delta(pb: bl.Problem, u: int) -> Fraction:
     d = F(op.server.for_objective(obj)) - F(op.device.for_objective(obj))
     if obj == "inference":
         d += sum(
-            (
-                F(g.tensors[o].nbytes) / down
-                for o in g.outputs
-                if g.tensors[o].producer == op.name
-            ),
+            (F(g.tensors[o].nbytes) / down for o in g.outputs if g.tensors[o].producer == op.name),
             F(0),
         )
     sent = np.nonzero((pb.t_p == u) & (pb.t_out | (pb.t_ncons > 0)))[0]
@@ -141,9 +133,7 @@ def build_network(pb: bl.Problem, reduce: bool = True) -> Network:
     cd, cs = pb.cd.copy(), pb.cs + pb.out_down
     constant = pb.constant
     made = pb.e_p >= 0
-    arcs(
-        2 + pb.e_c[made], 2 + pb.e_p[made], _INF
-    )  # nothing on the server feeds the device
+    arcs(2 + pb.e_c[made], 2 + pb.e_p[made], _INF)  # nothing on the server feeds the device
     # training output: it crosses to the loss whenever it is made on the device
     out = pb.t_out
     np.add.at(cd, pb.t_p[out & (pb.t_p >= 0)], pb.t_comm[out & (pb.t_p >= 0)])

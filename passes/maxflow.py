@@ -41,9 +41,7 @@ def _ortools(tails, heads, caps, n, s, t):
 
     mf = max_flow.SimpleMaxFlow()
     if len(tails):
-        mf.add_arcs_with_capacity(
-            tails.astype(_I64), heads.astype(_I64), caps.astype(_I64)
-        )
+        mf.add_arcs_with_capacity(tails.astype(_I64), heads.astype(_I64), caps.astype(_I64))
     mask = np.zeros(n, dtype=bool)
     mask[s] = True
     if not len(tails):
@@ -79,12 +77,8 @@ _IMPL = {"ortools": _ortools, "networkx": _networkx}
 def min_cut(tails, heads, caps, n: int, s: int, t: int, engine: str = "ortools"):
     """Minimum s-t cut of an integer network: ``(value, source-side mask of length n)``."""
     if engine not in _IMPL:
-        raise InputError(
-            f"Partition: unknown engine {engine!r}; use one of {', '.join(ENGINES)}"
-        )
-    return _IMPL[engine](
-        np.asarray(tails), np.asarray(heads), np.asarray(caps), n, s, t
-    )
+        raise InputError(f"Partition: unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    return _IMPL[engine](np.asarray(tails), np.asarray(heads), np.asarray(caps), n, s, t)
 
 
 def scale(caps: np.ndarray, clamp: float):
@@ -189,18 +183,14 @@ def reduce_network(tails, heads, caps, n: int, s: int, t: int, inf: int) -> Redu
     big = caps >= inf
     to_s = _reach(n, tails[big], heads[big], s)
     to_t = _reach(n, heads[big], tails[big], t)
-    g = csr_matrix(
-        (np.ones(int(big.sum()), dtype=np.int8), (tails[big], heads[big])), shape=(n, n)
-    )
+    g = csr_matrix((np.ones(int(big.sum()), dtype=np.int8), (tails[big], heads[big])), shape=(n, n))
     _, comp = connected_components(g, directed=True, connection="strong")
     # Relabel: 0 = s, 1 = t, then one node per remaining INF component.
     comp = comp.astype(_I64)
     comp[to_s] = -2
     comp[to_t] = -1
     _, label = np.unique(comp, return_inverse=True)
-    label = label.astype(
-        _I64
-    )  # -2 -> 0 (s), -1 -> 1 (t) since both are the smallest keys
+    label = label.astype(_I64)  # -2 -> 0 (s), -1 -> 1 (t) since both are the smallest keys
     if not to_s.any() or not to_t.any():
         raise AssertionError("reduce_network: s or t lost")
     m = int(label.max()) + 1

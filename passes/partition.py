@@ -131,7 +131,7 @@ def _mincut(pb: bl.Problem, engine: str, reduce: bool, stats: dict | None = None
     return pb.best_exact([(pb.cost(dev), dev), *cands])
 
 
-def _blockwise(pb: bl.Problem, engine: str, reduce: bool, notes: list):
+def _blockwise(pb: bl.Problem, engine: str, reduce: bool, notes: list, stats=None):
     found = find_blocks(pb.graph)
     blocks = list(found.blocks)
     kw = {
@@ -145,9 +145,7 @@ def _blockwise(pb: bl.Problem, engine: str, reduce: bool, notes: list):
         try:
             pbb = bl.Problem(pb.graph, pb.link, groups=tuple(blocks), **kw)
             break
-        except (
-            PlanError
-        ):  # a block straddles contradictory pins: keep only pin-free blocks
+        except PlanError:  # a block straddles contradictory pins: keep only pin-free blocks
             keep = [b for b in blocks if not any(forced[pb.index[o]] for o in b)]
             blocks = keep if len(keep) < len(blocks) else []
     size = found.n_ops - sum(len(b) - 1 for b in blocks)
@@ -155,7 +153,7 @@ def _blockwise(pb: bl.Problem, engine: str, reduce: bool, notes: list):
         f"blockwise: {len(blocks)} repeated blocks ({found.signatures} signatures) "
         f"contracted, {found.n_ops} ops -> {size} vertices"
     )
-    return _mincut(pbb, engine, reduce)
+    return _mincut(pbb, engine, reduce, stats)
 
 
 def solve(
@@ -175,13 +173,10 @@ def solve(
     """Place every op of ``graph`` on the device or the server; see the module docstring."""
     if algorithm not in ALGORITHMS:
         raise InputError(
-            f"Partition: unknown algorithm {algorithm!r}; use one of "
-            f"{', '.join(ALGORITHMS)}"
+            f"Partition: unknown algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}"
         )
     if engine not in ENGINES:
-        raise InputError(
-            f"Partition: unknown engine {engine!r}; use one of {', '.join(ENGINES)}"
-        )
+        raise InputError(f"Partition: unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
     raw = allow_raw_upload or algorithm == "server-only"
     pb = bl.Problem(
@@ -193,10 +188,11 @@ def solve(
         raw,
     )
     notes: list[str] = []
+    stats: dict = {}
     if algorithm == "mincut":
-        dev = _mincut(pb, engine, reduce)
+        dev = _mincut(pb, engine, reduce, stats)
     elif algorithm == "blockwise":
-        dev = _blockwise(pb, engine, reduce, notes)
+        dev = _blockwise(pb, engine, reduce, notes, stats)
     elif algorithm == "layerwise":
         dev = bl.layerwise(pb)
         if dev is None:
@@ -207,20 +203,20 @@ def solve(
     elif algorithm == "device-only":
         dev = bl.device_only(pb)
         if not dev.all():
-            notes.append(
-                f"device-only: {int((~dev).sum())} ops forced to the server by pins"
-            )
+            notes.append(f"device-only: {int((~dev).sum())} ops forced to the server by pins")
     elif algorithm == "server-only":
         dev = bl.server_only(pb)
-        notes.append(
-            "server-only: raw data leaves the device"
-            + ("; pins ignored" if pins else "")
-        )
+        notes.append("server-only: raw data leaves the device" + ("; pins ignored" if pins else ""))
     else:
         dev = bl.exhaustive(pb)
     if algorithm != "server-only" and not pb.valid(dev):
-        raise PlanError(
-            f"Partition: internal error: {algorithm} returned an invalid placement"
+        raise PlanError(f"Partition: internal error: {algorithm} returned an invalid placement")
+    if "network" in stats:
+        (n, e), (rn, re_) = stats["network"], stats["solved"]
+        notes.append(
+            f"{algorithm} ({engine}): flow network {n} nodes / {e} arcs, solved on {rn} / {re_}"
+            f" after {'exact reductions' if reduce else 'no reductions'}; capacities x "
+            f"{stats['scale']:.4g} to int64"
         )
     if pb.tied:
         names = ", ".join(p for p, _, _ in pb.tied)
@@ -262,9 +258,7 @@ def compare(
     skipped: list[str] = []
     for a in algos:
         try:
-            out[a] = solve(
-                graph, link, objective=objective, algorithm=a, pins=pins, **kw
-            )
+            out[a] = solve(graph, link, objective=objective, algorithm=a, pins=pins, **kw)
         except (InputError, PlanError) as e:
             if a not in ("exhaustive", "layerwise") or "internal" in str(e):
                 raise
@@ -274,14 +268,15 @@ def compare(
         if "blockwise" in out:
             b, m = out["blockwise"], out["mincut"]
             gap = float((b.total - m.total) / m.total) if m.total else 0.0
-            speed = (
-                m.solve_seconds / b.solve_seconds if b.solve_seconds else float("nan")
-            )
+            speed = m.solve_seconds / b.solve_seconds if b.solve_seconds else float("nan")
             msg = (
                 f"blockwise optimum {'equals' if gap <= 1e-9 else 'is above'} the op-level "
                 f"min cut (gap {gap:.2%}), solve speed-up {speed:.2f}x"
             )
             notes.append(msg)
             out["blockwise"] = dataclasses.replace(b, notes=b.notes + (msg,))
+        if "exhaustive" in out:
+            same = out["exhaustive"].total == out["mincut"].total
+            notes.append(f"exhaustive optimum {'equals' if same else 'differs from'} the min cut")
         out["mincut"] = dataclasses.replace(out["mincut"], notes=tuple(notes))
     return out

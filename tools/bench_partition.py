@@ -117,9 +117,7 @@ def resnet(n_ops: int, seed: int = 0) -> OpGraph:
     """Stem, then bottleneck blocks (conv-bn-relu x3, residual add, relu) over 4 stages."""
     b = _Builder(f"resnet{n_ops}", seed)
     x = b.input("images", (8, 3, 224, 224))
-    x = b.op(
-        "relu", [_conv(b, x, 3, 64, 112, 7)], (8, 64, 112, 112), 8 * 64 * 112 * 112
-    )
+    x = b.op("relu", [_conv(b, x, 3, 64, 112, 7)], (8, 64, 112, 112), 8 * 64 * 112 * 112)
     per_stage = max(1, (n_ops - 2) // (4 * 10))
     c, hw = 64, 56
     for stage in range(4):
@@ -134,9 +132,7 @@ def resnet(n_ops: int, seed: int = 0) -> OpGraph:
             x = b.op("relu", [x], (8, c, hw, hw), 8 * c * hw * hw)
         hw = max(7, hw // 2)
     pooled = b.op("pool", [x], (8, c), 8 * c * hw * hw)
-    return b.build(
-        [b.op("fc", [pooled], (8, 1000), 2 * 8 * c * 1000, pshape=(1000, c))]
-    )
+    return b.build([b.op("fc", [pooled], (8, 1000), 2 * 8 * c * 1000, pshape=(1000, c))])
 
 
 def inception(n_ops: int, seed: int = 0) -> OpGraph:
@@ -148,15 +144,11 @@ def inception(n_ops: int, seed: int = 0) -> OpGraph:
             _conv(b, x, 256, 64, 28),
             _conv(b, _conv(b, x, 256, 96, 28), 96, 128, 28, 3),
             _conv(b, _conv(b, x, 256, 16, 28), 16, 32, 28, 5),
-            _conv(
-                b, b.op("pool", [x], (8, 256, 28, 28), 9 * 8 * 256 * 784), 256, 32, 28
-            ),
+            _conv(b, b.op("pool", [x], (8, 256, 28, 28), 9 * 8 * 256 * 784), 256, 32, 28),
         ]
         x = b.op("concat", br, (8, 256, 28, 28), 0)
     pooled = b.op("pool", [x], (8, 256), 8 * 256 * 784)
-    return b.build(
-        [b.op("fc", [pooled], (8, 1000), 2 * 8 * 256 * 1000, pshape=(1000, 256))]
-    )
+    return b.build([b.op("fc", [pooled], (8, 1000), 2 * 8 * 256 * 1000, pshape=(1000, 256))])
 
 
 def transformer(n_ops: int, seed: int = 0, d: int = 768, seq: int = 128) -> OpGraph:
@@ -172,9 +164,7 @@ def transformer(n_ops: int, seed: int = 0, d: int = 768, seq: int = 128) -> OpGr
         s = b.op("scores", [q, k], (8, 12, seq, seq), 2 * 8 * seq * seq * d)
         p = b.op("softmax", [s], (8, 12, seq, seq), 5 * 8 * 12 * seq * seq)
         c = b.op("context", [p, v], bsd, 2 * 8 * seq * seq * d)
-        x = b.op(
-            "add", [x, b.op("matmul", [c], bsd, mm, pshape=(d, d))], bsd, 8 * seq * d
-        )
+        x = b.op("add", [x, b.op("matmul", [c], bsd, mm, pshape=(d, d))], bsd, 8 * seq * d)
         h = b.op("ln", [x], bsd, 8 * 8 * seq * d, pshape=(2, d))
         h = b.op("matmul", [h], (8, seq, 4 * d), 4 * mm, pshape=(4 * d, d))
         h = b.op("gelu", [h], (8, seq, 4 * d), 8 * 8 * seq * 4 * d)
@@ -221,9 +211,7 @@ def bench_graph(g: OpGraph, link: Link, objective: str, engines, nx_max: int) ->
                     stats.get("solved"),
                 )
     notes: list[str] = []
-    row["blockwise"], dev_b = _time(
-        lambda: _blockwise(pb, engines[0], True, notes), reps
-    )
+    row["blockwise"], dev_b = _time(lambda: _blockwise(pb, engines[0], True, notes), reps)
     row["blockwise_note"] = notes[-1] if notes else ""
     dev = _mincut(pb, engines[0], True)
     row["recost"], plan = _time(
@@ -253,15 +241,9 @@ def main(argv=None) -> int:
         default=20000,
         help="skip networkx above this size (it takes > 50 s at 100k ops)",
     )
-    ap.add_argument(
-        "--objective", default="training", choices=["training", "inference"]
-    )
-    ap.add_argument(
-        "--rates", type=float, nargs="+", default=[10, 100, 1000], help="Mbps"
-    )
-    ap.add_argument(
-        "--delay-size", type=int, default=1000, help="synthetic size for delays"
-    )
+    ap.add_argument("--objective", default="training", choices=["training", "inference"])
+    ap.add_argument("--rates", type=float, nargs="+", default=[10, 100, 1000], help="Mbps")
+    ap.add_argument("--delay-size", type=int, default=1000, help="synthetic size for delays")
     ap.add_argument(
         "--graph-json",
         action="append",
@@ -278,9 +260,7 @@ def main(argv=None) -> int:
             g = OpGraph.from_json(json.load(f))
         groups.setdefault(g.name, []).append(g)
     for n in a.sizes:
-        groups[f"{n} ops"] = [
-            gens[f](n, seed) for f in a.families for seed in range(a.graphs)
-        ]
+        groups[f"{n} ops"] = [gens[f](n, seed) for f in a.families for seed in range(a.graphs)]
     rows = []
     cols = [
         "problem",
@@ -289,20 +269,12 @@ def main(argv=None) -> int:
         "recost",
     ]
     print(f"## Build + solve time, ms (median / worst), {a.objective}, 100 Mbps\n")
-    print(
-        "| graphs | n | "
-        + " | ".join(cols)
-        + " | network -> reduced nodes | blockwise gap |"
-    )
+    print("| graphs | n | " + " | ".join(cols) + " | network -> reduced nodes | blockwise gap |")
     print("|---" * (len(cols) + 4) + "|")
     for label, gs in groups.items():
-        rs = [
-            bench_graph(g, link, a.objective, a.engines, a.networkx_max_ops) for g in gs
-        ]
+        rs = [bench_graph(g, link, a.objective, a.engines, a.networkx_max_ops) for g in gs]
         rows += rs
-        red = ", ".join(
-            f"{r['network'][0]}->{r['reduced'][0]}" for r in rs if r["network"]
-        )
+        red = ", ".join(f"{r['network'][0]}->{r['reduced'][0]}" for r in rs if r["network"])
         gaps = max(r["blockwise_gap"] for r in rs)
         print(
             f"| {label} | {len(gs)} | "
@@ -319,9 +291,7 @@ def main(argv=None) -> int:
     delays = []
     for g in delay_graphs:
         for mbps in a.rates:
-            plans = compare(
-                g, Link.parse(f"{mbps:g}Mbps"), objective=a.objective, algorithms=algos
-            )
+            plans = compare(g, Link.parse(f"{mbps:g}Mbps"), objective=a.objective, algorithms=algos)
             d = {k: float(p.total) for k, p in plans.items()}
             delays.append({"graph": g.name, "mbps": mbps, **d})
             print(

@@ -81,22 +81,16 @@ def dags(draw, max_ops=8):
     ops = []
     for name, ins, outs, _, dev, srv in ops_spec:
         ps = tuple(p for p, rd in params.items() if name in rd)
-        ops.append(
-            OpNode(name, "op", tuple(ins), tuple(outs), ps, device=dev, server=srv)
-        )
+        ops.append(OpNode(name, "op", tuple(ins), tuple(outs), ps, device=dev, server=srv))
     unread = [t for t in avail if t not in reads and not t.startswith("x")]
     extra = [
-        t
-        for t in avail
-        if t in reads and not t.startswith("x") and draw(st.integers(0, 6)) == 0
+        t for t in avail if t in reads and not t.startswith("x") and draw(st.integers(0, 6)) == 0
     ]
     outputs = tuple(unread + extra)
     tensors = {}
     for t in avail:
         prod = None if t.startswith("x") else "op" + t[1:].rstrip("b")
-        tensors[t] = Tensor(
-            t, shape[t], dtype[t], prod, tuple(reads.get(t, ())), t in outputs
-        )
+        tensors[t] = Tensor(t, shape[t], dtype[t], prod, tuple(reads.get(t, ())), t in outputs)
     ps = {
         p: Param(p, (draw(st.integers(1, 10**6)),), "float32", tuple(rd))
         for p, rd in params.items()
@@ -238,9 +232,7 @@ def test_network_prices_every_placement_like_evaluate(case, tied_policy):
         bd = evaluate(g, pb.placement(dev), link, obj)
         var = bd.total - (bd.fixed if obj == "inference" else 0)
         got = net.value(dev) + net.constant
-        assert math.isclose(
-            got, float(var), rel_tol=1e-9, abs_tol=1e-12 * float(bd.total)
-        )
+        assert math.isclose(got, float(var), rel_tol=1e-9, abs_tol=1e-12 * float(bd.total))
         assert math.isclose(pb.cost(dev), float(bd.total), rel_tol=1e-9)
 
 
@@ -255,9 +247,7 @@ def test_baselines_and_blockwise_never_beat_mincut(case):
     m = plans["mincut"]
     _check_plan(g, m, pins, obj)
     for name, p in plans.items():
-        if (
-            name != "server-only"
-        ):  # the one baseline that may upload raw data and ignore pins
+        if name != "server-only":  # the one baseline that may upload raw data and ignore pins
             assert p.total >= m.total - _tol(pb, m.total), name
             _check_plan(g, p, pins, obj)
     srv = plans["server-only"]
@@ -306,9 +296,7 @@ def _chain(costs, nbytes, tied=False):
 
 def test_tied_weight_sync_is_charged_exactly():
     # op0 and op2 share the 1000-byte weight w; at 1 MB/s a sync costs 1 ms up + 1 ms down.
-    g = _chain(
-        [(0.001, 0.001), (0.5, 0.001), (0.5, 0.001)], [4000, 1000, 1000, 40], tied=True
-    )
+    g = _chain([(0.001, 0.001), (0.5, 0.001), (0.5, 0.001)], [4000, 1000, 1000, 40], tied=True)
     link = Link(1e6, 1e6)
     plan = solve(g, link)
     # best: op0 on device (op0 reads x); t1 crosses: 1000 B up + down = 2 ms; w split: 2 ms
@@ -353,16 +341,12 @@ def chain():
 
 
 def test_pin_matching_no_op(chain):
-    with pytest.raises(
-        InputError, match=r"Partition: pin 'xyz\*' matches no op; use an op name"
-    ):
+    with pytest.raises(InputError, match=r"Partition: pin 'xyz\*' matches no op; use an op name"):
         solve(chain, Link(1e6, 1e6), pins={"xyz*": "device"})
 
 
 def test_pin_bad_side(chain):
-    with pytest.raises(
-        InputError, match=r"pin 'op1'='gpu'; the side must be device or server"
-    ):
+    with pytest.raises(InputError, match=r"pin 'op1'='gpu'; the side must be device or server"):
         solve(chain, Link(1e6, 1e6), pins={"op1": "gpu"})
 
 
@@ -415,9 +399,7 @@ def test_unknown_options(chain, kw, msg):
 
 def test_exhaustive_refuses_large_graphs():
     g = _chain([(0.01, 0.001)] * 22, [400] * 23)
-    with pytest.raises(
-        InputError, match=r"exhaustive search over 21 free ops is too large"
-    ):
+    with pytest.raises(InputError, match=r"exhaustive search over 21 free ops is too large"):
         solve(g, Link(1e6, 1e6), algorithm="exhaustive")
     plans = compare(g, Link(1e6, 1e6))
     assert "exhaustive" not in plans
@@ -443,9 +425,7 @@ def test_layerwise_without_valid_cut():
         ]
     )
     g = OpGraph("d", ops, ts, {}, ("x",), ("td",))
-    with pytest.raises(
-        PlanError, match=r"no single cut of the topological order respects"
-    ):
+    with pytest.raises(PlanError, match=r"no single cut of the topological order respects"):
         solve(
             g,
             Link(1e6, 1e6),
@@ -474,3 +454,13 @@ def test_server_pin_below_a_merged_chain(chain):
     plan = solve(chain, link, pins={"op2": "server"})
     best = solve(chain, link, pins={"op2": "server"}, algorithm="exhaustive")
     assert plan.placement == best.placement == Placement.of(["op0"])
+
+
+def test_plan_notes_report_the_network_and_reductions():
+    # 50-op chain: 52 op nodes + s/t; the reductions merge op1..op49 into one node (see above)
+    g = _chain([(0.01, 0.001)] * 50, [4000] * 51)
+    plans = compare(g, Link(1e6, 1e6), algorithms=["mincut", "blockwise"])
+    note = next(n for n in plans["mincut"].notes if n.startswith("mincut (ortools)"))
+    assert note.startswith("mincut (ortools): flow network 52 nodes")
+    assert "after exact reductions" in note
+    assert any("blockwise: 0 repeated blocks" in n for n in plans["blockwise"].notes)

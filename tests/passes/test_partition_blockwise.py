@@ -57,9 +57,7 @@ def test_reductions_shrink_dnn_networks_exactly():
     st_off: dict = {}
     on = _mincut(pb, "ortools", True, st_on)
     off = _mincut(pb, "ortools", False, st_off)
-    assert (
-        st_on["solved"][0] * 3 < st_off["solved"][0]
-    )  # chain merges + pruning: > 3x fewer
+    assert st_on["solved"][0] * 3 < st_off["solved"][0]  # chain merges + pruning: > 3x fewer
     assert pb.exact(on) == pb.exact(off) or abs(pb.exact(on) - pb.exact(off)) < 1e-12
 
 

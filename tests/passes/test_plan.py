@@ -31,9 +31,7 @@ def _graph():
             device=OpCost(0.5, 0.25, 0.125),
             server=OpCost(0.0625),
         ),
-        OpNode(
-            "b", "argmax", ("ta",), ("tb",), device=OpCost(0.25), server=OpCost(0.125)
-        ),
+        OpNode("b", "argmax", ("ta",), ("tb",), device=OpCost(0.25), server=OpCost(0.125)),
         OpNode(
             "c",
             "gather",
@@ -93,9 +91,7 @@ def test_inference_result_comes_down_and_latency_only_when_crossing():
 
 
 def test_server_feeding_device_is_rejected():
-    with pytest.raises(
-        PlanError, match=r"tensor 'ta' made on the server feeds device op 'b'"
-    ):
+    with pytest.raises(PlanError, match=r"tensor 'ta' made on the server feeds device op 'b'"):
         crossing_tensors(_graph(), Placement.of(["b"]))
 
 
@@ -103,9 +99,10 @@ def test_plan_json_round_trip_is_exact():
     plan = solve(_graph(), LINK, pins={"b": "device", "c": "server"})
     back = Plan.from_json(plan.to_json())
     assert back == plan and back.total == plan.total
-    assert [c.name for c in plan.cut] == ["ta", "tb"] and [
-        c.grad for c in plan.cut
-    ] == [True, False]
+    assert [c.name for c in plan.cut] == ["ta", "tb"] and [c.grad for c in plan.cut] == [
+        True,
+        False,
+    ]
     other = solve(_graph(), LINK, algorithm="device-only")
     assert other.plan_id != plan.plan_id and len(plan.plan_id) == 16
 
@@ -115,8 +112,7 @@ def test_solver_total_matches_hand_optimum():
     # {a}: 0.875 + 0.125 + 0.75 + loss, ta up/down, w synced; {a,b}: above; {a,b,c}: all local
     g = _graph()
     totals = {
-        k: evaluate(g, Placement.of(k), LINK).total
-        for k in (("a",), ("a", "b"), ("a", "b", "c"))
+        k: evaluate(g, Placement.of(k), LINK).total for k in (("a",), ("a", "b"), ("a", "b", "c"))
     }
     plan = solve(g, LINK)
     assert plan.total == min(totals.values())
