@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import tvm
-from splitc import BuildError, UnsupportedError
+from splitc import BuildError, InputError, UnsupportedError
 from splitc.passes import training as T
 from splitc.passes.naming import binding_names
 from splitc.passes.plan import Plan
@@ -256,9 +256,9 @@ def split_module(
             "both sides; re-plan with --tied-policy pin"
         )
     if loss not in T.LOSSES:
-        raise BuildError(f"SplitModule: unknown loss {loss!r}; use one of {', '.join(T.LOSSES)}")
+        raise InputError(f"SplitModule: unknown loss {loss!r}; use one of {', '.join(T.LOSSES)}")
     if optimizer not in T.OPTIMIZERS:
-        raise BuildError(
+        raise InputError(
             f"SplitModule: unknown optimizer {optimizer!r}; use one of {', '.join(T.OPTIMIZERS)}"
         )
     mod = T.LiftOpaqueElementwise()(mod)
