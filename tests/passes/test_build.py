@@ -301,3 +301,30 @@ def test_failed_compile_keeps_the_old_file(tmp_path, cnn_split):
         )
     assert [p.name for p in tmp_path.iterdir()] == ["split.tar"]
     assert out.read_bytes() == b"old"
+
+
+def test_cuda_target_without_nvcc(tmp_path, cnn_split, monkeypatch):
+    import splitc.passes.build as B
+
+    mod, ops, _, _ = cnn_split
+    smod, _ = split_module(mod, S.manual_plan(mod, ops[:4]))
+    monkeypatch.setattr(B, "cuda_version", lambda: None)
+    with pytest.raises(BuildError, match=r"^Build: server target cuda needs nvcc \(CUDA toolkit\)"):
+        build_side(smod, "server", "cuda -arch=sm_90", str(tmp_path / "s.so"))
+
+
+def test_compile_failure_is_one_line(tmp_path, cnn_split):
+    mod, ops, _, _ = cnn_split
+    smod, _ = split_module(mod, S.manual_plan(mod, ops[:4]))
+    # LLVM emits riscv64 code, then the host linker cannot link it: caught and reported
+    with pytest.raises(
+        BuildError,
+        match=r"^Build: compiling the server half for llvm failed "
+        r"\([^\n]*\); check the target and toolchain$",
+    ):
+        build_side(
+            smod,
+            "server",
+            '{"kind": "llvm", "mtriple": "riscv64-unknown-linux-gnu"}',
+            str(tmp_path / "s.so"),
+        )
