@@ -49,72 +49,65 @@ def _recv_exact(conn: socket.socket, buf: memoryview) -> None:
         got += n
 
 
-def raw_socket(nbytes: int, repeat: int) -> list[float]:
-    """Round-trip seconds of ``nbytes`` over a plain TCP socket (8-byte length + payload)."""
+def _raw_server(lsock: socket.socket, nbytes: int, rounds: int) -> None:
+    conn, _ = lsock.accept()
+    buf = memoryview(bytearray(nbytes))  # preallocated once: the best case for a raw socket
+    hdr = memoryview(bytearray(8))
+    for _ in range(rounds):
+        _recv_exact(conn, hdr)
+        _recv_exact(conn, buf[: struct.unpack("<Q", hdr)[0]])
+        conn.sendall(b"k")
+    conn.close()
+
+
+def _splitc_server(addr: str, nbytes: int, rounds: int) -> None:
+    spec = (TensorSpec("x", (nbytes // 4,), "float32"),)
+    srv = ServerTransport(addr, max_frame_bytes=wire.CHUNK)
+    exp = Expect(PLAN, frozenset([Kind.FORWARD]), {Kind.FORWARD: spec})
+    for _ in range(rounds):
+        peer, frames = srv.recv(60)
+        msg = wire.decode(frames, exp)  # validated against the spec, as the server agent does
+        srv.send(peer, wire.encode(Message(Kind.GRADIENT, PLAN, msg.step)))
+    srv.close()
+
+
+def round_trips(nbytes: int, repeat: int) -> tuple[list[float], list[float]]:
+    """Round-trip seconds of one ``nbytes`` tensor + ack over a raw TCP socket (8-byte length
+    + payload) and over splitc (wire + ZeroMQ), on two open connections, rounds alternating so
+    both see the same machine load. The first round of each warms up and is dropped."""
+    rounds = repeat + 1
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
-    port = lsock.getsockname()[1]
-
-    def server():
-        conn, _ = lsock.accept()
-        buf = memoryview(bytearray(nbytes))
-        hdr = memoryview(bytearray(8))
-        for _ in range(repeat + 1):
-            _recv_exact(conn, hdr)
-            _recv_exact(conn, buf[: struct.unpack("<Q", hdr)[0]])
-            conn.sendall(b"k")
-        conn.close()
-
-    pid = _fork(server)
+    raw_pid = _fork(lambda: _raw_server(lsock, nbytes, rounds))
+    raw_port = lsock.getsockname()[1]
     lsock.close()
-    c = socket.create_connection(("127.0.0.1", port))
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    payload = np.ones(nbytes // 4, np.float32)
-    times = []
-    for _ in range(repeat + 1):  # the first round warms up
-        t0 = time.perf_counter()
-        c.sendall(struct.pack("<Q", payload.nbytes))
-        c.sendall(memoryview(payload).cast("B"))
-        c.recv(1)
-        times.append(time.perf_counter() - t0)
-    c.close()
-    os.waitpid(pid, 0)
-    return times[1:]
-
-
-def splitc_transport(nbytes: int, repeat: int) -> list[float]:
-    """Round-trip seconds of one FORWARD-like message through wire + ZeroMQ transport, validated
-    against the transport spec on receipt (as the server agent does)."""
-    n = nbytes // 4
-    spec = (TensorSpec("x", (n,), "float32"),)
     with socket.socket() as s:  # a free port; the child binds it (zmq contexts do not fork)
         s.bind(("127.0.0.1", 0))
         addr = f"127.0.0.1:{s.getsockname()[1]}"
-
-    def server():
-        srv = ServerTransport(addr, max_frame_bytes=wire.CHUNK)
-        exp = Expect(PLAN, frozenset([Kind.FORWARD]), {Kind.FORWARD: spec})
-        for _ in range(repeat + 1):
-            got = srv.recv(60)
-            peer, frames = got
-            msg = wire.decode(frames, exp)
-            srv.send(peer, wire.encode(Message(Kind.GRADIENT, PLAN, msg.step)))
-        srv.close()
-
-    pid = _fork(server)
+    zmq_pid = _fork(lambda: _splitc_server(addr, nbytes, rounds))
+    c = socket.create_connection(("127.0.0.1", raw_port))
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     dev = DeviceTransport(addr)
-    x = np.ones(n, np.float32)
-    times = []
-    for i in range(repeat + 1):
+    x = np.ones(nbytes // 4, np.float32)
+    raw, spl = [], []
+    for i in range(rounds):
         t0 = time.perf_counter()
+        c.sendall(struct.pack("<Q", x.nbytes))
+        c.sendall(memoryview(x).cast("B"))
+        c.recv(1)
+        t1 = time.perf_counter()
         dev.send(wire.encode(Message(Kind.FORWARD, PLAN, i, tensors=[x])))
         if dev.recv(60) is None:
-            raise RuntimeError("no reply")
-        times.append(time.perf_counter() - t0)
+            raise RuntimeError("no reply from the splitc server")
+        t2 = time.perf_counter()
+        raw.append(t1 - t0)
+        spl.append(t2 - t1)
+    c.close()
     dev.close()
-    os.waitpid(pid, 0)
-    return times[1:]
+    os.waitpid(raw_pid, 0)
+    os.waitpid(zmq_pid, 0)
+    return raw[1:], spl[1:]
 
 
 class _MLP:
@@ -267,18 +260,15 @@ def main(sizes: str, repeat: int, links: str, package: str | None, epochs: int) 
         print()
         sys.stdout.flush()
     print(f"## Throughput, round trip of one tensor + ack, {repeat} rounds each (loopback)\n")
-    print("Raw and splitc rounds are interleaved in blocks of 3 so both see the same machine")
-    print("load; best and median GB/s.\n")
+    print("Raw and splitc rounds alternate on two open connections so both see the same")
+    print("machine load; best and median GB/s.\n")
     print(
         "| size | raw socket best / median | splitc (zmq + wire) best / median | ratio of medians |"
     )
     print("|---:|---:|---:|---:|")
     for mb in [int(s) for s in sizes.split(",")]:
         nbytes = mb << 20
-        r, z = [], []
-        for _ in range(max(1, repeat // 3)):
-            r += raw_socket(nbytes, 3)
-            z += splitc_transport(nbytes, 3)
+        r, z = round_trips(nbytes, repeat)
         rb, rm = nbytes / min(r) / 1e9, nbytes / statistics.median(r) / 1e9
         zb, zm = nbytes / min(z) / 1e9, nbytes / statistics.median(z) / 1e9
         print(f"| {mb} MB | {rb:.2f} / {rm:.2f} | {zb:.2f} / {zm:.2f} | {zm / rm:.0%} |")
