@@ -16,6 +16,7 @@ returned. Baselines (IR-free, no TVM):
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -158,6 +159,13 @@ class Problem:
                 + sum(t.nbytes for t in g.labels) / up
             )
         self._forced()
+
+    def with_groups(self, groups: tuple[tuple[str, ...], ...]) -> Problem:
+        """The same problem with extra same-side groups (reuses the arrays; pins re-checked)."""
+        out = copy.copy(self)
+        out.groups = tuple(groups)
+        out._forced()
+        return out
 
     # -- pins and forced sides ----------------------------------------------------------
     def _forced(self) -> None:

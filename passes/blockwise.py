@@ -66,21 +66,32 @@ def _blocks(segs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in blocks]
 
 
-def find_blocks(graph: OpGraph, min_repeats: int = 2) -> Blocks:
-    """Detect repeated blocks; see the module docstring for the rule."""
+def find_blocks(graph: OpGraph, min_repeats: int = 2, edges=None) -> Blocks:
+    """Detect repeated blocks; see the module docstring for the rule.
+
+    ``edges``: optional ``(producer, consumer)`` op-index arrays of the data edges (a
+    partition ``Problem`` has them), to skip re-reading the graph.
+    """
     ops = graph.ops
     n = len(ops)
-    idx = {op.name: i for i, op in enumerate(ops)}
+    if edges is None:
+        idx = {op.name: i for i, op in enumerate(ops)}
+        pairs = [
+            (idx[t.producer], idx[c])
+            for t in graph.tensors.values()
+            if t.producer is not None
+            for c in t.consumers
+        ]
+        edges = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+    prod, cons = (np.asarray(a, dtype=np.int64) for a in edges)
+    last = np.full(n, -1, dtype=np.int64)  # last reader of each op's outputs
+    np.maximum.at(last, prod, cons)
     live = np.zeros(n + 2, dtype=np.int64)  # live[k]: activations crossing position k
-    for t in graph.tensors.values():
-        if t.producer is None or not t.consumers:
-            continue
-        p, m = idx[t.producer], max(idx[c] for c in t.consumers)
-        if m > p:  # live for k in [p + 1, m]
-            live[p + 1] += 1
-            live[m + 1] -= 1
+    made = np.nonzero(last > np.arange(n))[0]  # live for k in [p + 1, last]
+    np.add.at(live, made + 1, 1)
+    np.add.at(live, last[made] + 1, -1)
     live = np.cumsum(live)
-    cuts = [0] + [k for k in range(1, n) if live[k] <= 1] + [n]
+    cuts = [0, *(np.nonzero(live[1:n] <= 1)[0] + 1).tolist(), n]
     segs = [(a, b) for a, b in pairwise(cuts) if b > a]
     cands = _blocks(segs)
     sig = {r: tuple(ops[i].op for i in range(*r)) for r in cands}

@@ -155,9 +155,10 @@ def build_network(pb: bl.Problem, reduce: bool = True) -> Network:
     ops = 2 + np.arange(n_ops)
     arcs(np.zeros(n_ops), ops, np.where(pb.forced_dev, _INF, cs))
     arcs(ops, np.ones(n_ops), np.where(pb.forced_srv, _INF, cd))
-    for gr in pb.same:
-        g2 = 2 + np.asarray(gr)
-        arcs(np.concatenate([g2[:-1], g2[1:]]), np.concatenate([g2[1:], g2[:-1]]), _INF)
+    if pb.same:  # same-side groups: a chain of INF arcs both ways
+        ga = 2 + np.array([x for gr in pb.same for x in gr[:-1]], dtype=i64)
+        gb = 2 + np.array([x for gr in pb.same for x in gr[1:]], dtype=i64)
+        arcs(np.concatenate([ga, gb]), np.concatenate([gb, ga]), _INF)
     if pb.objective == "training" and pb.tied_policy == "sync":
         for _, readers, c in pb.tied:
             U, V = nodes, nodes + 1

@@ -132,18 +132,13 @@ def _mincut(pb: bl.Problem, engine: str, reduce: bool, stats: dict | None = None
 
 
 def _blockwise(pb: bl.Problem, engine: str, reduce: bool, notes: list, stats=None):
-    found = find_blocks(pb.graph)
+    made = pb.e_p >= 0
+    found = find_blocks(pb.graph, edges=(pb.e_p[made], pb.e_c[made]))
     blocks = list(found.blocks)
-    kw = {
-        "objective": pb.objective,
-        "pins": pb.pins,
-        "tied_policy": pb.tied_policy,
-        "allow_raw_upload": pb.allow_raw_upload,
-    }
     forced = pb.forced_dev | pb.forced_srv
     while True:
         try:
-            pbb = bl.Problem(pb.graph, pb.link, groups=tuple(blocks), **kw)
+            pbb = pb.with_groups(tuple(blocks))
             break
         except PlanError:  # a block straddles contradictory pins: keep only pin-free blocks
             keep = [b for b in blocks if not any(forced[pb.index[o]] for o in b)]
