@@ -72,6 +72,20 @@ class TrainResult:
             )
         )
 
+    def vs_prediction(self, breakdown: dict) -> list[tuple[str, float, float]]:
+        """(part, predicted s, measured median s) rows against plan.json's ``breakdown``.
+
+        The link row compares the plan's uplink + downlink + fixed latency with the measured
+        transfer time (round trip minus the server's reported compute)."""
+        m = self.median_time()
+        link = breakdown["uplink"] + breakdown["downlink"] + breakdown.get("fixed", 0.0)
+        return [
+            ("device", breakdown["device"], m.compute_s),
+            ("link", link, m.transfer_s),
+            ("server", breakdown["server"], m.server_s),
+            ("total", breakdown["total"], m.total_s),
+        ]
+
     def _drop_after(self, step: int) -> None:
         keep = [i for i, s in enumerate(self.steps) if s <= step]
         self.steps = [self.steps[i] for i in keep]

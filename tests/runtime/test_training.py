@@ -33,7 +33,24 @@ def test_split_equals_unsplit_step_by_step(start_server, loader):
     assert seen[-1].bytes_up == res.bytes_up - 46  # all but the 46-byte BYE
     t = res.times[0]
     assert t.total_s >= t.compute_s and t.transfer_s >= 0 and t.server_s > 0
+    rows = res.vs_prediction(
+        {
+            "device": 1e-3,
+            "uplink": 2e-3,
+            "downlink": 3e-3,
+            "fixed": 0.0,
+            "server": 4e-3,
+            "total": 1e-2,
+        }
+    )
+    assert [r[:2] for r in rows] == [
+        ("device", 1e-3),
+        ("link", 5e-3),
+        ("server", 4e-3),
+        ("total", 1e-2),
+    ]
     med = res.median_time()
+    assert [r[2] for r in rows] == [med.compute_s, med.transfer_s, med.server_s, med.total_s]
     assert med.total_s == float(np.median([x.total_s for x in res.times]))
     assert med.server_s == float(np.median([x.server_s for x in res.times]))
     # Per FORWARD: 46 header + 2 * 80 tensor headers + h 16*32*4 = 2048 + labels 16*8 = 128
