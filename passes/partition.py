@@ -221,6 +221,8 @@ def solve(
                 "readers pinned to one side"
                 if tied_policy == "pin"
                 else "synced per step (bytes up + down) when their readers are split"
+                if objective == "training"
+                else "no sync in inference (weights do not change)"
             )
         )
     return Plan.build(

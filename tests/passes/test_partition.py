@@ -120,13 +120,13 @@ def _tol(pb, opt):
     return 1e-12 * float(pb.exact(bl.device_only(pb))) + 1e-9 * float(opt)
 
 
-def _check_plan(graph, plan, pins, objective):
+def _check_plan(graph, plan, pins, objective, raw=False):
     dev = plan.placement.device
     for u, w, _ in graph.edges():
         assert not (u not in dev and w in dev), f"server op {u} feeds device op {w}"
     for t in graph.inputs:
         for c in graph.tensors[t].consumers:
-            assert c in dev, "raw input left the device"
+            assert raw or c in dev, "raw input left the device"
     for name, side in (pins or {}).items():
         assert (name in dev) == (side == "device")
     bd = plan.breakdown
@@ -153,22 +153,16 @@ def _problem(g, link, obj, pins, **kw):
 
 
 @settings(max_examples=1000, **_SETTINGS)
-@given(problems(), st.sampled_from(["sync", "pin"]))
-def test_mincut_equals_exhaustive(case, tied_policy):
+@given(problems(), st.sampled_from(["sync", "pin"]), st.booleans())
+def test_mincut_equals_exhaustive(case, tied_policy, raw):
     g, link, obj, pins = case
-    pb = _problem(g, link, obj, pins, tied_policy=tied_policy)
+    kw = {"tied_policy": tied_policy, "allow_raw_upload": raw}
+    pb = _problem(g, link, obj, pins, **kw)
     if pb is None:
         return
-    best = solve(
-        g,
-        link,
-        objective=obj,
-        algorithm="exhaustive",
-        pins=pins,
-        tied_policy=tied_policy,
-    )
-    plan = solve(g, link, objective=obj, pins=pins, tied_policy=tied_policy)
-    _check_plan(g, plan, pins, obj)
+    best = solve(g, link, objective=obj, algorithm="exhaustive", pins=pins, **kw)
+    plan = solve(g, link, objective=obj, pins=pins, **kw)
+    _check_plan(g, plan, pins, obj, raw)
     assert plan.tied_policy == tied_policy
     assert abs(plan.total - best.total) <= _tol(pb, best.total)
     assert plan.total >= best.total  # exhaustive is the optimum: nothing beats it
