@@ -215,13 +215,21 @@ def build_side(
     except BuildError:
         raise
     except Exception as e:  # noqa: BLE001 - compiler errors come as many TVM types
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise BuildError(
             f"Build: compiling the {side} half for {tgt.kind.name} failed "
-            f"({lines[-1][:200] if lines else type(e).__name__}); check the "
-            "target and toolchain"
+            f"({_why(e)}); check the target and toolchain"
         ) from None
     return BuiltSide(side, _export(tgt), out_path, time.perf_counter() - t0, cuda, cc)
+
+
+def _why(e: Exception) -> str:
+    """The informative line of a TVM error (its message is a long trace + IR dump)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if re.match(r"^[A-Za-z.]*(Error|Exception)\b|^Check failed|error:", ln):
+            return ln[:200]
+    lines = [ln for ln in lines if not ln.startswith("(...")]
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def _u64(n: int) -> bytes:
@@ -319,11 +327,21 @@ def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's CUDA pipeline with dlight rules that cannot abort the build.
 
     In 0.27 ``dl.gpu.Reduction`` asserts on some backward kernels (``detect_dominant_read`` on
-    the fused nll_loss backward); a failing rule now falls through to the next one, ending
-    with ``Fallback``, instead of failing the whole compile.
+    the fused nll_loss backward) and makes schedules that lowering rejects for others; such a
+    rule now falls through to the next one, ending with ``Fallback``, instead of failing the
+    whole compile.
     """
     from tvm.relax.backend.cuda import pipeline as cp
     from tvm.s_tir import dlight as dl
+
+    from tvm import s_tir
+
+    # the first lowering steps of the TIR pipeline: a schedule they reject (a cross-thread
+    # reduction over max_pool2d_backward's select combiner: "No matched reducer") would abort
+    # the whole build later, so such a rule counts as not applicable
+    check = tvm.transform.Sequential(
+        [s_tir.transform.CanonicalizeLoop(), s_tir.transform.LowerCrossThreadReduction()]
+    )
 
     class _Safe(dl.ScheduleRule):
         def __init__(self, rule):
@@ -331,7 +349,11 @@ def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
         def apply(self, func, target, tunable):
             try:
-                return self.rule.apply(func, target, tunable)
+                space = self.rule.apply(func, target, tunable)
+                if space is not None:
+                    for sch in space if isinstance(space, list) else [space]:
+                        check(sch.mod)
+                return space
             except Exception:  # noqa: BLE001 - try the next rule
                 return None
 
