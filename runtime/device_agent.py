@@ -2,10 +2,11 @@
 
 Per step ``s`` (1-based over all epochs; batch ``s - 1`` of the DataLoader): ``forward`` ->
 FORWARD (cut tensors + labels, step ``s``, ack = last durable checkpoint) -> GRADIENT (loss +
-gradients) -> ``backward``. Replies for other steps are stale duplicates and are dropped; a
-request without reply is resent every ``retry_s`` (the server applies each step once) until
-``timeout_s``. REWIND from a restarted server: HELLO again and reload the newest checkpoint at or
-before the server's step (see server_agent.py for the protocol). Checkpoint 0 is the initial
+gradients) -> ``backward``. A request is sent again when the connection to the server was
+re-established after it was sent (a server restart; the server applies each step once) or, if
+set, every ``retry_s`` without a reply, until ``timeout_s``; replies to other steps are stale
+duplicates and are dropped. REWIND from a restarted server: HELLO again and reload the newest
+checkpoint at or before the server's step (see server_agent.py for the protocol). Checkpoint 0 is the initial
 state, so a run can always rewind to its start.
 """
 
@@ -102,23 +103,31 @@ class _Client:
         plan_id: str,
         device_id: int,
         timeout_s: float,
-        retry_s: float,
+        retry_s: float | None,
     ):
         self.t, self.plan_id, self.device_id = transport, plan_id, device_id
         self.timeout_s, self.retry_s = timeout_s, retry_s
 
     def request(self, msg: Message, expect: Expect, codec: Codec = Codec()) -> Message:
+        """Send ``msg``; return the reply for its step. ZeroMQ delivers in order on a live
+        connection, so the message is sent again only when the connection was re-established
+        after the send (the copy in flight may be lost) or, if ``retry_s`` is set, after that
+        long without a reply. Replies to other steps or of other kinds are stale duplicates of
+        resent requests and are dropped."""
         frames = wire.encode(msg, codec)
         deadline = time.monotonic() + self.timeout_s
         while True:
-            resend_at = time.monotonic() + self.retry_s
+            conn = self.t.connections
+            resend_at = deadline if self.retry_s is None else time.monotonic() + self.retry_s
             sent = self.t.send(frames)  # False: not even queued (server down), retry below
             if not sent:
                 self.t.check_events()
             while sent and (now := time.monotonic()) < min(resend_at, deadline):
-                got = self.t.recv(min(resend_at, deadline) - now)
+                if self.t.connections > max(conn, 1):
+                    break  # reconnected since the send: resend
+                got = self.t.recv(min(resend_at, deadline, now + 0.25) - now)
                 if got is None:
-                    break
+                    continue
                 kind, _ = wire.peek(got)
                 if kind == Kind.ERROR:
                     err = wire.decode(
@@ -128,6 +137,8 @@ class _Client:
                         f"Device: the server refused {msg.kind.name} step {msg.step}: "
                         f"{err.meta.get('message', '')}"
                     )
+                if kind not in expect.kinds:
+                    continue  # a late duplicate of an earlier exchange
                 reply = wire.decode(got, expect)
                 if reply.step == msg.step:
                     return reply
@@ -169,8 +180,8 @@ def train(
     curve: CurveClient | None = None,
     fedavg_every: int = 0,
     on_progress=None,
-    timeout_s: float = 60.0,
-    retry_s: float = 5.0,
+    timeout_s: float = 120.0,
+    retry_s: float | None = None,
 ) -> TrainResult:
     """Train ``device_half`` against the server at ``connect``; return losses, bytes, times."""
     codec_ = parse_codec(codec, seed=device_id)

@@ -168,12 +168,16 @@ class DeviceTransport:
         s.setsockopt(zmq.SNDTIMEO, 1000)
         if curve:
             security.apply_client(s, curve)
-        # Handshake failures are the only sign of a refused key: watch them.
+        # Handshake failures are the only sign of a refused key; completed handshakes after a
+        # disconnect tell the agent that a message in flight may be lost (resend it then).
         self._mon = s.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_DISCONNECTED
         )
+        self.connections = 0  # completed handshakes so far (1 + reconnects)
         s.connect(endpoint(connect))
         self.sock = s
         self._poller = zmq.Poller()
@@ -200,9 +204,15 @@ class DeviceTransport:
         return True
 
     def check_events(self) -> None:
-        """Raise if the security handshake failed (a refused key, mismatched settings)."""
+        """Count (re)connections; raise if the security handshake failed (a refused key,
+        mismatched settings)."""
         while self._mon.poll(0):
             ev = recv_monitor_message(self._mon)
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connections += 1
+                continue
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                continue
             if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise TransportError(
                     f"Transport: the server at {self.connect_to} refused this device's key; add "

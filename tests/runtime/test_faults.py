@@ -126,7 +126,6 @@ def test_server_killed_mid_run_resumes_exactly(start_server, loader, tmp_path, p
             checkpoint_every=3,
             on_progress=on_progress,
             timeout_s=30,
-            retry_s=0.3,
         )
 
     t = threading.Thread(target=device)
