@@ -6,8 +6,8 @@ gradients) -> ``backward``. A request is sent again when the connection to the s
 re-established after it was sent (a server restart; the server applies each step once) or, if
 set, every ``retry_s`` without a reply, until ``timeout_s``; replies to other steps are stale
 duplicates and are dropped. REWIND from a restarted server: HELLO again and reload the newest
-checkpoint at or before the server's step (see server_agent.py for the protocol). Checkpoint 0 is the initial
-state, so a run can always rewind to its start.
+checkpoint at or before the server's step (see server_agent.py for the protocol). Checkpoint 0
+is the initial state, so a run can always rewind to its start.
 """
 
 from __future__ import annotations
