@@ -11,8 +11,9 @@ held-out error is kept (``fit``; the comparison is stored in the profile):
   and predicted in numpy, so loading a profile never unpickles anything and needs no
   scikit-learn.
 
-Each prediction also pays ``call_overhead`` seconds: what the Relax VM spends per kernel call
-beyond the kernel itself (allocation, argument packing), fitted from whole training steps.
+Kernels are timed alone (hot caches, no VM around them); inside the compiled step they run
+slower. So a kernel's time in a step is ``step_scale x predicted + call_overhead``, both fitted
+on whole training steps measured through the Relax VM (``calibrate.py: _step_fit``).
 
 Fallback: a kernel whose family was never measured (e.g. ``conv_t`` on a profile calibrated
 on MLPs only) is priced by the roofline prior (``RooflineModel`` of the same profile) and
@@ -139,6 +140,7 @@ class LearnedModel:
         self.regressor = Regressor.from_json(data["regressor"])
         self.families = frozenset(data["families"])
         self.call_overhead = float(data.get("call_overhead", 0.0))
+        self.step_scale = float(data.get("step_scale", 1.0))
         self.prior = RooflineModel(self.profile, self.optimizer)
 
     @property
@@ -164,7 +166,7 @@ class LearnedModel:
                 self.fallbacks += 1
                 t[i] = self.prior.compute_time(int(k.flops), k.bytes_read + k.bytes_written,
                                                k.dtype) + p.kernel_overhead
-        return t + self.call_overhead
+        return self.step_scale * t + self.call_overhead
 
     def op_cost(self, f: OpFeatures) -> OpCost:
         byte_mult, flop_per = OPTIMIZERS[self.optimizer]

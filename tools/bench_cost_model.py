@@ -56,16 +56,24 @@ def _models(out: Path) -> dict[str, Path]:
                              nn.Linear(64 * 16 * 16, 10)), (4, 8, 16, 16)
 
     def transformer():
-        layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True,
-                                           activation="gelu", norm_first=True)
-
-        class T(nn.Module):
-            def __init__(self):
+        class T(nn.Module):  # pre-LN attention block + GELU MLP, d=128, 4 heads, seq 32
+            def __init__(self, d=128, h=4):
                 super().__init__()
-                self.enc, self.head = layer, nn.Linear(128, 10)
+                self.h = h
+                self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+                self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+                self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+                self.head = nn.Linear(d, 10)
 
             def forward(self, x):
-                return self.head(self.enc(x).mean(1))
+                b, s, d = x.shape
+                q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+                q, k, v = (t.reshape(b, s, self.h, d // self.h).transpose(1, 2)
+                           for t in (q, k, v))
+                a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.h) ** 0.5, dim=-1) @ v
+                x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
+                x = x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+                return self.head(x.mean(1))
 
         return T(), (4, 32, 128)
 
