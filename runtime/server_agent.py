@@ -246,7 +246,7 @@ class ServerAgent:
                     continue
                 try:
                     self._handle(peer, frames)
-                except TransportError as e:
+                except SplitcError as e:  # a bad peer (or its bad request): refuse, keep serving
                     self._error(peer, frames, str(e))
             if self.checkpoint_dir and self._since_ckpt:
                 self._checkpoint()

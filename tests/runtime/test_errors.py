@@ -190,3 +190,22 @@ def test_device_transport_counts_bytes(start_server):
         assert t.bytes_up == 12
     finally:
         t.close()
+
+
+def test_hello_with_an_unknown_codec_is_refused_and_the_server_keeps_serving(start_server, loader):
+    srv = start_server(nh.NumpyServer())
+    t = DeviceTransport(srv.address)
+    try:
+        from splitc.runtime import wire
+        from splitc.runtime.wire import Kind, Message
+
+        t.send(wire.encode(Message(Kind.HELLO, nh.PLAN_ID, 0, 5, meta={"codec": "gzip"})))
+        got = t.recv(10)
+        err = wire.decode(got, wire.Expect(nh.PLAN_ID, frozenset([Kind.ERROR]), {Kind.ERROR: ()}))
+        assert err.meta["message"] == (
+            "Codec: unknown codec 'gzip'; use one of none, fp16, int8, topk:FRAC, zstd, lz4"
+        )
+    finally:
+        t.close()
+    res = train(nh.NumpyDevice(), srv.address, loader, max_steps=3, timeout_s=10)
+    assert res.steps == [1, 2, 3]
