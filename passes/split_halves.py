@@ -17,7 +17,23 @@ from splitc.passes.plan import Plan
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-__all__ = ["Halves", "build_side", "closure", "emit_all", "flat_call", "function", "grad"]
+
+def ident(name: str) -> str:
+    """A var name that stays a C identifier in generated kernels: TVM turns ``0.weight``
+    (an nn.Sequential weight) into buffers such as ``0_weight_shared``, which nvcc rejects."""
+    return f"w_{name}" if name[:1].isdigit() else name
+
+
+__all__ = [
+    "Halves",
+    "build_side",
+    "closure",
+    "emit_all",
+    "flat_call",
+    "function",
+    "grad",
+    "ident",
+]
 
 
 @mutator
@@ -132,7 +148,7 @@ def build_side(h: Halves, side: str, plan: Plan, loss: str, training: bool, name
     vmap, params = {}, []
     inputs = [p for p in h.inputs if side == "device"]
     for p in inputs + trainable + state:
-        vmap[p] = relax.Var(p.name, p.ty)
+        vmap[p] = relax.Var(ident(p.name), p.ty)
         params.append(vmap[p])
     cut_params = []
     if side == "server":

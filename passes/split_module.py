@@ -49,6 +49,7 @@ from splitc.passes.split_halves import (
     flat_call,
     function,
     grad,
+    ident,
 )
 from tvm import relax
 from tvm.relax import op as R
@@ -218,7 +219,7 @@ def _update(side: str, params, optimizer: str, lr: float):
     if not params:
         return None, []
     return T.make_optimizer(
-        optimizer, lr, [relax.Var(p.name, p.ty) for p in params], f"{side}_update"
+        optimizer, lr, [relax.Var(ident(p.name), p.ty) for p in params], f"{side}_update"
     )
 
 

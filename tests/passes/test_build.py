@@ -112,11 +112,30 @@ needs_cuda_toolchain = pytest.mark.skipif(
 
 @pytest.mark.slow
 @needs_cuda_toolchain
-def test_jetson_device_and_sm90_server_libraries(tmp_path, cnn_split):
-    mod, ops, _, _ = cnn_split
+def test_jetson_device_and_sm90_server_libraries(tmp_path):
+    # the shipped demo CNN: nn.Sequential weights named "0.weight" (kernel identifiers must not
+    # start with a digit) and a max_pool2d backward (a dlight rule that lowering rejects)
+    from pathlib import Path
+
+    from splitc.cost_models.link import Link
+    from splitc.passes.pipeline import PlanConfig, annotate_model
+    from splitc.passes.plan import Placement, Plan
+
+    demo = Path(__file__).resolve().parents[2] / "tools" / "models" / "demo_cnn.onnx"
+    mod, _, graph = annotate_model(PlanConfig(model=demo, batch_size=8))
+    ops = [o.name for o in graph.ops]
+    plan = Plan.build(
+        graph,
+        Placement.of(ops[: len(ops) // 2]),
+        Link.parse("100Mbps"),
+        "training",
+        "manual",
+        "p",
+        "p",
+    )
     summary = compile_split(
         mod,
-        S.manual_plan(mod, ops[:4]),
+        plan,
         device_target="nvidia/jetson-orin-nano",
         server_target="cuda -arch=sm_90",
         output=tmp_path / "split.tar",
