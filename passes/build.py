@@ -331,10 +331,9 @@ def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     rule now falls through to the next one, ending with ``Fallback``, instead of failing the
     whole compile.
     """
+    from tvm import s_tir
     from tvm.relax.backend.cuda import pipeline as cp
     from tvm.s_tir import dlight as dl
-
-    from tvm import s_tir
 
     # the first lowering steps of the TIR pipeline: a schedule they reject (a cross-thread
     # reduction over max_pool2d_backward's select combiner: "No matched reducer") would abort
