@@ -190,3 +190,17 @@ def test_rpc_tracker_unreachable(tmp_path, tiny_cnn_onnx):
     with pytest.raises(Exception, match=r"Calibrate: cannot get a board with key 'k' from the "
                                         r"RPC tracker 127.0.0.1:\d+"):
         _calibrate(tmp_path, tiny_cnn_onnx, rpc_tracker=f"127.0.0.1:{port}", rpc_key="k")
+
+
+def test_step_fit_exact():
+    from splitc.cost_models.calibrate import _step_fit
+
+    # two workloads whose steps are exactly 1.5 x their kernels + 2 us per call:
+    # w1: kernels 1 ms, 10 calls -> 1.5 + 0.02 = 1.52 ms; w2: 10 ms, 50 calls -> 15.1 ms
+    kern = [{"workload": "w1", "calls": 2, "seconds": 0.5e-3},
+            {"workload": "w2", "calls": 1, "seconds": 10e-3}]
+    steps = [{"workload": "w1", "seconds": 1.52e-3, "n_calls": 10},
+             {"workload": "w2", "seconds": 15.1e-3, "n_calls": 50}]
+    scale, ovh = _step_fit(kern, steps)
+    assert scale == pytest.approx(1.5) and ovh == pytest.approx(2e-6)
+    assert _step_fit(kern, []) == (1.0, 0.0)
