@@ -165,9 +165,9 @@ def build_model(name: str, image: int = 224):
     if name == "encoder":
         return _encoder(256, 4, 2), (16, 64, 256), 10
     if name.startswith("resnet50_b"):
-        return _resnet50(), (int(name.split("_b")[1]), 3, image, image), 1000
+        return _resnet50(), (int(name.rsplit("_b", 1)[1]), 3, image, image), 1000
     if name.startswith("gpt2_block_b"):
-        return _encoder(768, 12, 1), (int(name.split("_b")[1]), 64, 768), 10
+        return _encoder(768, 12, 1), (int(name.rsplit("_b", 1)[1]), 64, 768), 10
     raise click.BadParameter(f"unknown model {name!r}; one of {', '.join(MODEL_NAMES)}")
 
 
