@@ -14,8 +14,9 @@
    Gradient`` emits the whole forward first), ``*_update`` kernels are the optimizer.
 3. Measurement (``cost_models/rpc.py``): the kernels are built into one library and timed
    one by one with ``time_evaluator`` (warm-up call, ``repeats`` x ``number`` calls, median
-   and spread); the whole step is timed through the Relax VM, so the per-call VM overhead is
-   known too. Locally or on a board through TVM's RPC tracker (no authentication: trusted
+   and spread); the whole step (``server_step`` + ``server_update``, through flat wrappers
+   since RPC cannot pass nested tuples) is timed through the Relax VM with >= 15 repeats, so
+   ``step ~ step_scale x sum(kernels) + call_overhead x calls`` can be fitted. Locally or on a board through TVM's RPC tracker (no authentication: trusted
    networks only, see ``cost_models/rpc.py``).
 4. Dataset: JSON lines, one row per (workload, function, role, kernel), one ``step`` row per
    model workload and a ``done`` row closing each workload, each with its provenance (target,
