@@ -37,6 +37,7 @@ class PlanConfig:
     pins: dict[str, str] = field(default_factory=dict)
     engine: str = "ortools"
     loss: str = "cross-entropy"
+    optimizer: str = "sgd"  # the update cost per op depends on the optimizer's state traffic
     tied_policy: str = "sync"
     allow_raw_upload: bool = False
     baselines: bool = True  # also solve every other algorithm for comparison
@@ -87,21 +88,26 @@ def resolve_input_shapes(model: Path, input_shapes: dict, batch_size: int | None
 
 
 def _cost_models(cfg: PlanConfig):
+    """Learned model for calibrated profiles, the roofline prior otherwise."""
+    from splitc.cost_models.learned import cost_model_for
     from splitc.cost_models.profiles import load_profile
-    from splitc.cost_models.roofline import RooflineModel
 
     dev, srv = load_profile(cfg.device), load_profile(cfg.server)
-    return RooflineModel(dev), RooflineModel(srv), dev.name, srv.name
+    return (cost_model_for(dev, cfg.optimizer), cost_model_for(srv, cfg.optimizer), dev.name,
+            srv.name)
 
 
-def annotate_model(cfg: PlanConfig):
-    """Import and annotate: returns (IRModule, ModelInfo, OpGraph)."""
+def annotate_model(cfg: PlanConfig, models=None):
+    """Import and annotate: returns (IRModule, ModelInfo, OpGraph).
+
+    ``models``: the ``_cost_models(cfg)`` tuple when the caller already has it.
+    """
     from splitc.passes.annotate_costs import annotate_costs
     from splitc.passes.frontend import load_onnx
 
     shapes = resolve_input_shapes(Path(cfg.model), cfg.input_shapes, cfg.batch_size)
     mod, info = load_onnx(cfg.model, shapes or None)
-    dev, srv, _, _ = _cost_models(cfg)
+    dev, srv, _, _ = models or _cost_models(cfg)
     graph = annotate_costs(mod, dev, srv, loss=cfg.loss, model_hash=info.sha256, name=info.name,
                            buffers=info.buffers)
     return mod, info, graph
@@ -112,8 +118,9 @@ def plan_model(cfg: PlanConfig, progress: Callable[[str], None] | None = None) -
 
     say = progress or (lambda msg: None)
     say(f"importing {cfg.model}")
-    mod, info, graph = annotate_model(cfg)
-    _, _, dev_name, srv_name = _cost_models(cfg)
+    models = _cost_models(cfg)
+    _, _, dev_name, srv_name = models
+    mod, info, graph = annotate_model(cfg, models)
     kw = dict(objective=cfg.objective, pins=cfg.pins, tied_policy=cfg.tied_policy,
               allow_raw_upload=cfg.allow_raw_upload, device_profile=dev_name,
               server_profile=srv_name)

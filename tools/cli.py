@@ -159,7 +159,10 @@ def compile(output, device_target, server_target, optimizer, lr, recompute, cros
     """Plan, split and compile both halves into split.tar."""
     from splitc.passes.pipeline import CompileConfig, compile_model
 
-    cfg = CompileConfig(plan=_plan_config(baselines=False, **kw), output=output,
+    import dataclasses
+
+    pcfg = dataclasses.replace(_plan_config(baselines=False, **kw), optimizer=optimizer)
+    cfg = CompileConfig(plan=pcfg, output=output,
                         device_target=device_target, server_target=server_target,
                         optimizer=optimizer, lr=lr, recompute=recompute,
                         cross_compiler=cross_compiler)
@@ -375,17 +378,51 @@ def bench(ctx, name, args):
 
 
 @cli.command()
+@click.option("--target", default="llvm", show_default=True, help="only llvm targets for now")
+@click.option("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker (trusted "
+              "network only: TVM RPC has no authentication)")
+@click.option("--rpc-key", default=None, help="device key registered with the tracker")
+@click.option("--models", "models", multiple=True, type=click.Path(path_type=Path),
+              help="ONNX models to time (default: the bundled ones); repeatable")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=click.IntRange(min=1))
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--no-sweep", is_flag=True, help="skip the single-op shape sweep")
+@click.option("--no-resume", is_flag=True, help="re-measure rows already in the dataset")
+@click.option("--name", default=None, help="profile name (default: the output file's stem)")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="profile JSON to write; the dataset goes next to it as .jsonl")
+@click.option("-q", "--quiet", is_flag=True)
+@_errors
+def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, no_sweep, no_resume,
+              name, output, quiet):
+    """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
+    from splitc.cost_models.calibrate import CalibrateConfig
+    from splitc.cost_models.calibrate import calibrate as run
+
+    if bool(rpc_tracker) != bool(rpc_key):
+        raise click.BadParameter("--rpc-tracker and --rpc-key go together",
+                                 param_hint="--rpc-key")
+    cfg = CalibrateConfig(target=target, output=output, rpc_tracker=rpc_tracker,
+                          rpc_key=rpc_key, models=tuple(models), batch_sizes=tuple(batch_sizes),
+                          repeats=repeats, sweep=not no_sweep, resume=not no_resume, name=name,
+                          progress=_progress(quiet))
+    path = run(cfg)
+    click.echo(f"wrote {path}; use it with `splitc plan --device {path}`")
+
+
+@cli.command()
 @_errors
 def profiles():
-    """List device profiles with their provenance."""
+    """List device profiles with their provenance and, when calibrated, accuracy."""
     from splitc.cost_models.profiles import list_profiles, load_profile
 
     for name in list_profiles():
         p = load_profile(name)
         prov = p.provenance or {}
+        acc = (getattr(p, "learned", None) or {}).get("accuracy")
         click.echo(f"{name:<20} {p.kind:<4} {p.peak('float32') / 1e9:10.1f} GFLOP/s (fp32) "
                    f"{p.mem_bandwidth / 1e9:8.1f} GB/s  {prov.get('status', '?'):<10} "
-                   f"{prov.get('source', '')}")
+                   f"{prov.get('source', '')}" + (f"  accuracy {acc}" if acc else ""))
 
 
 def main(argv=None):

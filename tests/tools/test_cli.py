@@ -133,3 +133,17 @@ def test_demo_reaches_95_percent(tmp_path):
     out = json.loads(r.stdout)
     assert out["accuracy"] >= 0.95
     assert out["steps"] == 15 * (1347 // 32)
+
+
+@pytest.mark.slow
+def test_calibrate_then_plan_with_the_learned_profile(tmp_path):
+    prof = tmp_path / "cal.json"
+    r = _run(["calibrate", "--models", str(DEMO_MODEL), "--batch-size", "16", "--no-sweep",
+              "--repeats", "2", "-o", str(prof), "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cal.jsonl").read_text().count("\n") > 0  # the dataset, with provenance
+    out = tmp_path / "p.json"
+    r = _run(["plan", str(DEMO_MODEL), "--batch-size", "16", "--device", str(prof),
+              "--server", "a100", "--no-baselines", "--json", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["graph"]["cost_model"].startswith("device=learned:cal(")
