@@ -254,7 +254,7 @@ def split_module(
     if plan.tied_weights:
         raise UnsupportedError(
             f"SplitModule: weights {list(plan.tied_weights)[:3]} are read on "
-            "both sides; re-plan with --tied-policy pin"
+            "both sides; re-plan with --tied-weights pin"
         )
     if loss not in T.LOSSES:
         raise InputError(f"SplitModule: unknown loss {loss!r}; use one of {', '.join(T.LOSSES)}")

@@ -123,7 +123,7 @@ def test_tied_weights_across_the_cut_are_refused():
     _, onnx_bytes, _, _ = S.make_model("cnn")
     mod = S.import_onnx(onnx_bytes)
     plan = replace(S.manual_plan(mod, S.op_names(mod)[:4]), tied_weights=("fc.weight",))
-    with pytest.raises(UnsupportedError, match=r"read on both sides; re-plan with --tied-policy"):
+    with pytest.raises(UnsupportedError, match=r"read on both sides; re-plan with --tied-weights pin"):
         split_module(mod, plan)
 
 
