@@ -339,20 +339,45 @@ def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
                 ri = i
         if ri is not None:
             break
-    max_rows = max(1, min(_MAX_ROWS, _MAX_ACC_VECTORS * lanes // vt))
+    # Second row axis: when the reader that depends on the first row axis is itself a vector
+    # load (weight-gradient convs: both operands are read along the lane axis), block a second
+    # axis it does not depend on, so each vector load feeds rt2 (resp. rt) FMAs instead of 1.
+    r2 = None
+    if ri is not None:
+        for rd in info.reads:
+            if not rd.region or rd.source.same_as(info.writes[0].source):
+                continue
+            idx = [r.min for r in rd.region]
+            if not any(_uses(e, info.iters[ri].var) for e in idx) or not _uses(idx[-1], vvar):
+                continue
+            for i, iv in enumerate(info.iters):
+                if i in (vi, ri) or info.kinds[i] != "S" or info.extents[i] < 2:
+                    continue
+                if any(_uses(e, iv.var) for e in idx):
+                    continue
+                if r2 is None or info.extents[i] > info.extents[r2]:
+                    r2 = i
+    vecs = max(1, vt // lanes)
+    rt2 = _largest_divisor(info.extents[r2], 4) if r2 is not None else 1
+    max_rows = max(1, min(_MAX_ROWS, _MAX_ACC_VECTORS // (vecs * rt2)))
     rt = _largest_divisor(info.extents[ri], max_rows) if ri is not None else 1
+    if rt2 == 1:
+        r2 = None
 
     local_wb = sch.cache_write(info.rv, 0, "local")
     loops = info.loops
     v_o, v_i = sch.split(loops[vi], [None, vt])
     if ri is not None:
         r_o, r_i = sch.split(loops[ri], [None, rt])
+    if r2 is not None:
+        r2_o, r2_i = sch.split(loops[r2], [None, rt2])
     spatial_outer = [
-        loops[i] for i in range(len(loops)) if info.kinds[i] == "S" and i not in (vi, ri)
+        loops[i] for i in range(len(loops)) if info.kinds[i] == "S" and i not in (vi, ri, r2)
     ]
     reds = [loops[i] for i in range(len(loops)) if info.kinds[i] == "R"]
-    outer = spatial_outer + ([r_o] if ri is not None else []) + [v_o]
-    inner = ([r_i] if ri is not None else []) + [v_i]
+    outer = spatial_outer + ([r2_o] if r2 is not None else [])
+    outer += ([r_o] if ri is not None else []) + [v_o]
+    inner = ([r2_i] if r2 is not None else []) + ([r_i] if ri is not None else []) + [v_i]
     sch.reorder(*outer, *reds, *inner)
     # Parallelise the fused outer spatial loops; keep at least one vector tile per task.
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
@@ -362,6 +387,8 @@ def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
     # the init loops copied by decompose_reduction keep the vectorized/unrolled kinds.
     if ri is not None:
         sch.unroll(r_i)
+    if r2 is not None:
+        sch.unroll(r2_i)
     sch.vectorize(v_i)
     if reds:
         sch.decompose_reduction(info.rv, reds[0])
