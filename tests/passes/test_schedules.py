@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tvm
 from splitc import BuildError
-from splitc.passes import schedules
+from splitc.passes import schedule_rules
 from splitc.passes.schedules import (
+    DefaultCPUSchedule,
     KernelFallback,
     default_cpu_schedule,
     schedule_prim_func,
@@ -160,7 +161,7 @@ def test_rule_error_falls_back_and_is_reported(monkeypatch):
     def broken(*_args, **_kw):
         raise RuntimeError("tile rule exploded\nsecond line")
 
-    monkeypatch.setattr(schedules, "_register_tile", broken)
+    monkeypatch.setattr(schedule_rules, "_register_tile", broken)
     mod = tvm.IRModule({"mm": _matmul})
     bb = relax.BlockBuilder()
     a = relax.Var("a", relax.TensorType((64, 32), "float32"))
@@ -171,7 +172,7 @@ def test_rule_error_falls_back_and_is_reported(monkeypatch):
         bb.emit_func_output(out)
     mod = bb.get()
     fallbacks: list[KernelFallback] = []
-    scheduled = default_cpu_schedule(mod, TARGET, fallbacks.append)
+    scheduled = DefaultCPUSchedule(TARGET, fallbacks.append)(mod)  # the pass form
     assert fallbacks == [KernelFallback("matmul", "partial", "matmul: tile rule exploded")]
     # the kernel still builds and is right: the generic parallel fallback applied
     assert "T.parallel" in scheduled["matmul"].script()
