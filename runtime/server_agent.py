@@ -23,7 +23,8 @@ server holds, and both end in the same parameters as an uninterrupted run (singl
 several devices the order of steps across devices is whatever arrived first).
 
 A message that breaks the spec gets an ERROR reply and its peer is dropped (later messages from
-that socket are ignored); the server keeps serving the others.
+that socket are ignored); the server keeps serving the others. FedAvg rounds of the device halves
+(FEDAVG_PUSH/FEDAVG_PULL) are in ``fedavg.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from splitc import InputError, SplitcError, TransportError
 from splitc.runtime import checkpoint, wire
 from splitc.runtime.codecs import Codec, parse_codec
+from splitc.runtime.fedavg import FedAvgRounds
 from splitc.runtime.halves import ServerHalf
 from splitc.runtime.security import CurveServer
 from splitc.runtime.transport import ServerTransport
@@ -134,14 +136,19 @@ class ServerAgent:
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.max_steps, self.stop_event = max_steps, stop_event or threading.Event()
         self.fedavg_every, self.fedavg_devices = fedavg_every, fedavg_devices
-        self.fedavg_timeout_s = fedavg_timeout_s
         self.on_event = on_event or (lambda e: None)
         self.max_bytes, self.max_cached, self.poll_s = max_message_bytes, max_cached_steps, poll_s
         self.sessions: dict[int, _Session] = {}
         self.banned: set[bytes] = set()
         self.result = ServeResult()
-        self._fedavg: dict[int, dict] = {}  # round step -> {"t0", "push": {dev: tensors}}
-        self._fedavg_done: dict[int, list[np.ndarray]] = {}
+        self.fedavg = FedAvgRounds(
+            self.plan_id,
+            self.sessions,
+            self._send,
+            self._fedavg_round,
+            fedavg_devices,
+            fedavg_timeout_s,
+        )
         self._since_ckpt = 0
         if resume and checkpoint_dir:
             self._restore()
@@ -238,7 +245,7 @@ class ServerAgent:
                 if self.max_steps is not None and self.result.steps_applied >= self.max_steps:
                     break
                 got = self.transport.recv(self.poll_s)
-                self._fedavg_timeouts()
+                self.fedavg.timeouts()
                 if got is None:
                     continue
                 peer, frames = got
@@ -262,17 +269,9 @@ class ServerAgent:
         if msg.kind == Kind.HELLO:
             return self._hello(peer, msg)
         if msg.kind == Kind.INFER:
-            out = self.half.infer(msg.tensors)
-            return self._send(
-                peer,
-                Message(
-                    Kind.INFER_RESULT,
-                    self.plan_id,
-                    msg.step,
-                    dev,
-                    tensors=[np.asarray(o) for o in out],
-                ),
-            )
+            out = [np.asarray(o) for o in self.half.infer(msg.tensors)]
+            reply = Message(Kind.INFER_RESULT, self.plan_id, msg.step, dev, tensors=out)
+            return self._send(peer, reply)
         if sess is None:  # a restarted server that never saw this device: HELLO first
             return self._send(peer, Message(Kind.REWIND, self.plan_id, msg.step, dev))
         sess.peer = peer
@@ -281,7 +280,7 @@ class ServerAgent:
             self.on_event(Event("bye", dev, sess.applied))
             return self._send(peer, Message(Kind.BYE, self.plan_id, msg.step, dev))
         if msg.kind == Kind.FEDAVG_PUSH:
-            return self._fedavg_push(sess, msg)
+            return self.fedavg.push(sess, msg)
         self._forward(sess, msg)
 
     def _hello(self, peer: bytes, msg: Message) -> None:
@@ -381,50 +380,9 @@ class ServerAgent:
             sess.codec,
         )
 
-    # ----- federated averaging of the device halves -----
-    def _fedavg_push(self, sess: _Session, msg: Message) -> None:
-        r = msg.step
-        if r in self._fedavg_done:
-            return self._fedavg_send(sess, r)
-        rnd = self._fedavg.setdefault(r, {"t0": time.monotonic(), "push": {}})
-        first = next(iter(rnd["push"].values()), None)
-        sig = [(t.shape, t.dtype) for t in msg.tensors]
-        if first is not None and sig != [(t.shape, t.dtype) for t in first]:
-            raise TransportError(
-                f"Server: device {sess.device_id} pushed parameters {sig} for FedAvg round {r}, "
-                f"others pushed another layout; all devices must run the same device half"
-            )
-        rnd["push"][sess.device_id] = [np.array(t) for t in msg.tensors]
-        live = sum(1 for s in self.sessions.values() if not s.done and s.peer is not None)
-        if len(rnd["push"]) >= (self.fedavg_devices or live):
-            self._fedavg_complete(r)
-
-    def _fedavg_complete(self, r: int) -> None:
-        push = self._fedavg.pop(r)["push"]
-        stacks = zip(*push.values())
-        self._fedavg_done[r] = [
-            np.mean(np.stack(ts).astype(np.float64), axis=0).astype(ts[0].dtype) for ts in stacks
-        ]
-        for old in [k for k in self._fedavg_done if k < r]:
-            del self._fedavg_done[old]
+    def _fedavg_round(self, r: int, n_devices: int) -> None:
         self.result.fedavg_rounds += 1
-        self.on_event(Event("fedavg", step=r, message=f"{len(push)} devices"))
-        for dev in push:
-            self._fedavg_send(self.sessions[dev], r)
-
-    def _fedavg_send(self, sess: _Session, r: int) -> None:
-        if sess.peer is not None:
-            self._send(
-                sess.peer,
-                Message(
-                    Kind.FEDAVG_PULL, self.plan_id, r, sess.device_id, tensors=self._fedavg_done[r]
-                ),
-            )
-
-    def _fedavg_timeouts(self) -> None:
-        now = time.monotonic()
-        for r in [r for r, v in self._fedavg.items() if now - v["t0"] > self.fedavg_timeout_s]:
-            self._fedavg_complete(r)
+        self.on_event(Event("fedavg", step=r, message=f"{n_devices} devices"))
 
 
 def serve(server_half: ServerHalf, listen: str = "127.0.0.1:0", **kwargs) -> ServeResult:
