@@ -2,11 +2,11 @@
 
 ``calibrate(CalibrateConfig(...)) -> Path`` (what ``splitc calibrate`` runs):
 
-1. Workloads. Each ONNX model (default: the bundled demo CNN) is imported, planned server-only
-   and split (``passes/split_module.py``), so one side holds the whole training step:
-   ``server_loss_adjoint`` (forward then backward) and ``server_update`` (SGD). Plus a sweep of
-   single ops over shapes (matmul, conv2d, conv2d_transpose, elementwise, reductions, softmax,
-   transpose), so the regressor sees sizes the models do not have.
+1. Workloads (``workloads.py``). Each ONNX model (default: the bundled demo CNN) is imported,
+   planned server-only and split (``passes/split_module.py``), so one side holds the whole
+   training step: ``server_loss_adjoint`` (forward then backward) and ``server_update`` (SGD).
+   Plus a sweep of single ops over shapes (matmul, conv2d, conv2d_transpose, elementwise,
+   reductions, softmax, transpose), so the regressor sees sizes the models do not have.
 2. Kernels. The module is legalized, fused and scheduled exactly as ``passes/build.py`` does
    for an ``llvm`` target (``passes/schedules.py: default_cpu_schedule``); every ``call_tir``
    is one kernel launch. Its role comes from where it runs: in ``*_adjoint`` functions the
@@ -16,26 +16,29 @@
    one by one with ``time_evaluator`` (warm-up call, ``repeats`` x ``number`` calls, median
    and spread); the whole step (``server_step`` + ``server_update``, through flat wrappers
    since RPC cannot pass nested tuples) is timed through the Relax VM with >= 15 repeats, so
-   ``step ~ step_scale x sum(kernels) + call_overhead x calls`` can be fitted. Locally or on a board through TVM's RPC tracker (no authentication: trusted
-   networks only, see ``cost_models/rpc.py``).
-4. Dataset: JSON lines, one row per (workload, function, role, kernel), one ``step`` row per
-   model workload and a ``done`` row closing each workload, each with its provenance (target,
-   board key, TVM version, date, repeats, spread). Resumable: rows already in the file for
-   the same target and board are not measured again; a ``done`` workload is not compiled.
-5. Fit (``fit_learned``): linear and tree regressors in log space, compared by leave-one-model-
-   out error (fit on kernels of the other models + the sweep, test on the model never seen),
-   the better one is refitted on everything and written, with the comparison against the
-   roofline prior, into a ``DeviceProfile`` JSON (``"learned"`` key, ``provenance.status =
-   "calibrated"``) that ``load_profile(path)`` and ``cost_model_for`` read.
+   ``step ~ step_scale x sum(kernels) + call_overhead x calls`` can be fitted. Locally or on
+   a board through TVM's RPC tracker (no authentication: trusted networks only, see
+   ``cost_models/rpc.py``).
+4. Dataset (``dataset.py``): JSON lines, one row per (workload, function, role, kernel), one
+   ``step`` row per model workload and a ``done`` row closing each workload, each with its
+   provenance (target, board key, TVM version, date, repeats, spread). Resumable: rows
+   already in the file for the same target and board are not measured again; a ``done``
+   workload is not compiled.
+5. Fit (``fit.py: fit_learned``): linear and tree regressors in log space, compared by
+   leave-one-model-out error (fit on kernels of the other models + the sweep, test on the
+   model never seen), the better one is refitted on everything and written, with the
+   comparison against the roofline prior, into a ``DeviceProfile`` JSON (``"learned"`` key,
+   ``provenance.status = "calibrated"``) that ``load_profile(path)`` and ``cost_model_for``
+   read.
 
 Layering note: ``cost_models`` does not import ``passes`` at module level; building the
-training step needs the frontend and SplitModule, so ``_model_workload`` imports them inside
-the function (calibration is the one place where measuring needs the compiler).
+training step needs the frontend and SplitModule, so ``workloads.py: model_module`` and
+``measure_workload`` import them inside the function (calibration is the one place where
+measuring needs the compiler).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 from collections import defaultdict
@@ -43,11 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from splitc import BuildError, InputError, SplitcError, __version__
-from splitc.cost_models.features import FAMILIES, FEATURE_NAMES, KernelFeatures, parse_kinds, vector
-from splitc.cost_models.learned import LEARNED_VERSION, Regressor, fit_regressor, mape, within
+from splitc.cost_models.dataset import DATASET_VERSION, done_keys, load_rows, now, row_key
+from splitc.cost_models.features import KernelFeatures, parse_kinds
+from splitc.cost_models.fit import _step_fit, fit_learned, heldout_report  # noqa: F401 - re-export
 from splitc.cost_models.profiles import DeviceProfile
+from splitc.cost_models.workloads import Workload, model_module, sweep_module
 
 __all__ = [
     "DATASET_VERSION",
@@ -62,7 +66,6 @@ __all__ = [
     "sweep_module",
 ]
 
-DATASET_VERSION = 1
 _BUNDLED = Path(__file__).resolve().parent.parent / "tools" / "models"
 
 
@@ -91,123 +94,6 @@ class CalibrateConfig:
     @property
     def dataset_path(self) -> Path:
         return Path(self.dataset) if self.dataset else Path(self.output).with_suffix(".jsonl")
-
-
-# -- workloads -------------------------------------------------------------------------------
-@dataclass
-class Workload:
-    key: str  # unique per model file + input shapes
-    model: str  # short name, the held-out group
-    module: object  # tvm.IRModule before legalization
-    weights: frozenset  # Relax parameter names that are trainable weights
-    step: tuple[str, ...]  # functions that make one training step (timed through the VM)
-
-
-def model_module(path: Path, batch: int | None = None) -> Workload:
-    """Server-only split of one ONNX model: the whole training step on one side."""
-    import tvm
-    from splitc.cost_models.link import Link
-    from splitc.cost_models.roofline import RooflineModel
-    from splitc.passes.annotate_costs import annotate_costs
-    from splitc.passes.frontend import load_onnx
-    from splitc.passes.partition import solve
-    from splitc.passes.pipeline import resolve_input_shapes
-    from splitc.passes.split_module import split_module
-
-    shapes = resolve_input_shapes(Path(path), {}, batch)
-    mod, info = load_onnx(path, shapes or None)
-    # costs do not matter for a server-only plan; any profile will do
-    prior = RooflineModel(DeviceProfile("calib", "cpu", {"float32": 1e11}, 1e10, 1e-6,
-                                        {"status": "prior", "source": "placeholder"}))
-    graph = annotate_costs(mod, prior, prior, model_hash=info.sha256, name=info.name,
-                           buffers=info.buffers)
-    plan = solve(graph, Link.parse("1Gbps", None, "0"), algorithm="server-only",
-                 allow_raw_upload=True)
-    smod, spec = split_module(mod, plan)
-    keep = {gv: f for gv, f in smod.functions.items()
-            if gv.name_hint in ("server_loss_adjoint", "server_step", "server_update")}
-    keep = _with_flat_entries(tvm.IRModule(keep), ("server_step", "server_update"))
-    dims = ",".join(f"{i.name}={'x'.join(map(str, i.shape))}" for i in info.inputs)
-    key = f"{info.name}@{info.sha256[:12]}[{dims}]"
-    return Workload(key, info.name, keep, frozenset(spec.server_params),
-                    ("server_step_flat", "server_update_flat"))
-
-
-def _unflatten(ty, hint: str, flat: list):
-    """An expression of type ``ty`` built from fresh tensor vars (appended to ``flat``)."""
-    from tvm import relax
-
-    if hasattr(ty, "fields"):
-        return relax.Tuple([_unflatten(t, f"{hint}_{i}", flat) for i, t in enumerate(ty.fields)])
-    v = relax.Var(hint, ty)
-    flat.append(v)
-    return v
-
-
-def _with_flat_entries(mod, names):
-    """Add ``NAME_flat(tensors...)`` calling ``NAME`` with its tuple arguments rebuilt: TVM RPC
-    cannot pass nested tuples (``server_update((params), (grads), state)``) to a remote VM."""
-    from tvm import relax
-
-    bb = relax.BlockBuilder(mod)
-    for name in names:
-        gv = mod.get_global_var(name)
-        func = mod[name]
-        if gv.ty is None or not hasattr(gv.ty, "ret"):
-            relax.expr._update_type(gv, func.ty)  # a GlobalVar from IRModule({...}) has none
-        flat: list = []
-        rebuilt = [_unflatten(p.ty, p.name, flat) for p in func.params]
-        with bb.function(f"{name}_flat", flat):
-            out = bb.emit(relax.Call(gv, rebuilt))
-            bb.emit_func_output(out)
-    return bb.get()
-
-
-# single ops over shapes: (op, shapes...), see sweep_module
-_SWEEP = (
-    [("matmul", (m, k), (k, n)) for m, k, n in
-     [(8, 64, 64), (32, 256, 256), (64, 512, 512), (128, 128, 1024), (256, 1024, 256),
-      (16, 1024, 1024), (512, 64, 512)]]
-    + [("conv2d", (n, c, h, h), (o, c, k, k)) for n, c, h, o, k in
-       [(1, 16, 32, 16, 3), (4, 32, 16, 32, 3), (1, 64, 16, 128, 1), (8, 3, 32, 16, 3),
-        (2, 64, 8, 64, 3), (1, 128, 14, 128, 3)]]
-    + [("conv2d_transpose", (n, o, h, h), (o, c, 3, 3)) for n, c, h, o in
-       [(4, 16, 16, 32), (1, 64, 16, 64), (8, 8, 32, 16)]]
-    + [(op, (n,), (n,)) for op in ("add", "multiply") for n in (1024, 32768, 1 << 20)]
-    + [("relu", (n,)) for n in (4096, 262144, 1 << 22)]
-    + [("sum", (r, c)) for r, c in [(64, 1024), (1024, 64), (16, 65536)]]
-    + [("softmax", (r, c)) for r, c in [(64, 1000), (512, 128)]]
-    + [("permute_dims", (r, c)) for r, c in [(256, 256), (64, 4096)]]
-)
-
-
-def sweep_module() -> Workload:
-    """One Relax function per single op of the sweep (all forward kernels)."""
-    from tvm import relax
-    from tvm.relax import op as R
-
-    bb = relax.BlockBuilder()
-    for i, (op, *shapes) in enumerate(_SWEEP):
-        ps = [relax.Var(f"a{j}", relax.TensorType(s, "float32")) for j, s in enumerate(shapes)]
-        with bb.function(f"sweep{i}_{op}", ps):
-            with bb.dataflow():
-                if op in ("matmul", "add", "multiply"):
-                    y = getattr(R, op)(*ps)
-                elif op == "conv2d":
-                    y = R.nn.conv2d(ps[0], ps[1], padding=shapes[1][-1] // 2)
-                elif op == "conv2d_transpose":
-                    y = R.nn.conv2d_transpose(ps[0], ps[1], padding=1)
-                elif op == "relu":
-                    y = R.nn.relu(ps[0])
-                elif op == "sum":
-                    y = R.sum(ps[0], axis=[1])
-                elif op == "softmax":
-                    y = R.nn.softmax(ps[0])
-                else:
-                    y = R.permute_dims(ps[0])
-                out = bb.emit_output(y)
-            bb.emit_func_output(out)
-    return Workload(f"sweep-v{len(_SWEEP)}", "sweep", bb.get(), frozenset(), ())
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -303,7 +189,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     if target.kind.name != "llvm":
         raise InputError(f"Calibrate: target {cfg.target!r} is not a CPU (llvm) target; GPU "
                          "calibration is not implemented yet")
-    if _row_key(w.key, "done", "", "") in done:
+    if row_key(w.key, "done", "", "") in done:
         say(f"{w.key}: already measured")
         return
     with target:
@@ -316,7 +202,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     prov = {"target": str(cfg.target), "board": runner.board, "tvm": _tvm_version(),
             "splitc": __version__, "repeats": cfg.repeats, "number": cfg.number,
             "schema": DATASET_VERSION}
-    todo = [(k, cs) for k, cs in groups.items() if _row_key(w.key, *k[:3]) not in done]
+    todo = [(k, cs) for k, cs in groups.items() if row_key(w.key, *k[:3]) not in done]
     say(f"{w.key}: {len(groups)} kernels ({len(calls)} calls), {len(todo)} to measure")
     if todo:
         syms = sorted({k[2] for k, _ in todo})
@@ -333,9 +219,9 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
                   "role": role, "symbol": sym, "calls": len(cs),
                   "features": _features(cs[0], flops, "T.parallel(" in prims[sym].script()
                                         ).to_json(), "seconds": t.median,
-                  "spread": t.spread, "date": _now(), **prov})
+                  "spread": t.spread, "date": now(), **prov})
             say(f"{w.key}: kernel {i + 1}/{len(todo)} {sym} {t.median * 1e6:.1f} us")
-    if w.step and _row_key(w.key, "step", "", "") not in done:
+    if w.step and row_key(w.key, "step", "", "") not in done:
         ex = tvm.compile(sched, target=target)
         ex = runner.load(ex, f"s{abs(hash(w.key)) % 10**8}")
         specs = {f: _vm_specs(sched[f]) for f in w.step}
@@ -347,168 +233,9 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
               "seconds": sum(t.median for t in ts.values()),
               "functions": {k: t.median for k, t in ts.items()},
               "spread": max(t.spread for t in ts.values()), "n_calls": n_calls,
-              "date": _now(), **prov})
+              "date": now(), **prov})
         say(f"{w.key}: step {sum(t.median for t in ts.values()) * 1e3:.3f} ms")
-    emit({"type": "done", "workload": w.key, "model": w.model, "date": _now(), **prov})
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _row_key(workload: str, function: str, role: str, symbol: str) -> tuple:
-    return (workload, function, role, symbol)
-
-
-def load_rows(path: Path, target: str | None = None, board: str | None = None) -> list[dict]:
-    """Rows of a dataset file (optionally only those measured on ``target`` / ``board``).
-    A torn last line (calibration killed mid-write) is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(r, dict) or r.get("schema") != DATASET_VERSION:
-            raise InputError(f"Calibrate: {str(path)!r} line {n + 1} is not a splitc dataset "
-                             f"row (schema {DATASET_VERSION}); use another --dataset path")
-        if (target is None or r.get("target") == target) and (board is None or
-                                                                 r.get("board") == board):
-            rows.append(r)
-    return rows
-
-
-def _done_keys(rows: list[dict]) -> set:
-    keys = set()
-    for r in rows:
-        if r["type"] == "kernel":
-            keys.add(_row_key(r["workload"], r["function"], r["role"], r["symbol"]))
-        else:  # "step" or "done" (every row of the workload is in the file)
-            keys.add(_row_key(r["workload"], r["type"], "", ""))
-    return keys
-
-
-# -- fitting ---------------------------------------------------------------------------------
-def _xy(rows: list[dict], prof: DeviceProfile):
-    ks = [KernelFeatures.from_json(r["features"]) for r in rows]
-    X = np.array([vector(k, prof.peak("float32"), prof.mem_bandwidth) for k in ks])
-    y = np.log10(np.maximum([r["seconds"] for r in rows], 1e-9))
-    return ks, X, y
-
-
-def _roofline(ks: list[KernelFeatures], prof: DeviceProfile) -> np.ndarray:
-    return np.array([max(k.flops / prof.peak(k.dtype),
-                         (k.bytes_read + k.bytes_written) / prof.mem_bandwidth)
-                     + prof.kernel_overhead for k in ks])
-
-
-def _step_fit(kernels: list[dict], steps: list[dict]) -> tuple[float, float]:
-    """(scale, call_overhead): the compiled step ~ scale x (sum of its kernels timed alone) +
-    call_overhead x (kernel calls). Isolated kernels run with hot caches and no VM around
-    them, so scale >= 1 in practice (1.2-2 measured here). Fitted by non-negative least squares
-    on relative errors, so a 0.1 ms model weighs as much as a 40 ms one."""
-    from scipy.optimize import nnls
-
-    per = defaultdict(float)
-    for r in kernels:
-        per[r["workload"]] += r["calls"] * r["seconds"]
-    eq = [(per[s["workload"]] / s["seconds"], s["n_calls"] / s["seconds"]) for s in steps
-          if s["workload"] in per and s["n_calls"] and s["seconds"] > 0]
-    if not eq:
-        return 1.0, 0.0
-    A = np.array(eq)
-    A[:, 1] *= 1e-6  # overhead in microseconds: columns of similar size for NNLS
-    (scale, ovh_us), _ = nnls(A, np.ones(len(eq)))
-    if scale <= 0:  # degenerate (one tiny workload): keep kernels as they are
-        return 1.0, float(max((1 - A[:, 0]).mean() / max(A[:, 1].mean(), 1e-12), 0) * 1e-6)
-    return float(scale), float(ovh_us * 1e-6)
-
-
-def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "trees")) -> dict:
-    """Leave-one-model-out: for each model, fit on every other model's kernels plus the sweep
-    and predict this model's kernels and whole step. Returns per regressor (and ``roofline``)
-    the share of kernels within +-10 %, the MAPE (%), and per model the predicted and measured
-    step."""
-    kern = [r for r in rows if r["type"] == "kernel"]
-    steps = {r["workload"]: r for r in rows if r["type"] == "step"}
-    models = sorted({r["model"] for r in kern if r["model"] != "sweep"})
-    out: dict = {"models": models, "kernels": 0}
-    preds: dict[str, list] = defaultdict(list)
-    meas, step_rep = [], defaultdict(dict)
-    for m in models:
-        train = [r for r in kern if r["model"] != m]
-        test = [r for r in kern if r["model"] == m]
-        if not train or not test:
-            continue
-        ks_tr, Xtr, ytr = _xy(train, prof)
-        ks, X, _ = _xy(test, prof)
-        y = np.array([r["seconds"] for r in test])
-        meas.extend(y)
-        scale, ovh = _step_fit(train, [s for w, s in steps.items() if s["model"] != m])
-        seen = {k.family for k in ks_tr}
-        roof = _roofline(ks, prof)
-        cand = {"roofline": roof}
-        for kind in kinds:
-            p = 10.0 ** fit_regressor(kind, Xtr, ytr).predict(X)
-            fb = np.array([k.family not in seen for k in ks])
-            cand[kind] = np.where(fb, roof, p)
-        for name, p in cand.items():
-            preds[name].extend(p)
-            for w in {r["workload"] for r in test}:
-                if w not in steps:
-                    continue
-                idx = [i for i, r in enumerate(test) if r["workload"] == w]
-                calls = np.array([test[i]["calls"] for i in idx])
-                pred = float((calls * p[idx]).sum())
-                if name != "roofline":
-                    pred = scale * pred + ovh * steps[w]["n_calls"]
-                step_rep[w][name] = pred
-                step_rep[w]["measured"] = steps[w]["seconds"]
-    out["kernels"] = len(meas)
-    meas = np.asarray(meas)
-    big = meas >= 1e-5  # kernels of 10 us or more: below, timer resolution and noise dominate
-    out["kernels_ge_10us"] = int(big.sum())
-    for name, p in preds.items():
-        p = np.asarray(p)
-        out[name] = {"within_10pct": within(p, meas), "mape_pct": mape(p, meas)}
-        if big.any():
-            out[name].update(within_10pct_ge_10us=within(p[big], meas[big]),
-                             mape_pct_ge_10us=mape(p[big], meas[big]))
-    out["steps"] = dict(step_rep)
-    return out
-
-
-def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "trees"),
-                heldout: bool = True) -> dict:
-    """The ``learned`` section of a calibrated profile: the regressor with the lower held-out
-    MAPE (trees when there is only one model to hold out), refitted on every row.
-    ``heldout=False`` skips the leave-one-model-out comparison and fits ``kinds[0]``."""
-    kern = [r for r in rows if r["type"] == "kernel"]
-    if len(kern) < 8:
-        raise SplitcError(f"Calibrate: only {len(kern)} kernels measured; add models or enable "
-                          "the op sweep")
-    report = heldout_report(rows, prof, kinds) if heldout else {"models": [], "kernels": 0}
-    scored = [k for k in kinds if k in report]
-    best = min(scored, key=lambda k: report[k]["mape_pct"]) if scored else kinds[-1]
-    ks, X, y = _xy(kern, prof)
-    reg: Regressor = fit_regressor(best, X, y)
-    steps = [r for r in rows if r["type"] == "step"]
-    scale, ovh = _step_fit(kern, steps)
-    sample = kern[0]
-    return {"version": LEARNED_VERSION, "features": list(FEATURE_NAMES),
-            "regressor": reg.to_json(), "families": sorted({k.family for k in ks}),
-            "all_families": list(FAMILIES), "step_scale": scale, "call_overhead": ovh,
-            "accuracy": {k: v for k, v in report.items() if k != "steps"},
-            "steps": report.get("steps", {}),
-            "dataset": {"rows": len(rows), "kernels": len(kern), "steps": len(steps),
-                        "models": sorted({r["model"] for r in kern}),
-                        "target": sample["target"], "board": sample["board"],
-                        "tvm": sample["tvm"], "repeats": sample["repeats"]}}
+    emit({"type": "done", "workload": w.key, "model": w.model, "date": now(), **prov})
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -532,7 +259,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if not cfg.resume and ds.exists():
         ds.unlink()
     rows = load_rows(ds, cfg.target, board)
-    done = _done_keys(rows)
+    done = done_keys(rows)
     say(f"dataset {ds}: {len(rows)} rows already measured on {board}")
     fh = ds.open("a")
 
@@ -574,7 +301,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                          base.kernel_overhead,
                          {"status": "calibrated", "source": f"splitc calibrate on "
                           f"{board} ({cfg.target}), dataset {ds.name}",
-                          "date": _now()[:10], "notes": notes}, learned)
+                          "date": now()[:10], "notes": notes}, learned)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof.to_json(), indent=1) + "\n")

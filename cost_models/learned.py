@@ -13,7 +13,7 @@ held-out error is kept (``fit``; the comparison is stored in the profile):
 
 Kernels are timed alone (hot caches, no VM around them); inside the compiled step they run
 slower. So a kernel's time in a step is ``step_scale x predicted + call_overhead``, both fitted
-on whole training steps measured through the Relax VM (``calibrate.py: _step_fit``).
+on whole training steps measured through the Relax VM (``fit.py: _step_fit``).
 
 Fallback: a kernel whose family was never measured (e.g. ``conv_t`` on a profile calibrated
 on MLPs only) is priced by the roofline prior (``RooflineModel`` of the same profile) and

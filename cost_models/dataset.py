@@ -1,0 +1,58 @@
+"""The calibration dataset: JSON lines, one row per measured kernel, ``step`` or ``done``.
+
+Each row carries its provenance (target, board, TVM version, date, repeats, ``schema``); see
+``calibrate.py`` for what is measured. ``done_keys`` says what a resumed run may skip.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from splitc import InputError
+
+__all__ = ["DATASET_VERSION", "done_keys", "load_rows", "now", "row_key"]
+
+DATASET_VERSION = 1
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def row_key(workload: str, function: str, role: str, symbol: str) -> tuple:
+    return (workload, function, role, symbol)
+
+
+def load_rows(path: Path, target: str | None = None, board: str | None = None) -> list[dict]:
+    """Rows of a dataset file (optionally only those measured on ``target`` / ``board``).
+    A torn last line (calibration killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(r, dict) or r.get("schema") != DATASET_VERSION:
+            raise InputError(f"Calibrate: {str(path)!r} line {n + 1} is not a splitc dataset "
+                             f"row (schema {DATASET_VERSION}); use another --dataset path")
+        if (target is None or r.get("target") == target) and (board is None or
+                                                                 r.get("board") == board):
+            rows.append(r)
+    return rows
+
+
+def done_keys(rows: list[dict]) -> set:
+    keys = set()
+    for r in rows:
+        if r["type"] == "kernel":
+            keys.add(row_key(r["workload"], r["function"], r["role"], r["symbol"]))
+        else:  # "step" or "done" (every row of the workload is in the file)
+            keys.add(row_key(r["workload"], r["type"], "", ""))
+    return keys

@@ -1,0 +1,136 @@
+"""Calibration workloads: the Relax modules whose kernels ``calibrate.py`` times.
+
+``model_module``: one ONNX model planned server-only and split (``passes/split_module.py``), so
+one side holds the whole training step (``server_loss_adjoint``, ``server_step``,
+``server_update``, plus flat entry points for the Relax VM over RPC). ``sweep_module``: single
+ops over shapes, so the regressor sees sizes the models do not have.
+
+Layering note: ``cost_models`` does not import ``passes`` at module level; building the
+training step needs the frontend and SplitModule, so ``model_module`` imports them inside
+the function (calibration is the one place where measuring needs the compiler).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitc.cost_models.profiles import DeviceProfile
+
+__all__ = ["Workload", "model_module", "sweep_module"]
+
+
+@dataclass
+class Workload:
+    key: str  # unique per model file + input shapes
+    model: str  # short name, the held-out group
+    module: object  # tvm.IRModule before legalization
+    weights: frozenset  # Relax parameter names that are trainable weights
+    step: tuple[str, ...]  # functions that make one training step (timed through the VM)
+
+
+def model_module(path: Path, batch: int | None = None) -> Workload:
+    """Server-only split of one ONNX model: the whole training step on one side."""
+    import tvm
+    from splitc.cost_models.link import Link
+    from splitc.cost_models.roofline import RooflineModel
+    from splitc.passes.annotate_costs import annotate_costs
+    from splitc.passes.frontend import load_onnx
+    from splitc.passes.partition import solve
+    from splitc.passes.pipeline import resolve_input_shapes
+    from splitc.passes.split_module import split_module
+
+    shapes = resolve_input_shapes(Path(path), {}, batch)
+    mod, info = load_onnx(path, shapes or None)
+    # costs do not matter for a server-only plan; any profile will do
+    prior = RooflineModel(DeviceProfile("calib", "cpu", {"float32": 1e11}, 1e10, 1e-6,
+                                        {"status": "prior", "source": "placeholder"}))
+    graph = annotate_costs(mod, prior, prior, model_hash=info.sha256, name=info.name,
+                           buffers=info.buffers)
+    plan = solve(graph, Link.parse("1Gbps", None, "0"), algorithm="server-only",
+                 allow_raw_upload=True)
+    smod, spec = split_module(mod, plan)
+    keep = {gv: f for gv, f in smod.functions.items()
+            if gv.name_hint in ("server_loss_adjoint", "server_step", "server_update")}
+    keep = _with_flat_entries(tvm.IRModule(keep), ("server_step", "server_update"))
+    dims = ",".join(f"{i.name}={'x'.join(map(str, i.shape))}" for i in info.inputs)
+    key = f"{info.name}@{info.sha256[:12]}[{dims}]"
+    return Workload(key, info.name, keep, frozenset(spec.server_params),
+                    ("server_step_flat", "server_update_flat"))
+
+
+def _unflatten(ty, hint: str, flat: list):
+    """An expression of type ``ty`` built from fresh tensor vars (appended to ``flat``)."""
+    from tvm import relax
+
+    if hasattr(ty, "fields"):
+        return relax.Tuple([_unflatten(t, f"{hint}_{i}", flat) for i, t in enumerate(ty.fields)])
+    v = relax.Var(hint, ty)
+    flat.append(v)
+    return v
+
+
+def _with_flat_entries(mod, names):
+    """Add ``NAME_flat(tensors...)`` calling ``NAME`` with its tuple arguments rebuilt: TVM RPC
+    cannot pass nested tuples (``server_update((params), (grads), state)``) to a remote VM."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder(mod)
+    for name in names:
+        gv = mod.get_global_var(name)
+        func = mod[name]
+        if gv.ty is None or not hasattr(gv.ty, "ret"):
+            relax.expr._update_type(gv, func.ty)  # a GlobalVar from IRModule({...}) has none
+        flat: list = []
+        rebuilt = [_unflatten(p.ty, p.name, flat) for p in func.params]
+        with bb.function(f"{name}_flat", flat):
+            out = bb.emit(relax.Call(gv, rebuilt))
+            bb.emit_func_output(out)
+    return bb.get()
+
+
+# single ops over shapes: (op, shapes...), see sweep_module
+_SWEEP = (
+    [("matmul", (m, k), (k, n)) for m, k, n in
+     [(8, 64, 64), (32, 256, 256), (64, 512, 512), (128, 128, 1024), (256, 1024, 256),
+      (16, 1024, 1024), (512, 64, 512)]]
+    + [("conv2d", (n, c, h, h), (o, c, k, k)) for n, c, h, o, k in
+       [(1, 16, 32, 16, 3), (4, 32, 16, 32, 3), (1, 64, 16, 128, 1), (8, 3, 32, 16, 3),
+        (2, 64, 8, 64, 3), (1, 128, 14, 128, 3)]]
+    + [("conv2d_transpose", (n, o, h, h), (o, c, 3, 3)) for n, c, h, o in
+       [(4, 16, 16, 32), (1, 64, 16, 64), (8, 8, 32, 16)]]
+    + [(op, (n,), (n,)) for op in ("add", "multiply") for n in (1024, 32768, 1 << 20)]
+    + [("relu", (n,)) for n in (4096, 262144, 1 << 22)]
+    + [("sum", (r, c)) for r, c in [(64, 1024), (1024, 64), (16, 65536)]]
+    + [("softmax", (r, c)) for r, c in [(64, 1000), (512, 128)]]
+    + [("permute_dims", (r, c)) for r, c in [(256, 256), (64, 4096)]]
+)
+
+
+def sweep_module() -> Workload:
+    """One Relax function per single op of the sweep (all forward kernels)."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    bb = relax.BlockBuilder()
+    for i, (op, *shapes) in enumerate(_SWEEP):
+        ps = [relax.Var(f"a{j}", relax.TensorType(s, "float32")) for j, s in enumerate(shapes)]
+        with bb.function(f"sweep{i}_{op}", ps):
+            with bb.dataflow():
+                if op in ("matmul", "add", "multiply"):
+                    y = getattr(R, op)(*ps)
+                elif op == "conv2d":
+                    y = R.nn.conv2d(ps[0], ps[1], padding=shapes[1][-1] // 2)
+                elif op == "conv2d_transpose":
+                    y = R.nn.conv2d_transpose(ps[0], ps[1], padding=1)
+                elif op == "relu":
+                    y = R.nn.relu(ps[0])
+                elif op == "sum":
+                    y = R.sum(ps[0], axis=[1])
+                elif op == "softmax":
+                    y = R.nn.softmax(ps[0])
+                else:
+                    y = R.permute_dims(ps[0])
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+    return Workload(f"sweep-v{len(_SWEEP)}", "sweep", bb.get(), frozenset(), ())
