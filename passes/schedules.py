@@ -29,7 +29,7 @@ generic parallel fallback, and the kernel is reported through ``on_fallback`` as
 Where it runs: on a Relax module right before ``tvm.compile`` (after Gradient, SplitModule
 and the training decompositions). It legalizes and fuses the module itself (the backend's
 ``library_dispatch_passes`` and ``legalize_passes``, no-ops on what is already lowered),
-schedules the kernels and marks them ``tir.is_scheduled`` and opaque (``op_pattern`` 8), so
+schedules the kernels and marks them ``tirx.is_scheduled`` and opaque (``op_pattern`` 8), so
 the second legalization and fusion inside ``tvm.compile`` leave them alone::
 
     mod = default_cpu_schedule(mod, target, on_fallback=report.append)
@@ -49,6 +49,10 @@ from splitc import BuildError
 from splitc.passes.schedule_rules import _first_line, schedule_prim_func
 from tvm import tirx
 from tvm.ir import IRModule
+
+# TVM 0.27 (dlight, MetaSchedule) marks scheduled kernels "tirx.is_scheduled"; older code and
+# some passes still say "tir.is_scheduled": either means hands off.
+_SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
 
 __all__ = [
     "DefaultCPUSchedule",
@@ -108,7 +112,7 @@ def default_cpu_schedule(
     Run it on the Relax module right before ``tvm.compile(mod, target)`` (after Gradient and
     SplitModule). ``on_fallback`` is called once per kernel that a rule could not schedule
     fully; the kernel is still built, correct but slower. Kernels already marked
-    ``tir.is_scheduled`` (tuned by MetaSchedule) are kept as they are.
+    ``tirx.is_scheduled`` (tuned by MetaSchedule) are kept as they are.
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if target.kind.name != "llvm":
@@ -121,8 +125,10 @@ def default_cpu_schedule(
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        if func.attrs is not None and "tir.is_scheduled" in func.attrs:
-            continue
+        if func.attrs is not None and any(
+            k in func.attrs and bool(func.attrs[k]) for k in _SCHEDULED_ATTRS
+        ):
+            continue  # tuned (MetaSchedule) or scheduled by dlight: keep it
         rule = "partial"
         try:
             new_func, problems = schedule_prim_func(func, target)
@@ -132,7 +138,7 @@ def default_cpu_schedule(
             on_fallback(KernelFallback(gv.name_hint, rule, "; ".join(problems)))
         # op_pattern 8 (kOpaque): FuseOps inside tvm.compile must not fuse a scheduled
         # kernel again (FuseTIR would rebuild it from the scheduled loops).
-        updates[gv] = new_func.with_attr("tir.is_scheduled", True).with_attr("op_pattern", 8)
+        updates[gv] = new_func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
     for gv, func in updates.items():
         mod[gv] = func
     return mod

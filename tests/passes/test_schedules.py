@@ -94,7 +94,7 @@ def test_scheduled_training_step_equals_unscheduled(make):
     # Every scheduled kernel is marked so tvm.compile's FuseOps/FuseTIR leave it alone.
     for f in scheduled.functions.values():
         if isinstance(f, tirx.PrimFunc):
-            assert bool(f.attrs["tir.is_scheduled"]) and int(f.attrs["op_pattern"]) == 8
+            assert bool(f.attrs["tirx.is_scheduled"]) and int(f.attrs["op_pattern"]) == 8
 
 
 @T.prim_func(private=True, s_tir=True)
@@ -189,7 +189,7 @@ def test_rule_error_falls_back_and_is_reported(monkeypatch):
 
 
 def test_already_scheduled_kernels_are_kept():
-    marked = _matmul.with_attr("tir.is_scheduled", True)
+    marked = _matmul.with_attr("tirx.is_scheduled", True)
     bb = relax.BlockBuilder()
     a = relax.Var("a", relax.TensorType((64, 32), "float32"))
     b = relax.Var("b", relax.TensorType((32, 48), "float32"))
