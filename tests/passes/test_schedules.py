@@ -17,6 +17,7 @@ from splitc.passes.schedules import (
     DefaultCPUSchedule,
     KernelFallback,
     default_cpu_schedule,
+    default_schedule,
     schedule_prim_func,
 )
 from tvm import relax, tirx
@@ -211,3 +212,17 @@ def test_non_llvm_target_is_refused():
         r"target, got cuda; call default_schedule for GPU targets$",
     ):
         default_cpu_schedule(tvm.IRModule(), tvm.target.Target("cuda"))
+
+
+def test_gpu_targets_get_dlight_thread_bindings():
+    # no GPU needed: scheduling only, no codegen. Every kernel must bind threads, else CUDA
+    # codegen rejects it ("did you forget to bind?").
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((64, 64), "float32"))
+    with bb.function("main", [a]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(relax.op.matmul(a, a)))
+        bb.emit_func_output(out)
+    scheduled = default_schedule(bb.get(), tvm.target.Target("cuda"))
+    kernels = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert kernels and all("threadIdx" in f.script() for f in kernels)
