@@ -9,11 +9,12 @@ reads argv (``tools/cli.py`` does). Order of passes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from splitc import InputError
+from splitc.cost_models.base import OpCost
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph
 from splitc.passes.plan import Plan
@@ -38,6 +39,7 @@ class PlanConfig:
     engine: str = "ortools"
     loss: str = "cross-entropy"
     optimizer: str = "sgd"  # the update cost per op depends on the optimizer's state traffic
+    recompute: bool = False  # device backward recomputes the forward (see with_recompute)
     tied_policy: str = "sync"
     allow_raw_upload: bool = False
     baselines: bool = True  # also solve every other algorithm for comparison
@@ -97,6 +99,22 @@ def _cost_models(cfg: PlanConfig):
             srv.name)
 
 
+def with_recompute(graph: OpGraph) -> OpGraph:
+    """Charge the device side of every op its forward twice, as ``--recompute`` runs it.
+
+    With recomputation ``device_backward`` re-runs the device forward instead of reading
+    residuals kept by ``device_forward``, so each op placed on the device costs
+    forward (in device_forward) + forward + backward (in device_backward) + update.
+    Server costs are unchanged (``server_step`` runs forward and backward once).
+    """
+    ops = tuple(
+        replace(op, device=OpCost(op.device.forward, op.device.backward + op.device.forward,
+                                  op.device.update))
+        for op in graph.ops
+    )
+    return replace(graph, ops=ops, cost_model=graph.cost_model + "; device recompute")
+
+
 def annotate_model(cfg: PlanConfig, models=None):
     """Import and annotate: returns (IRModule, ModelInfo, OpGraph).
 
@@ -121,6 +139,8 @@ def plan_model(cfg: PlanConfig, progress: Callable[[str], None] | None = None) -
     models = _cost_models(cfg)
     _, _, dev_name, srv_name = models
     mod, info, graph = annotate_model(cfg, models)
+    if cfg.recompute:
+        graph = with_recompute(graph)
     kw = dict(objective=cfg.objective, pins=cfg.pins, tied_policy=cfg.tied_policy,
               allow_raw_upload=cfg.allow_raw_upload, device_profile=dev_name,
               server_profile=srv_name)
@@ -140,9 +160,7 @@ class CompileConfig:
     output: Path = Path("split.tar")
     device_target: str = "llvm"
     server_target: str = "llvm"
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    recompute: bool = False
+    lr: float = 0.01  # the optimizer itself is cfg.plan.optimizer (it is priced in the plan)
     cross_compiler: str | None = None
     tuning_records: Path | None = None
 
@@ -161,8 +179,8 @@ def compile_model(cfg: CompileConfig, progress: Callable[[str], None] | None = N
         on_plan(result)
     summary = compile_split(
         result.module, result.plan, device_target=cfg.device_target,
-        server_target=cfg.server_target, loss=cfg.plan.loss, optimizer=cfg.optimizer,
-        lr=cfg.lr, recompute=cfg.recompute, cross_compiler=cfg.cross_compiler,
+        server_target=cfg.server_target, loss=cfg.plan.loss, optimizer=cfg.plan.optimizer,
+        lr=cfg.lr, recompute=cfg.plan.recompute, cross_compiler=cfg.cross_compiler,
         output=cfg.output, progress=say,
     )
     summary.setdefault("plan", result.plan.to_json())

@@ -85,6 +85,11 @@ def plan_options(fn):
         click.option("--tied-weights", "tied_policy", type=click.Choice(["sync", "pin"]),
                      default="sync", show_default=True,
                      help="weights read on both sides: sync per step, or pin readers together"),
+        click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam"]),
+                     default="sgd", show_default=True, help="priced per op (state traffic)"),
+        click.option("--recompute", is_flag=True,
+                     help="device backward recomputes the forward instead of keeping "
+                          "residuals (less device memory; the device forward is paid twice)"),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -92,14 +97,16 @@ def plan_options(fn):
 
 
 def _plan_config(model, device, server, uplink, downlink, latency, batch_size, input_shapes,
-                 objective, algorithm, pins, engine, loss, tied_policy, baselines=True):
+                 objective, algorithm, pins, engine, loss, tied_policy, optimizer, recompute,
+                 baselines=True):
     from splitc.passes.pipeline import PlanConfig
 
     return PlanConfig(
         model=model, device=device, server=server, uplink=uplink, downlink=downlink,
         latency=latency, batch_size=batch_size, input_shapes=parse_input_shapes(input_shapes),
         objective=objective, algorithm=algorithm, pins=parse_pins(pins), engine=engine,
-        loss=loss, tied_policy=tied_policy, baselines=baselines,
+        loss=loss, tied_policy=tied_policy, optimizer=optimizer, recompute=recompute,
+        baselines=baselines,
     )
 
 
@@ -145,27 +152,20 @@ def plan(json_path, dot_path, no_baselines, quiet, **kw):
 @click.option("--device-target", default="llvm", show_default=True,
               help="llvm, a Jetson tag (nvidia/jetson-orin-nano) or 'cuda -arch=sm_87'")
 @click.option("--server-target", default="llvm", show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "momentum", "adam"]), default="sgd",
-              show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01,
               show_default=True)
-@click.option("--recompute", is_flag=True, help="recompute the device forward in backward")
 @click.option("--cross-compiler", default=None, help="e.g. aarch64-linux-gnu-g++")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout")
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
-def compile(output, device_target, server_target, optimizer, lr, recompute, cross_compiler,
-            as_json, quiet, **kw):
+def compile(output, device_target, server_target, lr, cross_compiler, as_json, quiet, **kw):
     """Plan, split and compile both halves into split.tar."""
     from splitc.passes.pipeline import CompileConfig, compile_model
 
-    import dataclasses
-
-    pcfg = dataclasses.replace(_plan_config(baselines=False, **kw), optimizer=optimizer)
+    pcfg = _plan_config(baselines=False, **kw)
     cfg = CompileConfig(plan=pcfg, output=output,
                         device_target=device_target, server_target=server_target,
-                        optimizer=optimizer, lr=lr, recompute=recompute,
-                        cross_compiler=cross_compiler)
+                        lr=lr, cross_compiler=cross_compiler)
     summary = compile_model(cfg, progress=_progress(quiet))
     if as_json:
         click.echo(json.dumps(summary, indent=1, default=str))

@@ -66,9 +66,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None], on_plan, on_progress) 
     tar = cfg.workdir / "demo_split.tar"
     pcfg = PlanConfig(model=DEMO_MODEL, device=cfg.device, server=cfg.server,
                       uplink=cfg.uplink, batch_size=cfg.batch_size, pins=dict(cfg.pins),
-                      baselines=True)
-    summary = compile_model(CompileConfig(plan=pcfg, output=tar, optimizer=cfg.optimizer,
-                                          lr=cfg.lr), progress=say, on_plan=on_plan)
+                      optimizer=cfg.optimizer, baselines=True)
+    summary = compile_model(CompileConfig(plan=pcfg, output=tar, lr=cfg.lr), progress=say,
+                            on_plan=on_plan)
     x, y, xt, yt = load_data("digits")
     server = ServerAgent(load_server_half(tar), "127.0.0.1:0")
     stop = server.stop_event
