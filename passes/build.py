@@ -39,7 +39,14 @@ import tvm
 from splitc import BuildError
 from tvm import relax
 
-__all__ = ["BuiltSide", "build_side", "cuda_version", "resolve_target", "side_module"]
+__all__ = [
+    "BuiltSide",
+    "build_side",
+    "cuda_version",
+    "lower_side",
+    "resolve_target",
+    "side_module",
+]
 
 # Tags whose host is an Orin (Cortex-A78AE) though TVM's tag says Xavier's "carmel".
 _ORIN_HOST_CPU = "cortex-a78ae"
@@ -160,6 +167,10 @@ class BuiltSide:
     seconds: float
     cuda: str | None  # CUDA version the GPU code was compiled with
     cross_compiler: str | None
+    # kernel (PrimFunc) names scheduled from the tuning records / by the default rules;
+    # both empty when no tuning records were given (every kernel then has a default schedule)
+    tuned: tuple[str, ...] = ()
+    default: tuple[str, ...] = ()
 
 
 def _cpu_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -176,8 +187,13 @@ def build_side(
     target: str | tvm.target.Target,
     out_path: str,
     cross_compiler: str | None = None,
+    tuning_records: str | os.PathLike | None = None,
 ) -> BuiltSide:
-    """Compile ``side``'s functions of ``mod`` for ``target`` and export ``out_path`` (.so)."""
+    """Compile ``side``'s functions of ``mod`` for ``target`` and export ``out_path`` (.so).
+
+    ``tuning_records``: a MetaSchedule JSON database directory (``splitc tune -o DB``); its
+    best schedule is applied to every kernel it holds, the others get the default schedules.
+    """
     tgt = resolve_target(target) if isinstance(target, str) else target
     sub = side_module(mod, side)
     fcompile, cc = None, None
@@ -201,8 +217,14 @@ def build_side(
             "compile kernels; install CUDA or use an llvm target"
         )
     t0 = time.perf_counter()
+    tuned: tuple[str, ...] = ()
+    default: tuple[str, ...] = ()
     try:
         with _env(TVM_CUDA_COMPILE_MODE="nvcc"), tgt:
+            if tuning_records is not None:
+                from splitc.passes.tune import apply_records
+
+                sub, tuned, default = apply_records(lower_side(sub, tgt), tgt, tuning_records)
             if gpu:
                 ex = tvm.compile(sub, target=tgt, relax_pipeline=_gpu_pipeline(tgt))
             else:
@@ -219,7 +241,17 @@ def build_side(
             f"Build: compiling the {side} half for {tgt.kind.name} failed "
             f"({_why(e)}); check the target and toolchain"
         ) from None
-    return BuiltSide(side, _export(tgt), out_path, time.perf_counter() - t0, cuda, cc)
+    secs = time.perf_counter() - t0
+    return BuiltSide(side, _export(tgt), out_path, secs, cuda, cc, tuned, default)
+
+
+def lower_side(sub: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalized and fused kernels of a side module, exactly as ``build_side`` schedules them
+    (``splitc tune`` extracts its tasks from this, so tuning records match the build)."""
+    from splitc.passes.schedules import lower_for_schedule
+
+    with target:
+        return lower_for_schedule(relax.transform.LegalizeOps()(sub), target)
 
 
 def _why(e: Exception) -> str:

@@ -13,6 +13,11 @@ split.tar layout::
     device/opt_state.npz optimizer state s0, s1, ... in the optimizer's order
     device/manifest.json function names, argument orders, plan id, model hash, target
     server/...           the same for server_*
+    ir/split.py          the split IRModule (device_* and server_* Relax functions, no weights)
+                         as TVMScript, read back by ``splitc tune split.tar``
+
+plan.json's ``"schedules"`` says, per side, whether MetaSchedule tuning records were applied
+and which kernels got a tuned schedule (``tuned``) and which the default rules (``default``).
 
 The tar is written to a temporary file next to ``output`` and renamed into place, so a failed
 compile never leaves a half-written split.tar.
@@ -34,6 +39,7 @@ import numpy as np
 import splitc
 from splitc import BuildError
 from splitc.passes.plan import Plan
+from splitc.passes.tune import SPLIT_IR
 
 __all__ = ["PACKAGE_SCHEMA_VERSION", "compile_split"]
 
@@ -73,9 +79,12 @@ def compile_split(
     output: str | Path = "split.tar",
     progress: Callable[[str], None] | None = None,
     params: dict[str, np.ndarray] | None = None,
+    tuning_records: str | Path | None = None,
 ) -> dict:
     """Split ``mod`` by ``plan``, compile both halves and write ``output``; returns a summary
-    (plan id, targets, CUDA version, compile seconds and artifact bytes per side)."""
+    (plan id, targets, CUDA version, compile seconds and artifact bytes per side).
+
+    ``tuning_records``: a ``splitc tune`` database directory applied to both halves."""
     from splitc.passes.build import build_side, resolve_target
     from splitc.passes.split_module import split_module
 
@@ -97,8 +106,7 @@ def compile_split(
         "labels": spec.labels.to_json() if spec.labels else None,
         "training": {"loss": loss, "optimizer": optimizer, "lr": lr, "recompute": recompute},
     }
-    core_sha = plan_core_sha256(core)
-    files: dict[str, bytes] = {}
+    files: dict[str, bytes] = {SPLIT_IR: _split_ir_text(smod)}
     summary: dict = {
         "plan_id": plan.plan_id,
         "output": str(output),
@@ -106,11 +114,27 @@ def compile_split(
         "sides": {},
     }
     cuda = None
+    builts = {}
     with tempfile.TemporaryDirectory(prefix="splitc-build-") as tmp:
         for side in ("device", "server"):
             say(f"compiling the {side} half for {targets[side].kind.name}")
             lib = os.path.join(tmp, f"{side}.so")
-            built = build_side(smod, side, targets[side], lib, cross_compiler)
+            builts[side] = build_side(
+                smod, side, targets[side], lib, cross_compiler, tuning_records=tuning_records
+            )
+            files[f"{side}/lib.so"] = Path(lib).read_bytes()
+        # which kernels are tuned is known only after the build; it is part of the plan core
+        core["schedules"] = {
+            s: {
+                "tuning_records": str(tuning_records) if tuning_records is not None else None,
+                "tuned": list(b.tuned),
+                "default": list(b.default),
+            }
+            for s, b in builts.items()
+        }
+        core_sha = plan_core_sha256(core)
+        for side in ("device", "server"):
+            built = builts[side]
             cuda = cuda or built.cuda
             names = getattr(spec, f"{side}_params") + getattr(spec, f"{side}_state")
             missing = [n for n in names if n not in values]
@@ -119,7 +143,6 @@ def compile_split(
                     f"Package: no initial value for parameters {missing[:3]}; "
                     "import the model with keep_params_in_input=True"
                 )
-            files[f"{side}/lib.so"] = Path(lib).read_bytes()
             files[f"{side}/params.npz"] = _npz({n: values[n] for n in names})
             st = spec.opt_state.get(side, [])
             files[f"{side}/opt_state.npz"] = _npz({f"s{i}": a for i, a in enumerate(st)})
@@ -142,6 +165,8 @@ def compile_split(
                 "params_bytes": len(files[f"{side}/params.npz"]),
                 "opt_state_bytes": len(files[f"{side}/opt_state.npz"]),
                 "cross_compiler": built.cross_compiler,
+                "tuned_kernels": len(built.tuned),
+                "default_kernels": len(built.default),
             }
     plan_json = core | {
         "versions": {"splitc": splitc.__version__, "tvm": _tvm_version(), "cuda": cuda},
@@ -154,6 +179,17 @@ def compile_split(
     summary["cuda"] = cuda
     summary["tar_bytes"] = output.stat().st_size
     return summary
+
+
+def _split_ir_text(smod) -> bytes:
+    """TVMScript of the device_*/server_* functions (``tvm.ir.save_json`` segfaults with
+    apache-tvm-ffi 0.1.15.post2; the script round-trips, checked in tests/passes/test_tune.py)."""
+    import tvm
+
+    keep = {
+        gv: f for gv, f in smod.functions.items() if gv.name_hint.startswith(("device_", "server_"))
+    }
+    return tvm.IRModule(keep).script(show_meta=True).encode()
 
 
 def plan_core_sha256(plan_json: dict) -> str:

@@ -181,7 +181,7 @@ def compile_model(cfg: CompileConfig, progress: Callable[[str], None] | None = N
         result.module, result.plan, device_target=cfg.device_target,
         server_target=cfg.server_target, loss=cfg.plan.loss, optimizer=cfg.plan.optimizer,
         lr=cfg.lr, recompute=cfg.plan.recompute, cross_compiler=cfg.cross_compiler,
-        output=cfg.output, progress=say,
+        output=cfg.output, progress=say, tuning_records=cfg.tuning_records,
     )
     summary.setdefault("plan", result.plan.to_json())
     return summary
