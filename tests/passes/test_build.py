@@ -188,6 +188,7 @@ def test_package_contents(packages, cnn_split):
         "device/manifest.json",
         "device/opt_state.npz",
         "device/params.npz",
+        "ir/split.py",  # the split IRModule as TVMScript, for splitc tune split.tar
         "server/lib.so",
         "server/manifest.json",
         "server/opt_state.npz",
