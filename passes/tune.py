@@ -38,7 +38,7 @@ from pathlib import Path
 import tvm
 from splitc import InputError, PackageError
 
-__all__ = ["TaskResult", "TuneConfig", "TuneResult", "apply_records", "tune", "SPLIT_IR"]
+__all__ = ["SPLIT_IR", "TaskResult", "TuneConfig", "TuneResult", "apply_records", "tune"]
 
 SPLIT_IR = "ir/split.py"  # path of the split IRModule inside split.tar
 _SIDES = ("device", "server")
@@ -118,9 +118,7 @@ def _split_onnx(cfg: TuneConfig) -> tvm.IRModule:
         baselines=False,
     )
     res = plan_model(pcfg, progress=_say(cfg))
-    smod, _ = split_module(
-        res.module, res.plan, loss=cfg.loss, optimizer=cfg.optimizer, lr=cfg.lr
-    )
+    smod, _ = split_module(res.module, res.plan, loss=cfg.loss, optimizer=cfg.optimizer, lr=cfg.lr)
     return smod
 
 
@@ -145,8 +143,10 @@ def _sides(cfg: TuneConfig) -> list[tuple[str, tvm.IRModule, tvm.target.Target]]
     out = []
     for side in cfg.sides:
         t = targets[side]
-        tgt = t if isinstance(t, tvm.target.Target) else (
-            tvm.target.Target(t) if isinstance(t, dict) else resolve_target(t)
+        tgt = (
+            t
+            if isinstance(t, tvm.target.Target)
+            else (tvm.target.Target(t) if isinstance(t, dict) else resolve_target(t))
         )
         out.append((side, lower_side(side_module(smod, side), tgt), tgt))
     return out
@@ -199,8 +199,8 @@ def _records_by_workload(db) -> dict[int, int]:
 
 
 def _progress_callback(say, side: str, names: list[str], budget: dict[int, int]):
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class _Progress(PyMeasureCallback):
@@ -237,9 +237,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
     for side, low, build_tgt in halves:
         tgt = _with_cores(build_tgt)
         extracted = ms.relax_integration.extract_tasks(low, tgt)
-        extracted = [
-            t for t in extracted if not cfg.ops or any(o in t.task_name for o in cfg.ops)
-        ]
+        extracted = [t for t in extracted if not cfg.ops or any(o in t.task_name for o in cfg.ops)]
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             extracted, str(out / "logs" / side), seed=cfg.seed, num_threads=os.cpu_count() or 1
         )
@@ -257,7 +255,9 @@ def tune(cfg: TuneConfig) -> TuneResult:
         # a resumed task gets what is left of its budget, the half what is left of the global
         left = min(per_task - min(have[i] for i in todo), remaining)
         names = [ctxs[i].task_name for i in todo]
-        say(f"{side}: tuning {len(todo)} of {len(ctxs)} kernels, {remaining} trials, {tgt.kind.name}")
+        say(
+            f"{side}: tuning {len(todo)} of {len(ctxs)} kernels, {remaining} trials, {tgt.kind.name}"
+        )
         done: dict[int, int] = {}
         with tgt:
             ms.tune_tasks(
@@ -280,7 +280,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
             )
         run_total += sum(done.values())
         counts = _records_by_workload(db)
-        for k, i in enumerate(todo):
+        for i in todo:
             n = counts.get(_hash(ctxs[i].mod), 0)
             results.append(TaskResult(side, ctxs[i].task_name, int(weights[i]), n, False))
     return TuneResult(out, tuple(results), time.perf_counter() - t0, run_total)
@@ -296,9 +296,10 @@ def apply_records(
     from tvm.s_tir import meta_schedule as ms
 
     d = Path(records)
-    if not (d / "database_workload.json").exists() or not (
-        d / "database_tuning_record.json"
-    ).exists():
+    if (
+        not (d / "database_workload.json").exists()
+        or not (d / "database_tuning_record.json").exists()
+    ):
         raise BuildError(
             f"Build: {d} is not a tuning database (no database_*.json); "
             "create it with splitc tune -o DIR"
