@@ -184,6 +184,16 @@ def _with_cores(target: tvm.target.Target) -> tvm.target.Target:
     return tvm.target.Target(d, host=host) if host else tvm.target.Target(d)
 
 
+def _cost_model(trials: int) -> str:
+    """MetaSchedule's XGBoost model when xgboost is installed and there are enough trials to
+    fit it (64, one search round); random search otherwise."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError:
+        return "random"
+    return "xgb" if trials >= 64 else "random"
+
+
 def _hash(mod) -> int:
     from tvm_ffi.structural import structural_hash
 
@@ -276,7 +286,7 @@ def tune(cfg: TuneConfig) -> TuneResult:
                     *ms.measure_callback.MeasureCallback.create("default"),
                     _progress_callback(say, side, names, done),
                 ],
-                cost_model="xgb" if remaining >= 64 else "random",
+                cost_model=_cost_model(remaining),
             )
         run_total += sum(done.values())
         counts = _records_by_workload(db)
