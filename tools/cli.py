@@ -155,17 +155,20 @@ def plan(json_path, dot_path, no_baselines, quiet, **kw):
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01,
               show_default=True)
 @click.option("--cross-compiler", default=None, help="e.g. aarch64-linux-gnu-g++")
+@click.option("--tuning-records", type=click.Path(path_type=Path), default=None,
+              help="a `splitc tune` database; untuned kernels keep the default schedules")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout")
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
-def compile(output, device_target, server_target, lr, cross_compiler, as_json, quiet, **kw):
+def compile(output, device_target, server_target, lr, cross_compiler, tuning_records, as_json,
+            quiet, **kw):
     """Plan, split and compile both halves into split.tar."""
     from splitc.passes.pipeline import CompileConfig, compile_model
 
     pcfg = _plan_config(baselines=False, **kw)
     cfg = CompileConfig(plan=pcfg, output=output,
                         device_target=device_target, server_target=server_target,
-                        lr=lr, cross_compiler=cross_compiler)
+                        lr=lr, cross_compiler=cross_compiler, tuning_records=tuning_records)
     summary = compile_model(cfg, progress=_progress(quiet))
     if as_json:
         click.echo(json.dumps(summary, indent=1, default=str))
@@ -408,6 +411,46 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, no_swe
                           progress=_progress(quiet))
     path = run(cfg)
     click.echo(f"wrote {path}; use it with `splitc plan --device {path}`")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--target", default=None,
+              help="default: each half's target from split.tar, or llvm for an ONNX model")
+@click.option("--trials", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="MetaSchedule trial budget per half")
+@click.option("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker (trusted "
+              "network only: TVM RPC has no authentication)")
+@click.option("--rpc-key", default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--input-shapes", default=None)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="database directory (resumed when it exists)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout")
+@click.option("-q", "--quiet", is_flag=True)
+@_errors
+def tune(source, target, trials, rpc_tracker, rpc_key, batch_size, input_shapes, output,
+         as_json, quiet):
+    """MetaSchedule-tune the kernels of both halves of SOURCE (split.tar or MODEL.onnx)."""
+    from splitc.passes.tune import TuneConfig
+    from splitc.passes.tune import tune as run
+
+    if bool(rpc_tracker) != bool(rpc_key):
+        raise click.BadParameter("--rpc-tracker and --rpc-key go together",
+                                 param_hint="--rpc-key")
+    res = run(TuneConfig(source=source, output=output, target=target, trials=trials,
+                         rpc_tracker=rpc_tracker, rpc_key=rpc_key, batch_size=batch_size,
+                         input_shapes=parse_input_shapes(input_shapes),
+                         progress=_progress(quiet)))
+    summary = {"database": str(res.database), "seconds": res.seconds,
+               "trials_run": res.trials_run, "tasks": len(res.tasks),
+               "tasks_skipped": sum(t.skipped for t in res.tasks)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        click.echo(f"tuned {summary['tasks']} kernels ({summary['trials_run']} trials, "
+                   f"{res.seconds:.0f} s) into {res.database}; apply with "
+                   f"`splitc compile ... --tuning-records {res.database}`")
 
 
 @cli.command()
