@@ -44,3 +44,11 @@ def test_batch_size_fills_the_symbolic_leading_dim():
     # explicit --input-shapes win over --batch-size
     assert resolve_input_shapes(DEMO_MODEL, {"x": (4, 1, 8, 8)}, 32) == {"x": (4, 1, 8, 8)}
     assert resolve_input_shapes(DEMO_MODEL, {}, None) == {}
+
+
+def test_link_doctests():
+    import doctest
+
+    import splitc.cost_models.link as link
+
+    assert doctest.testmod(link).failed == 0
