@@ -96,8 +96,9 @@ def _encoder(d: int, heads: int, layers: int):
     return Encoder()
 
 
-def _resnet50():
-    """torchvision's ResNet-50 layout (bottlenecks 3-4-6-3), 1000 classes."""
+def resnet50():
+    """torchvision's ResNet-50 layout (bottlenecks 3-4-6-3), 1000 classes (also the test
+    suite's ResNet-50, tests/helpers/models.py)."""
     from torch import nn
 
     class Bottleneck(nn.Module):
@@ -146,7 +147,7 @@ def build_model(name: str, image: int = 224):
     if name == "encoder":
         return _encoder(256, 4, 2), (16, 64, 256), 10
     if name.startswith("resnet50_b"):
-        return _resnet50(), (int(name.rsplit("_b", 1)[1]), 3, image, image), 1000
+        return resnet50(), (int(name.rsplit("_b", 1)[1]), 3, image, image), 1000
     if name.startswith("gpt2_block_b"):
         return _encoder(768, 12, 1), (int(name.rsplit("_b", 1)[1]), 64, 768), 10
     raise click.BadParameter(f"unknown model {name!r}; one of {', '.join(MODEL_NAMES)}")
