@@ -37,11 +37,9 @@ def model_module(path: Path, batch: int | None = None) -> Workload:
     from splitc.passes.annotate_costs import annotate_costs
     from splitc.passes.frontend import load_onnx
     from splitc.passes.partition import solve
-    from splitc.passes.pipeline import resolve_input_shapes
     from splitc.passes.split_module import split_module
 
-    shapes = resolve_input_shapes(Path(path), {}, batch)
-    mod, info = load_onnx(path, shapes or None)
+    mod, info = load_onnx(path, None, batch)
     # costs do not matter for a server-only plan; any profile will do
     prior = RooflineModel(DeviceProfile("calib", "cpu", {"float32": 1e11}, 1e10, 1e-6,
                                         {"status": "prior", "source": "placeholder"}))

@@ -200,8 +200,12 @@ def _check_ops(model) -> None:
         "re-export the model without it or decompose it into supported ops")
 
 
-def _resolve_shapes(model, input_shapes: dict[str, tuple[int, ...]]):
-    """Static shape of every real input; raise on a symbolic dim or an unknown shape name."""
+def _resolve_shapes(model, input_shapes: dict[str, tuple[int, ...]],
+                    batch_size: int | None = None):
+    """Static shape of every real input; raise on a symbolic dim or an unknown shape name.
+
+    ``batch_size`` fills a symbolic leading dim of inputs that ``input_shapes`` leaves out.
+    """
     inits = {t.name for t in model.graph.initializer}
     real = [i for i in model.graph.input if i.name not in inits]
     by_name = {i.name: i for i in real}
@@ -235,13 +239,17 @@ def _resolve_shapes(model, input_shapes: dict[str, tuple[int, ...]]):
         if dims is None:
             raise InputError(f"Frontend: input {inp.name!r} has unknown rank; pass "
                              f"--input-shapes \"{inp.name}:[...]\"")
+        static = [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                  for d in dims]
+        if batch_size is not None and static and static[0] is None:
+            static[0] = batch_size
         for k, d in enumerate(dims):
-            if not (d.HasField("dim_value") and d.dim_value > 0):
+            if static[k] is None:
                 sym = d.dim_param or "?"
                 raise InputError(
                     f"Frontend: input {inp.name!r} has symbolic dim {k} ({sym!r}); pass "
                     f"--input-shapes \"{inp.name}:[...]\" with every dim fixed")
-        shapes[inp.name] = tuple(int(d.dim_value) for d in dims)
+        shapes[inp.name] = tuple(static)
     return real, shapes
 
 
@@ -255,8 +263,15 @@ def _buffers(model) -> set[str]:
 
 
 # -- the import -----------------------------------------------------------------------------
-def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None):
-    """Read ``path`` into ``(IRModule, ModelInfo)``; see the module docstring for the errors."""
+def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None,
+              batch_size: int | None = None):
+    """Read ``path`` into ``(IRModule, ModelInfo)``; see the module docstring for the errors.
+
+    ``batch_size`` fills a symbolic leading (batch) dim of each input that ``input_shapes``
+    does not name; explicit ``input_shapes`` win.
+    """
+    if batch_size is not None and batch_size <= 0:
+        raise InputError(f"Frontend: --batch-size must be positive, got {batch_size}")
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -265,7 +280,7 @@ def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None):
     path = Path(path)
     model, digest = _read_model(path)
     _check_ops(model)
-    real, shapes = _resolve_shapes(model, dict(input_shapes or {}))
+    real, shapes = _resolve_shapes(model, dict(input_shapes or {}), batch_size)
     onnx_prep.prepare(model, shapes)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     try:

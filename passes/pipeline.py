@@ -13,14 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from splitc import InputError
 from splitc.cost_models.base import OpCost
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph
 from splitc.passes.plan import Plan
 
 __all__ = ["PlanConfig", "PlanResult", "plan_model", "CompileConfig", "compile_model",
-           "resolve_input_shapes"]
+           "with_recompute"]
 
 
 @dataclass(frozen=True)
@@ -58,37 +57,6 @@ class PlanResult:
     info: object = None  # frontend ModelInfo (input names, initial parameter values)
 
 
-def resolve_input_shapes(model: Path, input_shapes: dict, batch_size: int | None) -> dict:
-    """Fill symbolic leading (batch) dims of model inputs with ``batch_size``.
-
-    Explicit ``input_shapes`` win. Other symbolic dims are left for the frontend to report.
-    """
-    shapes = dict(input_shapes)
-    if batch_size is None:
-        return shapes
-    if batch_size <= 0:
-        raise InputError(f"Plan: --batch-size must be positive, got {batch_size}")
-    try:
-        import onnx
-
-        m = onnx.load(str(model), load_external_data=False)
-    except Exception:  # the frontend reports missing / corrupt files with its own message
-        return shapes
-    inits = {i.name for i in m.graph.initializer}
-    for inp in m.graph.input:
-        if inp.name in inits or inp.name in shapes:
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if not dims or not any(d.dim_param or not d.HasField("dim_value") for d in dims):
-            continue
-        resolved = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-        if resolved[0] is None:
-            resolved[0] = batch_size
-        if all(v is not None for v in resolved):
-            shapes[inp.name] = tuple(int(v) for v in resolved)
-    return shapes
-
-
 def _cost_models(cfg: PlanConfig):
     """Learned model for calibrated profiles, the roofline prior otherwise."""
     from splitc.cost_models.learned import cost_model_for
@@ -123,8 +91,7 @@ def annotate_model(cfg: PlanConfig, models=None):
     from splitc.passes.annotate_costs import annotate_costs
     from splitc.passes.frontend import load_onnx
 
-    shapes = resolve_input_shapes(Path(cfg.model), cfg.input_shapes, cfg.batch_size)
-    mod, info = load_onnx(cfg.model, shapes or None)
+    mod, info = load_onnx(cfg.model, cfg.input_shapes or None, cfg.batch_size)
     dev, srv, _, _ = models or _cost_models(cfg)
     graph = annotate_costs(mod, dev, srv, loss=cfg.loss, model_hash=info.sha256, name=info.name,
                            buffers=info.buffers)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import pytest
+
 from splitc.cost_models.base import OpCost
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph, OpNode, Param, Tensor
-from splitc.passes.pipeline import resolve_input_shapes, with_recompute
+from splitc.passes.pipeline import with_recompute
 from splitc.passes.plan import Placement, evaluate
 from splitc.tools.session import DEMO_MODEL
 
@@ -40,10 +42,17 @@ def test_recompute_charges_the_device_forward_twice():
 
 
 def test_batch_size_fills_the_symbolic_leading_dim():
-    assert resolve_input_shapes(DEMO_MODEL, {}, 32) == {"x": (32, 1, 8, 8)}
+    from splitc import InputError
+    from splitc.passes.frontend import load_onnx
+
+    def shapes(input_shapes, batch):
+        return {i.name: i.shape for i in load_onnx(DEMO_MODEL, input_shapes, batch)[1].inputs}
+
+    assert shapes(None, 32) == {"x": (32, 1, 8, 8)}
     # explicit --input-shapes win over --batch-size
-    assert resolve_input_shapes(DEMO_MODEL, {"x": (4, 1, 8, 8)}, 32) == {"x": (4, 1, 8, 8)}
-    assert resolve_input_shapes(DEMO_MODEL, {}, None) == {}
+    assert shapes({"x": (4, 1, 8, 8)}, 32) == {"x": (4, 1, 8, 8)}
+    with pytest.raises(InputError, match=r"input 'x' has symbolic dim 0 \('N'\)"):
+        shapes(None, None)
 
 
 def test_link_doctests():
