@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -112,8 +113,6 @@ class _Bar:
         self.quiet, self.last = quiet, 0.0
 
     def __call__(self, p) -> None:
-        import time
-
         now = time.monotonic()
         if self.quiet or (now - self.last < 0.2 and p.step < p.total):
             return
