@@ -1,7 +1,12 @@
 """Targets by name: the ``tvm.target.Target`` for each side's ``--device``/``--server`` text.
 
 Target names accepted (``resolve_target``):
-- ``llvm`` (this machine) and any other plain kind or tag (``nvidia/jetson-orin-nano``,
+- ``host``: ``llvm`` with this machine's CPU as ``mcpu`` (LLVM's host detection). Bare ``llvm``
+  compiles for the generic CPU of the triple (x86-64: SSE2, 128-bit vectors) whatever the
+  machine has; on the AVX-512 dev box a scheduled 512x768x3072 matmul runs ~3.6x faster for
+  ``host`` (``znver4``). Use ``host`` when the build machine is the machine that runs the
+  half, and ``llvm -mcpu=...`` (or a JSON target) for another CPU;
+- ``llvm`` (generic CPU of this triple) and any other plain kind or tag (``nvidia/jetson-orin-nano``,
   ``nvidia/jetson-agx-orin-32gb``... see ``tvm.target.list_tags()``);
 - tvmc-style strings with options, ``"cuda -arch=sm_90"``, which TVM 0.27 no longer parses:
   translated to a dict target (``{"kind": "cuda", "arch": "sm_90"}``);
@@ -20,7 +25,7 @@ import re
 import tvm
 from splitc import BuildError
 
-__all__ = ["resolve_target"]
+__all__ = ["host_target", "resolve_target"]
 
 # Tags whose host is an Orin (Cortex-A78AE) though TVM's tag says Xavier's "carmel".
 _ORIN_HOST_CPU = "cortex-a78ae"
@@ -51,9 +56,19 @@ def _target_dict(text: str) -> dict:
     return d
 
 
+def host_target() -> tvm.target.Target:
+    """``llvm`` for this machine's CPU (``mcpu`` from LLVM's host detection; TVM 0.27's LLVM
+    rejects ``mcpu=native``)."""
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": str(llvm_get_system_cpu())})
+
+
 def resolve_target(text: str) -> tvm.target.Target:
     """A ``tvm.target.Target`` for a name, tag, tvmc-style string or JSON (module docstring)."""
     spec = str(text).strip()
+    if spec == "host":
+        return host_target()
     try:
         if spec.startswith("{"):
             target = tvm.target.Target(json.loads(spec))
@@ -66,7 +81,7 @@ def resolve_target(text: str) -> tvm.target.Target:
     except Exception as e:  # noqa: BLE001 - TVM raises ValueError / TVMError subclasses
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise BuildError(
-            f"Build: TVM rejects target {spec!r} ({why}); use llvm, a tag such as "
+            f"Build: TVM rejects target {spec!r} ({why}); use host, llvm, a tag such as "
             "nvidia/jetson-orin-nano, 'cuda -arch=sm_90' or a JSON target"
         ) from None
     host = target.host

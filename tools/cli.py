@@ -65,8 +65,10 @@ def plan(json_path, dot_path, no_baselines, quiet, **kw):
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("split.tar"),
               show_default=True)
 @click.option("--device-target", default="llvm", show_default=True,
-              help="llvm, a Jetson tag (nvidia/jetson-orin-nano) or 'cuda -arch=sm_87'")
-@click.option("--server-target", default="llvm", show_default=True)
+              help="host (this CPU), llvm (generic CPU), a Jetson tag (nvidia/jetson-orin-nano) "
+              "or 'cuda -arch=sm_87'")
+@click.option("--server-target", default="llvm", show_default=True,
+              help="as --device-target; host is ~3.6x faster than generic llvm on AVX-512")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01,
               show_default=True)
 @click.option("--cross-compiler", default=None, help="e.g. aarch64-linux-gnu-g++")

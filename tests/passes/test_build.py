@@ -64,6 +64,13 @@ def test_orin_tag_gets_the_orin_host_cpu(tag):
     assert str(resolve_target("nvidia/jetson-agx-xavier").host.attrs["mcpu"]) == "carmel"
 
 
+def test_host_is_llvm_for_this_cpu():
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    t = resolve_target("host")
+    assert t.kind.name == "llvm" and str(t.attrs["mcpu"]) == str(llvm_get_system_cpu())
+
+
 def test_json_target():
     t = resolve_target('{"kind": "llvm", "mcpu": "skylake"}')
     assert t.kind.name == "llvm" and str(t.attrs["mcpu"]) == "skylake"
