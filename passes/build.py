@@ -88,12 +88,12 @@ class BuiltSide:
     default: tuple[str, ...] = ()
 
 
-def _cpu_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    try:  # the perf engineer's schedules; optional
-        from splitc.passes.schedules import default_cpu_schedule
-    except ImportError:
-        return mod
-    return default_cpu_schedule(mod, target)
+def _cpu_schedule(mod: tvm.IRModule, target: tvm.target.Target, tile_knobs=None) -> tvm.IRModule:
+    from splitc.passes.schedules import default_cpu_schedule
+
+    if tile_knobs is None:
+        return default_cpu_schedule(mod, target)
+    return default_cpu_schedule(mod, target, tile_knobs=tile_knobs)
 
 
 def build_side(
@@ -106,8 +106,9 @@ def build_side(
 ) -> BuiltSide:
     """Compile ``side``'s functions of ``mod`` for ``target`` and export ``out_path`` (.so).
 
-    ``tuning_records``: a MetaSchedule JSON database directory (``splitc tune -o DB``); its
-    best schedule is applied to every kernel it holds, the others get the default schedules.
+    ``tuning_records``: a ``splitc tune -o DB`` directory: MetaSchedule's JSON database (its
+    best schedule is applied to every kernel it holds) and/or ``knobs.json`` (the tile choices
+    of the default schedules, per kernel); other kernels get the default schedules.
     """
     tgt = resolve_target(target) if isinstance(target, str) else target
     sub = side_module(mod, side)
@@ -136,14 +137,34 @@ def build_side(
     default: tuple[str, ...] = ()
     try:
         with _env(TVM_CUDA_COMPILE_MODE="nvcc"), tgt:
+            knobs, knob_tuned = None, []
             if tuning_records is not None:
-                from splitc.passes.tune import apply_records
+                from splitc.passes.tune import apply_records, has_metaschedule_records
+                from splitc.passes.tune_knobs import knob_lookup
 
-                sub, tuned, default = apply_records(lower_side(sub, tgt), tgt, tuning_records)
+                lookup = knob_lookup(tuning_records) if not gpu else None
+                if lookup is not None:
+
+                    def knobs(name, func, _lookup=lookup):
+                        k = _lookup(name, func)
+                        if k is not None:
+                            knob_tuned.append(name)
+                        return k
+
+                if knobs is None or has_metaschedule_records(tuning_records):
+                    sub, tuned, default = apply_records(lower_side(sub, tgt), tgt, tuning_records)
             if gpu:
                 ex = tvm.compile(sub, target=tgt, relax_pipeline=_gpu_pipeline(tgt))
             else:
-                sub = _cpu_schedule(relax.transform.LegalizeOps()(sub), tgt)
+                sub = _cpu_schedule(relax.transform.LegalizeOps()(sub), tgt, knobs)
+                if knobs is not None:
+                    names = [
+                        gv.name_hint
+                        for gv, f in sub.functions.items()
+                        if isinstance(f, tvm.tirx.PrimFunc)
+                    ]
+                    tuned = tuple(sorted(set(tuned) | set(knob_tuned)))
+                    default = tuple(sorted(n for n in names if n not in tuned))
                 ex = tvm.compile(sub, target=tgt)
             pack = None
             if tgt.kind.name == "cuda":

@@ -1,7 +1,16 @@
-"""Tune: MetaSchedule tuning of the kernels of each half, and applying the records at build.
+"""Tune: tuning the kernels of each half, and applying the records at build.
 
-``tune(TuneConfig) -> TuneResult`` is what ``splitc tune`` calls; ``apply_records`` is what
-``passes/build.py: build_side(..., tuning_records=DB)`` calls.
+``tune(TuneConfig) -> TuneResult`` is what ``splitc tune`` calls; ``apply_records`` (MetaSchedule
+records) and ``tune_knobs.knob_lookup`` (knob records) are what
+``passes/build.py: build_side(..., tuning_records=DB)`` uses. Two strategies:
+
+- ``knobs`` (default for llvm targets): ``passes/tune_knobs.py`` times the alternatives of the
+  default schedules' tile choices on the heaviest kernels and keeps a faster one only when an
+  interleaved re-timing confirms it, so a tuned build is never slower than the default one
+  beyond noise. Cheap: one in-process kernel build per trial.
+- ``metaschedule``: TVM's MetaSchedule search (below), for GPU targets and for kernels the
+  default rules do not tile. Its records replace the default schedule of every kernel they
+  hold, measured better or not.
 
 Where the kernels come from (decided here, so tuned records always match the build):
 
@@ -46,7 +55,15 @@ from pathlib import Path
 import tvm
 from splitc import InputError, PackageError
 
-__all__ = ["SPLIT_IR", "TaskResult", "TuneConfig", "TuneResult", "apply_records", "tune"]
+__all__ = [
+    "SPLIT_IR",
+    "STRATEGIES",
+    "TaskResult",
+    "TuneConfig",
+    "TuneResult",
+    "apply_records",
+    "tune",
+]
 
 SPLIT_IR = "ir/split.py"  # path of the split IRModule inside split.tar
 _SIDES = ("device", "server")
@@ -72,6 +89,11 @@ class TuneConfig:
     optimizer: str = "sgd"
     lr: float = 0.01
     seed: int = 0
+    strategy: str = "knobs"  # "knobs" (llvm only) or "metaschedule"
+    max_kernels: int = 12  # knobs: tune the heaviest N kernels of each half
+
+
+STRATEGIES = ("knobs", "metaschedule")
 
 
 @dataclass(frozen=True)
@@ -160,17 +182,24 @@ def _sides(cfg: TuneConfig) -> list[tuple[str, tvm.IRModule, tvm.target.Target]]
     return out
 
 
-def _runner(cfg: TuneConfig):
-    from tvm.s_tir import meta_schedule as ms
-
+def _check_rpc(cfg: TuneConfig) -> tuple[str, str] | None:
     if cfg.rpc_tracker is None:
-        return ms.runner.LocalRunner(timeout_sec=120)
+        return None
     host, _, port = cfg.rpc_tracker.rpartition(":")
     if not host or not port.isdigit() or not cfg.rpc_key:
         raise InputError(
             f"Tune: --rpc-tracker {cfg.rpc_tracker!r} needs HOST:PORT and --rpc-key; "
             "e.g. --rpc-tracker 10.0.0.2:9190 --rpc-key orin"
         )
+    return host, port
+
+
+def _runner(cfg: TuneConfig):
+    from tvm.s_tir import meta_schedule as ms
+
+    if cfg.rpc_tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=120)
+    host, port = _check_rpc(cfg)
     return ms.runner.RPCRunner(
         ms.runner.RPCConfig(
             tracker_host=host,
@@ -235,14 +264,47 @@ def _progress_callback(say, side: str, names: list[str], budget: dict[int, int])
     return _Progress()
 
 
+def _tune_knobs(cfg: TuneConfig, halves, out: Path, t0: float) -> TuneResult:
+    from splitc.cost_models.rpc import Runner
+    from splitc.passes.tune_knobs import tune_side_knobs
+
+    from splitc.passes.tune_knobs import load_knobs
+
+    say = _say(cfg)
+    if not cfg.resume and load_knobs(out):
+        raise InputError(f"Tune: {out} already holds knob records; pass another -o or resume")
+    results: list[TaskResult] = []
+    run_total = 0
+    for side, low, tgt in halves:
+        runner = Runner(tgt.kind.name, cfg.rpc_tracker, cfg.rpc_key)
+        try:
+            recs = tune_side_knobs(
+                side, low, tgt, runner, out, max_kernels=cfg.max_kernels, trials=cfg.trials,
+                say=say,
+            )
+        finally:
+            runner.close()
+        for r in recs:
+            results.append(TaskResult(side, r.kernel, 1, r.candidates, False))
+            run_total += r.candidates
+    return TuneResult(out, tuple(results), time.perf_counter() - t0, run_total)
+
+
 def tune(cfg: TuneConfig) -> TuneResult:
     """Tune the kernels of each half into ``cfg.output`` (module docstring)."""
     from tvm.s_tir import meta_schedule as ms
 
     say = _say(cfg)
     t0 = time.perf_counter()
+    if cfg.strategy not in STRATEGIES:
+        raise InputError(
+            f"Tune: unknown strategy {cfg.strategy!r}; use one of {', '.join(STRATEGIES)}"
+        )
+    _check_rpc(cfg)
     halves = _sides(cfg)
     out = Path(cfg.output)
+    if cfg.strategy == "knobs":
+        return _tune_knobs(cfg, halves, out, t0)
     out.mkdir(parents=True, exist_ok=True)
     db = ms.database.JSONDatabase(work_dir=str(out))
     if not cfg.resume and len(db) > 0:
@@ -304,6 +366,11 @@ def tune(cfg: TuneConfig) -> TuneResult:
     return TuneResult(out, tuple(results), time.perf_counter() - t0, run_total)
 
 
+def has_metaschedule_records(directory: str | os.PathLike) -> bool:
+    d = Path(directory)
+    return (d / "database_workload.json").exists() and (d / "database_tuning_record.json").exists()
+
+
 def apply_records(
     mod: tvm.IRModule, target: tvm.target.Target, records: str | os.PathLike
 ) -> tuple[tvm.IRModule, tuple[str, ...], tuple[str, ...]]:
@@ -314,12 +381,9 @@ def apply_records(
     from tvm.s_tir import meta_schedule as ms
 
     d = Path(records)
-    if (
-        not (d / "database_workload.json").exists()
-        or not (d / "database_tuning_record.json").exists()
-    ):
+    if not has_metaschedule_records(d):
         raise BuildError(
-            f"Build: {d} is not a tuning database (no database_*.json); "
+            f"Build: {d} is not a tuning database (no database_*.json or knobs.json); "
             "create it with splitc tune -o DIR"
         )
     db = ms.database.JSONDatabase(work_dir=str(d))

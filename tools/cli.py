@@ -167,8 +167,14 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, no_swe
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--target", default=None,
               help="default: each half's target from split.tar, or llvm for an ONNX model")
+@click.option("--strategy", type=click.Choice(["knobs", "metaschedule"]), default="knobs",
+              show_default=True, help="knobs: search the default schedules' tile choices "
+              "of the heaviest kernels (llvm; never slower than untuned); metaschedule: TVM's "
+              "MetaSchedule search (any target, ~5 s a trial here)")
 @click.option("--trials", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="MetaSchedule trial budget per half")
+              help="trial budget per half")
+@click.option("--kernels", "max_kernels", type=click.IntRange(min=1), default=12,
+              show_default=True, help="knobs: tune the heaviest N kernels of each half")
 @click.option("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker (trusted "
               "network only: TVM RPC has no authentication)")
 @click.option("--rpc-key", default=None)
@@ -179,9 +185,9 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, no_swe
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout")
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
-def tune(source, target, trials, rpc_tracker, rpc_key, batch_size, input_shapes, output,
-         as_json, quiet):
-    """MetaSchedule-tune the kernels of both halves of SOURCE (split.tar or MODEL.onnx)."""
+def tune(source, target, strategy, trials, max_kernels, rpc_tracker, rpc_key, batch_size,
+         input_shapes, output, as_json, quiet):
+    """Tune the kernels of both halves of SOURCE (split.tar or MODEL.onnx)."""
     from splitc.passes.tune import TuneConfig
     from splitc.passes.tune import tune as run
 
@@ -189,10 +195,10 @@ def tune(source, target, trials, rpc_tracker, rpc_key, batch_size, input_shapes,
         raise click.BadParameter("--rpc-tracker and --rpc-key go together",
                                  param_hint="--rpc-key")
     res = run(TuneConfig(source=source, output=output, target=target, trials=trials,
-                         rpc_tracker=rpc_tracker, rpc_key=rpc_key, batch_size=batch_size,
+                         strategy=strategy, max_kernels=max_kernels, rpc_tracker=rpc_tracker, rpc_key=rpc_key, batch_size=batch_size,
                          input_shapes=parse_input_shapes(input_shapes),
                          progress=_progress(quiet)))
-    summary = {"database": str(res.database), "seconds": res.seconds,
+    summary = {"database": str(res.database), "strategy": strategy, "seconds": res.seconds,
                "trials_run": res.trials_run, "tasks": len(res.tasks),
                "tasks_skipped": sum(t.skipped for t in res.tasks)}
     if as_json:

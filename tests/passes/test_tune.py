@@ -80,6 +80,7 @@ def test_bad_sources_and_options(tmp_path, default_tar):
                 output=tmp_path / "db",
                 rpc_tracker="host",
                 ops=("no-such-kernel",),
+                strategy="metaschedule",
             )
         )
 
@@ -103,6 +104,7 @@ def test_tuned_build_equals_default_and_resume_skips(tmp_path, cnn, default_tar)
         trials=2,
         sides=("server",),
         ops=("fused_conv2d_add_subtract",),
+        strategy="metaschedule",
         progress=seen.append,
     )
     first = tune(cfg)
