@@ -246,9 +246,10 @@ def _resolve_shapes(model, input_shapes: dict[str, tuple[int, ...]],
         for k, d in enumerate(dims):
             if static[k] is None:
                 sym = d.dim_param or "?"
+                hint = "--batch-size N or " if k == 0 else ""
                 raise InputError(
                     f"Frontend: input {inp.name!r} has symbolic dim {k} ({sym!r}); pass "
-                    f"--input-shapes \"{inp.name}:[...]\" with every dim fixed")
+                    f"{hint}--input-shapes \"{inp.name}:[...]\" with every dim fixed")
         shapes[inp.name] = tuple(static)
     return real, shapes
 

@@ -137,7 +137,8 @@ def symbolic(tmp_path):
 
 def test_symbolic_dim_needs_input_shapes(symbolic):
     with pytest.raises(InputError, match=re.escape(
-            "Frontend: input 'x' has symbolic dim 0 ('N'); pass --input-shapes \"x:[...]\" with "
+            "Frontend: input 'x' has symbolic dim 0 ('N'); pass --batch-size N or "
+            "--input-shapes \"x:[...]\" with "
             "every dim fixed")):
         load_onnx(symbolic)
 
