@@ -109,8 +109,10 @@ def knob_lookup(directory: str | os.PathLike) -> Callable | None:
 
 
 # ------------------------------------------------------------------------------- tuning
-def _call_counts(mod: tvm.IRModule) -> dict[str, int]:
-    """Calls of each kernel from the training functions of a lowered side module."""
+def _call_counts(mod: tvm.IRModule, functions: Callable[[str], bool] | None) -> dict[str, int]:
+    """Calls of each kernel from the training functions of a lowered side module (or from the
+    Relax functions ``functions(name)`` accepts)."""
+    keep = functions or (lambda name: name.endswith(_TRAINING_SUFFIXES))
     counts: dict[str, int] = {}
     call_tir = tvm.ir.Op.get("relax.call_tir")
 
@@ -120,7 +122,7 @@ def _call_counts(mod: tvm.IRModule) -> dict[str, int]:
             counts[gv.name_hint] = counts.get(gv.name_hint, 0) + 1
 
     for gv, f in mod.functions.items():
-        if isinstance(f, tvm.relax.Function) and gv.name_hint.endswith(_TRAINING_SUFFIXES):
+        if isinstance(f, tvm.relax.Function) and keep(gv.name_hint):
             tvm.relax.analysis.post_order_visit(f.body, visit)
     return counts
 
@@ -195,6 +197,7 @@ def tune_side_knobs(
     trials: int = 1000,
     repeats: int = 5,
     say: Callable[[str], None] = lambda m: None,
+    functions: Callable[[str], bool] | None = None,
 ) -> list[KnobRecord]:
     """Tune the tile knobs of ``side``'s heaviest kernels (module docstring); returns the
     records written in this run (already-tuned kernels are skipped)."""
@@ -205,7 +208,7 @@ def tune_side_knobs(
         )
     records = load_knobs(output)
     timer = _Timer(target, runner, repeats)
-    counts = _call_counts(low)
+    counts = _call_counts(low, functions)
     kernels = []
     for gv, f in low.functions.items():
         if isinstance(f, tvm.tirx.PrimFunc) and counts.get(gv.name_hint):
