@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import tvm
 from splitc import BuildError
+from splitc.passes.rewrite_grads import rewrite_grads
 from splitc.passes.schedule_rules import _first_line, schedule_prim_func
 from tvm import tirx
 from tvm.ir import IRModule
@@ -106,13 +107,19 @@ def default_cpu_schedule(
     mod: IRModule,
     target,
     on_fallback: Callable[[KernelFallback], None] | None = None,
+    *,
+    tile_knobs: Callable[[str, tirx.PrimFunc], object | None] | None = None,
 ) -> IRModule:
-    """Legalize, fuse and schedule every kernel of ``mod`` for an ``llvm`` target.
+    """Rewrite matmul gradients, legalize, fuse and schedule every kernel for an ``llvm`` target.
 
     Run it on the Relax module right before ``tvm.compile(mod, target)`` (after Gradient and
     SplitModule). ``on_fallback`` is called once per kernel that a rule could not schedule
     fully; the kernel is still built, correct but slower. Kernels already marked
-    ``tirx.is_scheduled`` (tuned by MetaSchedule) are kept as they are.
+    ``tirx.is_scheduled`` (tuned by MetaSchedule) are kept as they are. ``tile_knobs(kernel
+    name, prim_func)`` returns the tile choice (``schedule_tiling.TileKnobs``) for a kernel's
+    register-tiled blocks, or None for the heuristics (a tuner's hook; None: heuristics
+    everywhere). ``rewrite_grads`` runs first; on a module that is already legalized it finds
+    no ``relax.matmul`` and changes nothing.
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if target.kind.name != "llvm":
@@ -120,7 +127,7 @@ def default_cpu_schedule(
             f"Schedules: default_cpu_schedule needs an llvm target, got "
             f"{target.kind.name}; call default_schedule for GPU targets"
         )
-    mod = lower_for_schedule(mod, target)
+    mod = lower_for_schedule(rewrite_grads(mod)[0], target)
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
@@ -131,7 +138,8 @@ def default_cpu_schedule(
             continue  # tuned (MetaSchedule) or scheduled by dlight: keep it
         rule = "partial"
         try:
-            new_func, problems = schedule_prim_func(func, target)
+            knobs = tile_knobs(gv.name_hint, func) if tile_knobs is not None else None
+            new_func, problems = schedule_prim_func(func, target, knobs)
         except Exception as exc:  # noqa: BLE001 - never crash the build
             new_func, problems, rule = func, [f"schedule: {_first_line(exc)}"], "none"
         if problems and on_fallback is not None:
@@ -155,7 +163,7 @@ def default_schedule(
     if target.kind.name in ("cuda", "rocm", "metal", "vulkan", "opencl"):
         from tvm.s_tir import dlight
 
-        mod = lower_for_schedule(mod, target)
+        mod = lower_for_schedule(rewrite_grads(mod)[0], target)
         with target:
             return dlight.ApplyDefaultSchedule(
                 dlight.gpu.Matmul(),
