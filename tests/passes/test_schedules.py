@@ -226,3 +226,51 @@ def test_gpu_targets_get_dlight_thread_bindings():
     scheduled = default_schedule(bb.get(), tvm.target.Target("cuda"))
     kernels = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
     assert kernels and all("threadIdx" in f.script() for f in kernels)
+
+
+@T.prim_func(private=True, s_tir=True)
+def _transpose(a: T.Buffer((96, 64), "float32"), c: T.Buffer((64, 96), "float32")):
+    for i, j in T.grid(64, 96):
+        with T.sblock("T_transpose"):
+            vi, vj = T.axis.remap("SS", [i, j])
+            c[vi, vj] = a[vj, vi]
+
+
+def test_transpose_is_cache_blocked_and_exact():
+    new, problems = schedule_prim_func(_transpose, TARGET)
+    assert problems == []
+    # 16 unrolled steps along a's contiguous axis x 8 vector lanes along c's: 4 x 12 tiles
+    text = new.script()
+    assert _for_kinds(new) == {"T.parallel", "T.vectorized", "T.unroll"}
+    assert "T.parallel(48)" in text and "T.unroll(16)" in text and "T.vectorized(8)" in text
+    a = np.random.default_rng(4).standard_normal((96, 64)).astype("float32")
+    np.testing.assert_array_equal(_run(new, a, np.zeros((64, 96), "float32")), a.T)
+
+
+def test_tile_knobs_reach_the_register_tiling(monkeypatch):
+    seen = []
+    real = schedule_rules._register_tile
+
+    def spy(*args, **kw):
+        seen.append(kw.get("knobs", "absent"))
+        return real(*args)  # heuristic tile: the knob object here is only a marker
+
+    monkeypatch.setattr(schedule_rules, "_register_tile", spy)
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((64, 32), "float32"))
+    b = relax.Var("b", relax.TensorType((32, 48), "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(a, b))
+        bb.emit_func_output(out)
+    asked = []
+
+    def knobs(name, func):
+        asked.append((name, isinstance(func, tirx.PrimFunc)))
+        return "marker"
+
+    default_cpu_schedule(bb.get(), TARGET, tile_knobs=knobs)
+    assert asked == [("matmul", True)] and seen == ["marker"]
+    seen.clear()
+    default_cpu_schedule(bb.get(), TARGET)  # no lookup: _register_tile gets no knobs at all
+    assert seen == ["absent"]
