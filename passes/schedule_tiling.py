@@ -9,10 +9,12 @@ matmul into register accumulators (parallel outer loops, unrolled rows, vector l
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import tvm
 from tvm import sym, tirx
 
-__all__: list[str] = []  # private rules; used by passes/schedule_rules.py only
+__all__ = ["TileKnobs", "tile_candidates"]  # the rest: passes/schedule_rules.py only
 
 _GET_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 
@@ -23,6 +25,10 @@ _MAX_ROWS = 8
 # Below this many iterations a parallel loop costs more in thread wake-up (~5 us on the
 # dev box) than it saves.
 _MIN_PARALLEL_WORK = 4096
+# Row tiles go innermost above this lane-operand size (2x Zen4's 1 MiB L2: at 1.5 MB the
+# lanes-innermost order still wins); K panels of 256 (a 256 x 32 panel of B is 32 KiB, L1d).
+_LANE_OPERAND_BYTES = 1 << 21
+_K_BLOCK = 256
 
 
 def _int(expr) -> int | None:
@@ -76,6 +82,7 @@ class _Block:
         self.writes = list(stmt.writes)
         self.reads = list(stmt.reads)
         self.has_init = stmt.init is not None
+        self.sch = sch  # for tile_candidates (it tiles an rfactor block on a copy)
 
     @property
     def injective(self) -> bool:
@@ -165,16 +172,36 @@ def _find_rfactor_axis(info: _Block, lanes: int):
     return best
 
 
-def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
-    """Tile a reduction: parallel spatial outer loops, reductions, unrolled rows, vector lanes."""
-    vext = info.extents[vi]
-    vt = _largest_divisor(vext, 2 * lanes)
-    if vt < 4:
-        raise ValueError(f"vector axis extent {vext} has no divisor >= 4")
-    # Row axis: a spatial iter the contiguous reader does not depend on, so one vector load
-    # of that reader serves rt rows (a conv's output channels, a matmul's rows).
-    # Prefer reusing the costliest load: a stride-2 reader (4x the load work of a contiguous
-    # one on the stride-2 weight-gradient convs) before the contiguous one.
+@dataclass(frozen=True)
+class TileKnobs:
+    """Tile shape of one register-tiled block, for a tuner (``tile_candidates`` lists some).
+
+    ``lane_tile``: elements of the vector axis per tile (a divisor of its extent, >= 4);
+    ``rows`` / ``rows2``: unrolled rows of the first / second row axis (divisors of their
+    extents; 1 when the block has no such axis); ``rows_inner``: order the parallel tile
+    loops so that row tiles are innermost (consecutive tasks reuse one panel of the lane-axis
+    operand, e.g. K x lane_tile of a matmul's B, from L2) instead of lane tiles innermost
+    (consecutive tasks reuse the rows of A); ``k_block``: split the longest reduction loop
+    into ``k_block``-long panels and run them outside the tile loops (0: no split).
+    """
+
+    lane_tile: int
+    rows: int = 1
+    rows2: int = 1
+    rows_inner: bool = False
+    k_block: int = 0
+
+
+def _row_axes(info: _Block, vi: int, reader: int):
+    """(first row iter, second row iter) for lane iter ``vi`` (either may be None).
+
+    Row axis: a spatial iter the contiguous reader does not depend on, so one vector load of
+    that reader serves ``rows`` rows (a conv's output channels, a matmul's rows). The costliest
+    load is reused first: a stride-2 reader (4x the load work of a contiguous one on the
+    stride-2 weight-gradient convs) before the contiguous one. Second row axis: when the reader
+    that depends on the first row axis is itself a vector load (weight-gradient convs: both
+    operands are read along the lane axis), a second axis it does not depend on, so each vector
+    load feeds ``rows2`` (resp. ``rows``) FMAs instead of 1."""
     vvar = info.iters[vi].var
     readers = sorted(
         (
@@ -198,9 +225,6 @@ def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
                 ri = i
         if ri is not None:
             break
-    # Second row axis: when the reader that depends on the first row axis is itself a vector
-    # load (weight-gradient convs: both operands are read along the lane axis), block a second
-    # axis it does not depend on, so each vector load feeds rt2 (resp. rt) FMAs instead of 1.
     r2 = None
     if ri is not None:
         for rd in info.reads:
@@ -216,32 +240,192 @@ def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
                     continue
                 if r2 is None or info.extents[i] > info.extents[r2]:
                     r2 = i
+    return ri, r2
+
+
+def _lane_operand_bytes(info: _Block, vi: int, reader: int) -> int:
+    """Bytes of the lane reader that one pass over the reduction reads: reduction iters and the
+    lane axis it depends on (a matmul's K x N of B; per batch element for a batched B)."""
+    idx = [r.min for r in info.reads[reader].region]
+    n = 4
+    for i, iv in enumerate(info.iters):
+        if (i == vi or info.kinds[i] == "R") and any(_uses(e, iv.var) for e in idx):
+            n *= info.extents[i]
+    return n
+
+
+def _heuristic_knobs(info: _Block, vi: int, reader: int, ri, r2, lanes: int) -> TileKnobs:
+    vt = _largest_divisor(info.extents[vi], 2 * lanes)
     vecs = max(1, vt // lanes)
     rt2 = _largest_divisor(info.extents[r2], 4) if r2 is not None else 1
     max_rows = max(1, min(_MAX_ROWS, _MAX_ACC_VECTORS // (vecs * rt2)))
     rt = _largest_divisor(info.extents[ri], max_rows) if ri is not None else 1
+    # Row tiles innermost when the lane operand does not fit in L2 (1 MiB on Zen4), e.g. B of
+    # 512x768 @ 768x3072 (9.4 MB): 25.7 -> 18.4 ms (min of 9); below that the lanes-innermost
+    # order wins (3072x512 @ 512x768, B 1.5 MB: 24.9 vs 38.5 ms rows innermost).
+    rows_inner = ri is not None and _lane_operand_bytes(info, vi, reader) > _LANE_OPERAND_BYTES
+    # K panels for long reductions: 512x3072 @ 3072x768 24.9 -> 22.7 ms with 256-long panels;
+    # no gain at K=512 (25.0 vs 25.9 ms).
+    reds = [e for e, k in zip(info.extents, info.kinds) if k == "R"]
+    k = max(reds) if reds else 0
+    kb = _largest_divisor(k, _K_BLOCK) if rows_inner and k >= 4 * _K_BLOCK else 0
+    return TileKnobs(vt, rt, rt2, rows_inner, kb if kb >= _K_BLOCK // 2 else 0)
+
+
+def _rfactor_block(sch, info: _Block, ri: int, lanes: int) -> _Block:
+    """Split reduction iter ``ri`` by the vector width and rfactor the lane part; facts about
+    the factored block (the one ``_register_tile`` tiles on the rfactor path)."""
+    ext = info.extents[ri]
+    vt = _largest_divisor(ext, lanes)
+    if vt < 4:
+        raise ValueError(f"reduction extent {ext} has no divisor >= 4")
+    loops = info.loops
+    r_o, r_i = sch.split(loops[ri], [None, vt])
+    # Move the lane loop innermost among the reductions so rfactor sees it last.
+    reds_before = [loops[i] for i in range(len(loops)) if info.kinds[i] == "R" and i != ri]
+    spat = [loops[i] for i in range(len(loops)) if info.kinds[i] == "S"]
+    sch.reorder(*spat, *reds_before, r_o, r_i)
+    rf = sch.rfactor(r_i, factor_axis=len(info.writes[0].region))
+    rf_info = _block_facts(sch, rf)
+    if rf_info is None:
+        raise ValueError("rfactor block is not in normal form")
+    return rf_info
+
+
+def _tile_view(info: _Block, lanes: int):
+    """(block, lane iter, lane reader) that the tile rule tiles for ``info``: the block itself,
+    or its rfactor block (on a copy of the schedule), or None when neither rule applies."""
+    found = _find_vector_axis(info, lanes)
+    if found is not None:
+        return info, found[0], found[1]
+    ri = _find_rfactor_axis(info, lanes)
+    if ri is None:
+        return None
+    sch = info.sch.copy()
+    rf = _rfactor_block(sch, _block_facts(sch, sch.get_sblock(info.name)), ri, lanes)
+    found = _find_vector_axis(rf, lanes)
+    return (rf, found[0], found[1]) if found is not None else None
+
+
+def tile_candidates(info: _Block, lanes: int) -> list[TileKnobs]:
+    """Up to 12 tile shapes worth timing for the block ``info`` (the heuristic first).
+
+    ``info`` is a root block as the tile rules see it (``_block_facts``); for a block that
+    is tiled through ``rfactor`` (weight-gradient convs) the shapes are those of the factored
+    block. Every candidate is valid for the block (its sizes divide the axes). Empty when no
+    tile rule applies (the kernel's schedule has no tile knob)."""
+    view = _tile_view(info, lanes)
+    if view is None:
+        return []
+    blk, vi, reader = view
+    ri, r2 = _row_axes(blk, vi, reader)
+    best = _heuristic_knobs(blk, vi, reader, ri, r2, lanes)
+    out = [best]
+
+    def add(k: TileKnobs) -> None:
+        try:
+            _check_knobs(blk, vi, ri, r2, k)
+        except ValueError:
+            return
+        if k not in out and (k.rows_inner or not k.k_block):
+            out.append(k)
+
+    reds = [e for e, kd in zip(blk.extents, blk.kinds) if kd == "R"]
+    k_ext = max(reds) if reds else 0
+    add(replace(best, rows_inner=not best.rows_inner, k_block=0))
+    for kb in (_K_BLOCK, 2 * _K_BLOCK, _K_BLOCK // 2):
+        if k_ext > kb:
+            add(replace(best, rows_inner=True, k_block=kb))
+    r_ext = blk.extents[ri] if ri is not None else 1
+    r2_ext = blk.extents[r2] if r2 is not None else 1
+    # accumulator budgets around the heuristic's 16 vectors (32 zmm registers in all)
+    for vt in (best.lane_tile, lanes, 2 * lanes):
+        vecs = max(1, vt // lanes)
+        for acc in (16, 24, 12, 8):
+            for rows2 in dict.fromkeys((best.rows2, _largest_divisor(r2_ext, 2))):
+                rows = _largest_divisor(r_ext, max(1, acc // (vecs * rows2)))
+                add(replace(best, lane_tile=vt, rows=rows, rows2=rows2))
+    return out[:12]
+
+
+def _check_knobs(info: _Block, vi: int, ri, r2, knobs: TileKnobs) -> None:
+    for name, axis, size in (
+        ("lane_tile", vi, knobs.lane_tile),
+        ("rows", ri, knobs.rows),
+        ("rows2", r2, knobs.rows2),
+    ):
+        ext = info.extents[axis] if axis is not None else 1
+        if size < 1 or ext % size:
+            raise ValueError(f"{name}={size} does not divide the axis extent {ext}")
+    if knobs.lane_tile < 4:
+        raise ValueError(f"lane_tile={knobs.lane_tile} is below 4")
+    reds = [e for e, k in zip(info.extents, info.kinds) if k == "R"]
+    kb = knobs.k_block
+    if kb < 0 or (kb and (not reds or max(reds) % kb or max(reds) == kb)):
+        raise ValueError(
+            f"k_block={kb} does not divide the longest reduction extent "
+            f"{max(reds) if reds else 0} into 2 or more panels"
+        )
+
+
+def _register_tile(
+    sch, info: _Block, vi: int, reader: int, lanes: int, knobs: TileKnobs | None = None
+) -> None:
+    """Tile a reduction: parallel spatial outer loops, reductions, unrolled rows, vector lanes.
+
+    ``knobs`` None: the heuristic tile (``tile_candidates(...)[0]``)."""
+    vext = info.extents[vi]
+    if _largest_divisor(vext, 2 * lanes) < 4:
+        raise ValueError(f"vector axis extent {vext} has no divisor >= 4")
+    ri, r2 = _row_axes(info, vi, reader)
+    if knobs is None:
+        knobs = _heuristic_knobs(info, vi, reader, ri, r2, lanes)
+    _check_knobs(info, vi, ri, r2, knobs)
+    vt, rt, rt2 = knobs.lane_tile, knobs.rows, knobs.rows2
+    if rt == 1:
+        ri = None
     if rt2 == 1:
         r2 = None
 
-    local_wb = sch.cache_write(info.rv, 0, "local")
+    kb = knobs.k_block
+    # k_block: the output itself accumulates across K panels (a register tile cannot live
+    # across the row tiles of a panel), so no local write cache.
+    local_wb = None if kb else sch.cache_write(info.rv, 0, "local")
     loops = info.loops
     v_o, v_i = sch.split(loops[vi], [None, vt])
     if ri is not None:
         r_o, r_i = sch.split(loops[ri], [None, rt])
     if r2 is not None:
         r2_o, r2_i = sch.split(loops[r2], [None, rt2])
-    spatial_outer = [
-        loops[i] for i in range(len(loops)) if info.kinds[i] == "S" and i not in (vi, ri, r2)
-    ]
+    spatial_outer = [i for i in range(len(loops)) if info.kinds[i] == "S" and i not in (vi, ri, r2)]
     reds = [loops[i] for i in range(len(loops)) if info.kinds[i] == "R"]
-    outer = spatial_outer + ([r2_o] if r2 is not None else [])
-    outer += ([r_o] if ri is not None else []) + [v_o]
+    tiles = ([r2_o] if r2 is not None else []) + ([r_o] if ri is not None else [])
+    if knobs.rows_inner:
+        # the lane reader's own loops, its lane tile, then every loop it does not depend on:
+        # consecutive tasks read the same panel of it (K x lane_tile of a matmul's B).
+        lane_rd = [r.min for r in info.reads[reader].region]
+        dep = [i for i in spatial_outer if any(_uses(e, info.iters[i].var) for e in lane_rd)]
+        par = [loops[i] for i in dep] + [v_o]
+        ser = [loops[i] for i in spatial_outer if i not in dep] + tiles
+    else:
+        par, ser = [loops[i] for i in spatial_outer] + tiles, [v_o]
     inner = ([r2_i] if r2 is not None else []) + ([r_i] if ri is not None else []) + [v_i]
-    sch.reorder(*outer, *reds, *inner)
+    if kb:
+        ext = [_int(sch.get(l).extent) for l in reds]
+        longest = max(range(len(reds)), key=lambda i: ext[i])  # _check_knobs: divisible
+        k_o, k_i = sch.split(reds[longest], [None, kb])
+        reds = reds[:longest] + [k_i] + reds[longest + 1 :]
+        # Within one task, a K panel of the lane reader (kb x lane_tile) stays in L1 while all
+        # row tiles pass over it; the output tile is reloaded once per panel.
+        sch.reorder(*par, k_o, *ser, *reds, *inner)
+        fused = sch.fuse(*par) if len(par) > 1 else par[0]
+    else:
+        outer = par + ser
+        sch.reorder(*outer, *reds, *inner)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.reverse_compute_at(local_wb, fused)
     # Parallelise the fused outer spatial loops; keep at least one vector tile per task.
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.parallel(fused)
-    sch.reverse_compute_at(local_wb, fused)
     # Vectorise before decompose_reduction: vectorize needs the block to still own its init;
     # the init loops copied by decompose_reduction keep the vectorized/unrolled kinds.
     if ri is not None:
@@ -249,8 +433,12 @@ def _register_tile(sch, info: _Block, vi: int, reader: int, lanes: int) -> None:
     if r2 is not None:
         sch.unroll(r2_i)
     sch.vectorize(v_i)
-    if reds:
+    if kb:
+        sch.decompose_reduction(info.rv, k_o)
+    elif reds:
         sch.decompose_reduction(info.rv, reds[0])
+    if local_wb is None:
+        return
     wb_loops = sch.get_loops(local_wb)
     # write-back: innermost loop is the output's innermost axis (vt wide after compute_at)
     if len(wb_loops) > 1:

@@ -1,0 +1,190 @@
+"""Register tiling (passes/schedule_tiling.py): every tile shape computes what the naive loops
+compute, on awkward shapes (prime extents, K not a multiple of the K panel, batched and
+transposed operands, weight-gradient convs through rfactor), and the knobs a tuner sees.
+
+Float32 sums in a different order: rtol 1e-5 with an absolute floor of 1e-5 x sqrt(K) (K
+products of unit normals per output; reordering moves each by a few ulps of the partial sums).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from splitc.passes.schedule_rules import lanes_for, schedule_prim_func
+from splitc.passes.schedule_tiling import (
+    TileKnobs,
+    _block_facts,
+    _find_vector_axis,
+    _register_tile,
+    _tile_view,
+    tile_candidates,
+)
+from splitc.passes.schedules import host_llvm_target
+from tvm import te, topi
+
+TARGET = host_llvm_target()
+LANES = lanes_for(TARGET, 32)
+
+
+def _matmul(m, n, k, batch=None, trans_a=False):
+    """C = A @ B, A read transposed (A[k, m], a weight gradient X^T dY) when ``trans_a``."""
+    pre = (batch,) if batch else ()
+    a = te.placeholder((*pre, k, m) if trans_a else (*pre, m, k), name="A")
+    b = te.placeholder((*pre, k, n), name="B")
+    r = te.reduce_axis((0, k), name="k")
+
+    def body(*ix):
+        *bi, i, j = ix
+        av = a[(*bi, r, i)] if trans_a else a[(*bi, i, r)]
+        return te.sum(av * b[(*bi, r, j)], axis=r)
+
+    c = te.compute((*pre, m, n), body, name="matmul")
+    return te.create_prim_func([a, b, c])
+
+
+def _conv_wgrad(n, c, f, hw):
+    """The weight gradient of a 3x3 pad-1 conv, as Relax legalizes it: conv2d in CNHW layout
+    (output [f, c, 3, 3], reduction over batch and the image)."""
+    x = te.placeholder((n, c, hw, hw), name="x")
+    dy = te.placeholder((n, f, hw, hw), name="dy")
+    pad = topi.nn.pad(x, [0, 0, 1, 1], [0, 0, 1, 1], name="pad_temp")
+    rc = te.reduce_axis((0, n), "rc")
+    ry = te.reduce_axis((0, hw), "ry")
+    rx = te.reduce_axis((0, hw), "rx")
+    out = te.compute(
+        (f, c, 3, 3),
+        lambda ff, nn, yy, xx: te.sum(
+            pad[rc, nn, yy + ry, xx + rx] * dy[rc, ff, ry, rx], axis=[rc, ry, rx]
+        ),
+        name="conv2d_cnhw",
+    )
+    return te.create_prim_func([x, dy, out])
+
+
+def _run(func, *inputs):
+    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), TARGET).jit()
+    out_t = func.params[-1].ty
+    out = np.zeros([int(d) for d in out_t.shape], "float32")
+    args = [tvm.runtime.tensor(a) for a in (*inputs, out)]
+    lib["k"](*args)
+    return args[-1].numpy()
+
+
+def _inputs(func, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal([int(d) for d in p.ty.shape]).astype("float32")
+        for p in func.params[:-1]
+    ]
+
+
+def _tiled(func, knobs):
+    """``func`` with its reduction block register-tiled by ``knobs`` (None: the heuristic),
+    through rfactor when the output has no lane axis (what schedule_rules does)."""
+    sch = tvm.s_tir.Schedule(func)
+    blocks = [sch.get_sblock(n) for n in ("matmul", "conv2d_cnhw") if _has(sch, n)]
+    info = _block_facts(sch, blocks[0])
+    blk, vi, reader = _tile_view(info, LANES)
+    if blk is not info:  # the view was built on a copy: factor this schedule the same way
+        from splitc.passes.schedule_tiling import _find_rfactor_axis, _rfactor_block
+
+        blk = _rfactor_block(sch, info, _find_rfactor_axis(info, LANES), LANES)
+        vi, reader = _find_vector_axis(blk, LANES)
+    _register_tile(sch, blk, vi, reader, LANES, knobs)
+    return sch.mod["main"]
+
+
+def _candidates(func, block, lanes=LANES):
+    sch = tvm.s_tir.Schedule(func)
+    return tile_candidates(_block_facts(sch, sch.get_sblock(block)), lanes)
+
+
+def _has(sch, name):
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _close(got, want, k):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "batch", "trans_a"),
+    [
+        (40, 64, 37, None, False),  # prime K
+        (13, 48, 29, None, False),  # prime rows: rows tile 1
+        (24, 96, 300, 3, False),  # batched, K not a multiple of 128/256/512
+        (48, 32, 96, None, True),  # A read transposed (weight gradient X^T @ dY)
+        (16, 1024, 1024, None, False),  # B of 4 MiB: rows innermost + 256-long K panels
+    ],
+)
+def test_every_candidate_matches_numpy(m, n, k, batch, trans_a):
+    func = _matmul(m, n, k, batch, trans_a)
+    a, b = _inputs(func)
+    want = np.matmul(np.swapaxes(a, -1, -2) if trans_a else a, b)
+    cands = _candidates(func, "matmul")
+    assert 2 <= len(cands) <= 12
+    for knobs in [None, *cands]:
+        _close(_run(_tiled(func, knobs), a, b), want, k)
+
+
+def test_heuristic_is_the_first_candidate_and_the_default():
+    func = _matmul(16, 1024, 1024)
+    cands = _candidates(func, "matmul", 16)
+    # B is 1024 x 1024 x 4 B = 4 MiB > 2 MiB: row tiles innermost; K = 1024 >= 4 x 256: panels
+    assert cands[0] == TileKnobs(lane_tile=32, rows=8, rows2=1, rows_inner=True, k_block=256)
+    assert len(set(cands)) == len(cands)
+    # knobs=None and the first candidate give the same schedule
+    tvm.ir.assert_structural_equal(_tiled(func, None), _tiled(func, cands[0]))
+
+
+def test_small_lane_operand_keeps_lanes_innermost():
+    # B is 64 x 256 x 4 B = 64 KiB: lanes innermost, no K panels
+    assert _candidates(_matmul(64, 256, 64), "matmul", 16)[0] == TileKnobs(
+        lane_tile=32, rows=8, rows2=1, rows_inner=False, k_block=0
+    )
+
+
+def test_conv_weight_gradient_candidates_match_numpy():
+    func = _conv_wgrad(4, 8, 12, 16)
+    x, dy = _inputs(func, 1)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.zeros((12, 8, 3, 3), "float32")
+    for yy in range(3):
+        for xx in range(3):
+            want[:, :, yy, xx] = np.einsum(
+                "nchw,nfhw->fc", xp[:, :, yy : yy + 16, xx : xx + 16], dy
+            )
+    cands = _candidates(func, "conv2d_cnhw")
+    assert cands and all(c.lane_tile <= LANES for c in cands)  # lanes of the rfactor block
+    for knobs in [None, *cands]:
+        _close(_run(_tiled(func, knobs), x, dy), want, 4 * 16 * 16)
+
+
+def test_the_driver_schedules_awkward_shapes_exactly():
+    for func in (_matmul(37, 41, 43), _matmul(8, 96, 1024, 2), _conv_wgrad(3, 5, 7, 12)):
+        new, problems = schedule_prim_func(func, TARGET)
+        assert problems == []
+        inputs = _inputs(func, 2)
+        _close(_run(new, *inputs), _run(func, *inputs), 1024)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "match"),
+    [
+        (TileKnobs(lane_tile=24, rows=8), "lane_tile=24 does not divide the axis extent 64"),
+        (TileKnobs(lane_tile=32, rows=3), "rows=3 does not divide the axis extent 16"),
+        (TileKnobs(lane_tile=2, rows=8), "lane_tile=2 is below 4"),
+        (TileKnobs(lane_tile=32, rows=8, k_block=40), "k_block=40 does not divide .* 96 into"),
+    ],
+)
+def test_invalid_knobs_raise(knobs, match):
+    func = _matmul(16, 64, 96)
+    sch = tvm.s_tir.Schedule(func)
+    info = _block_facts(sch, sch.get_sblock("matmul"))
+    with pytest.raises(ValueError, match=match):
+        _register_tile(sch, info, *_find_vector_axis(info, 16), 16, knobs)
