@@ -4,8 +4,10 @@ Plain ``tvm.compile(mod, "llvm")`` lowers each Relax op to naive single-threaded
 Measured on the 2-core AVX-512 dev box, the training step of a small ResNet (3 residual
 blocks, batch 32) takes 5.1 s that way, 95 % of it in convolutions: forward convs, the
 ``conv2d_transpose`` of the data gradient and the ``CNHW`` conv2d of the weight gradient.
-``default_cpu_schedule`` schedules every PrimFunc of the legalized, fused module with the
-rules of ``passes/schedule_rules.py``, per root block of each kernel:
+``default_cpu_schedule`` first folds the transposes and batch sums around matmuls into the
+matmul kernels (``passes/rewrite_grads.py``), then schedules every PrimFunc of the legalized,
+fused module, after replacing libm's scalar ``exp``/``erf`` by vectorisable polynomials
+(``passes/fast_math.py``), with the rules of ``passes/schedule_rules.py``, per root block:
 
 - *inline*: injective blocks that only feed injective blocks (epilogues such as
   ``add -> less -> where``) are inlined; pads feeding a reduction stay materialised so the
@@ -18,6 +20,8 @@ rules of ``passes/schedule_rules.py``, per root block of each kernel:
 - *rfactor tiling* for reductions whose output is tiny but whose reduction axis is read
   contiguously (weight-gradient convs: output 3x3, reduction over batch x 16 x 16; row sums):
   split that axis by the vector width, ``rfactor`` it and register-tile the factored block;
+- *transpose*: an injective block whose output's contiguous axis is no input's contiguous axis
+  gets 16 x 8 tiles (input's contiguous axis unrolled x output lanes vectorised);
 - *injective*: vectorise the innermost loop alone, parallelise the fused outer loops;
 - *fallback*: any other reduction gets its spatial loops fused and parallelised; blocks under
   4096 iterations are left as they are.
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 
 import tvm
 from splitc import BuildError
+from splitc.passes.fast_math import vector_math
 from splitc.passes.rewrite_grads import rewrite_grads
 from splitc.passes.schedule_rules import _first_line, schedule_prim_func
 from tvm import tirx
@@ -138,6 +143,7 @@ def default_cpu_schedule(
             continue  # tuned (MetaSchedule) or scheduled by dlight: keep it
         rule = "partial"
         try:
+            func = vector_math(func)  # libm's scalar expf/erff -> vectorisable polynomials
             knobs = tile_knobs(gv.name_hint, func) if tile_knobs is not None else None
             new_func, problems = schedule_prim_func(func, target, knobs)
         except Exception as exc:  # noqa: BLE001 - never crash the build
