@@ -136,6 +136,10 @@ def _find_vector_axis(info: _Block, lanes: int):
                 continue
             if _largest_divisor(info.extents[i], 2 * lanes) < 4:
                 continue  # e.g. 10 classes: no vector tile; the parallel fallback is right
+            if info.extents[i] < lanes and _full_rfactor_axis(info, lanes):
+                # a 4-wide output row (the stride-2 weight gradient's 4x4 window) fills a
+                # quarter of a 16-lane vector; rfactor over the image fills it: 12.5 -> 7.6 ms
+                continue
             for j, rd in enumerate(info.reads):
                 if not rd.region or rd.source.same_as(info.writes[0].source):
                     continue
@@ -143,6 +147,11 @@ def _find_vector_axis(info: _Block, lanes: int):
                 if _uses(rlast, iv.var) and _coef(rlast, iv.var) == stride:
                     return i, j
     return None
+
+
+def _full_rfactor_axis(info: _Block, lanes: int) -> bool:
+    ri = _find_rfactor_axis(info, lanes)
+    return ri is not None and _largest_divisor(info.extents[ri], lanes) == lanes
 
 
 def _find_rfactor_axis(info: _Block, lanes: int):
@@ -190,6 +199,45 @@ class TileKnobs:
     rows2: int = 1
     rows_inner: bool = False
     k_block: int = 0
+
+
+def _unstride(sch, info: _Block, vi: int) -> _Block:
+    """Store each intermediate buffer that ``info`` reads with stride 2 along lane iter ``vi``
+    (the padded input of a stride-2 conv or weight gradient) as its even and odd phases:
+    ``[..., h, w] -> [..., h % 2, w % 2, h // 2, w // 2]``, so the lane reads are contiguous.
+    Returns fresh facts when a layout changed. Measured (batch 32, 32x32 -> 16x16, 1 thread):
+    3x3 stride-2 weight gradient 12.5 -> 7.6 ms, its 1x1 shortcut 4.6 -> 2.3 ms, the stride-2
+    forward conv 4.6 -> 3.9 ms (two loads and a shuffle per vector before)."""
+    var = info.iters[vi].var
+    written = []
+    for p in sch.get_producers(info.rv):
+        written += [w.source for w in sch.get(p).writes]
+    changed = False
+    for j, rd in enumerate(info.reads):
+        idx = [r.min for r in rd.region]
+        if len(idx) < 2 or not _uses(idx[-1], var) or _coef(idx[-1], var) != 2:
+            continue
+        if not any(b.same_as(rd.source) for b in written):
+            continue  # a function parameter: its layout is the caller's
+        shape = [_int(d) for d in rd.source.shape]
+        rows_strided = any(_coef(idx[-2], iv.var) == 2 for iv in info.iters)
+        dims = [len(idx) - 2, len(idx) - 1] if rows_strided else [len(idx) - 1]
+        if any(shape[d] is None or shape[d] % 2 for d in dims):
+            continue
+        index_map = tirx.IndexMap.from_func(
+            _phases(len(idx), dims), ndim=len(idx), index_dtype=str(rd.source.shape[0].ty)
+        )
+        sch.transform_layout(info.rv, ("read", j), index_map)
+        changed = True
+    return _block_facts(sch, info.rv) if changed else info
+
+
+def _phases(ndim: int, dims: list[int]):
+    def index_map(*ax):
+        keep = [ax[d] for d in range(ndim) if d not in dims]
+        return [*keep, *[ax[d] % 2 for d in dims], *[ax[d] // 2 for d in dims]]
+
+    return index_map
 
 
 def _row_axes(info: _Block, vi: int, reader: int):
@@ -295,16 +343,18 @@ def _rfactor_block(sch, info: _Block, ri: int, lanes: int) -> _Block:
 def _tile_view(info: _Block, lanes: int):
     """(block, lane iter, lane reader) that the tile rule tiles for ``info``: the block itself,
     or its rfactor block (on a copy of the schedule), or None when neither rule applies."""
-    found = _find_vector_axis(info, lanes)
-    if found is not None:
-        return info, found[0], found[1]
-    ri = _find_rfactor_axis(info, lanes)
-    if ri is None:
-        return None
     sch = info.sch.copy()
-    rf = _rfactor_block(sch, _block_facts(sch, sch.get_sblock(info.name)), ri, lanes)
-    found = _find_vector_axis(rf, lanes)
-    return (rf, found[0], found[1]) if found is not None else None
+    blk = _block_facts(sch, sch.get_sblock(info.name))
+    found = _find_vector_axis(blk, lanes)
+    if found is None:
+        ri = _find_rfactor_axis(blk, lanes)
+        if ri is None:
+            return None
+        blk = _rfactor_block(sch, blk, ri, lanes)
+        found = _find_vector_axis(blk, lanes)
+        if found is None:
+            return None
+    return _unstride(sch, blk, found[0]), found[0], found[1]
 
 
 def tile_candidates(info: _Block, lanes: int) -> list[TileKnobs]:
@@ -377,6 +427,7 @@ def _register_tile(
     vext = info.extents[vi]
     if _largest_divisor(vext, 2 * lanes) < 4:
         raise ValueError(f"vector axis extent {vext} has no divisor >= 4")
+    info = _unstride(sch, info, vi)
     ri, r2 = _row_axes(info, vi, reader)
     if knobs is None:
         knobs = _heuristic_knobs(info, vi, reader, ri, r2, lanes)

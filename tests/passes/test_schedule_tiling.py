@@ -8,6 +8,8 @@ products of unit normals per output; reordering moves each by a few ulps of the 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -15,9 +17,10 @@ from splitc.passes.schedule_rules import lanes_for, schedule_prim_func
 from splitc.passes.schedule_tiling import (
     TileKnobs,
     _block_facts,
+    _find_rfactor_axis,
     _find_vector_axis,
     _register_tile,
-    _tile_view,
+    _rfactor_block,
     tile_candidates,
 )
 from splitc.passes.schedules import host_llvm_target
@@ -85,13 +88,11 @@ def _tiled(func, knobs):
     sch = tvm.s_tir.Schedule(func)
     blocks = [sch.get_sblock(n) for n in ("matmul", "conv2d_cnhw") if _has(sch, n)]
     info = _block_facts(sch, blocks[0])
-    blk, vi, reader = _tile_view(info, LANES)
-    if blk is not info:  # the view was built on a copy: factor this schedule the same way
-        from splitc.passes.schedule_tiling import _find_rfactor_axis, _rfactor_block
-
-        blk = _rfactor_block(sch, info, _find_rfactor_axis(info, LANES), LANES)
-        vi, reader = _find_vector_axis(blk, LANES)
-    _register_tile(sch, blk, vi, reader, LANES, knobs)
+    found = _find_vector_axis(info, LANES)
+    if found is None:
+        info = _rfactor_block(sch, info, _find_rfactor_axis(info, LANES), LANES)
+        found = _find_vector_axis(info, LANES)
+    _register_tile(sch, info, *found, LANES, knobs)
     return sch.mod["main"]
 
 
@@ -188,3 +189,48 @@ def test_invalid_knobs_raise(knobs, match):
     info = _block_facts(sch, sch.get_sblock("matmul"))
     with pytest.raises(ValueError, match=match):
         _register_tile(sch, info, *_find_vector_axis(info, 16), 16, knobs)
+
+
+def _strided_wgrad(n, c, f, hw):
+    """Weight gradient of a 3x3 stride-2 pad-1 conv as legalized: a 4x4 window (sliced to 3x3
+    afterwards) read with stride 2 from the padded input."""
+    x = te.placeholder((n, c, hw, hw), name="x")
+    dy = te.placeholder((n, f, hw // 2, hw // 2), name="dy")
+    pad = topi.nn.pad(x, [0, 0, 1, 1], [0, 0, 1, 1], name="pad_temp")
+    rc = te.reduce_axis((0, n), "rc")
+    ry = te.reduce_axis((0, hw // 2), "ry")
+    rx = te.reduce_axis((0, hw // 2), "rx")
+    out = te.compute(
+        (f, c, 4, 4),
+        lambda ff, nn, yy, xx: te.sum(
+            pad[rc, nn, ry * 2 + yy, rx * 2 + xx] * dy[rc, ff, ry, rx], axis=[rc, ry, rx]
+        ),
+        name="conv2d_cnhw",
+    )
+    return te.create_prim_func([x, dy, out])
+
+
+@pytest.mark.parametrize(
+    "func",
+    [
+        pytest.param(_strided_wgrad(4, 8, 8, 32), id="stride2-weight-grad"),
+        pytest.param(
+            te.create_prim_func(
+                [
+                    x := te.placeholder((2, 8, 32, 32), name="x"),
+                    w := te.placeholder((16, 8, 3, 3), name="w"),
+                    topi.nn.conv2d_nchw(x, w, 2, 1, 1),
+                ]
+            ),
+            id="stride2-forward",
+        ),
+    ],
+)
+def test_stride2_reads_become_contiguous_and_stay_exact(func):
+    new, problems = schedule_prim_func(func, TARGET)
+    assert problems == []
+    # the padded input (34 x 34) is stored as 2 x 2 phases of 17 x 17: [n, c, 2, 2, 17, 17]
+    alloc = next(ln for ln in new.script().splitlines() if "pad_temp = T.sblock_alloc" in ln)
+    assert re.sub(r"T\.int64\((\d+)\)", r"\1", alloc).endswith(", 2, 2, 17, 17))")
+    inputs = _inputs(func, 3)
+    _close(_run(new, *inputs), _run(func, *inputs), 4 * 16 * 16)
