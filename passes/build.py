@@ -156,7 +156,10 @@ def build_side(
             if gpu:
                 ex = tvm.compile(sub, target=tgt, relax_pipeline=_gpu_pipeline(tgt))
             else:
-                sub = _cpu_schedule(relax.transform.LegalizeOps()(sub), tgt, knobs)
+                # RewriteGrads works on relax.matmul: before legalization (a no-op after
+                # apply_records, whose lower_side already ran it)
+                sub = relax.transform.LegalizeOps()(_rewrite_grads(sub))
+                sub = _cpu_schedule(sub, tgt, knobs)
                 if knobs is not None:
                     names = [
                         gv.name_hint
@@ -186,8 +189,18 @@ def lower_side(sub: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     (``splitc tune`` extracts its tasks from this, so tuning records match the build)."""
     from splitc.passes.schedules import lower_for_schedule
 
+    if target.kind.name == "llvm":
+        sub = _rewrite_grads(sub)
     with target:
         return lower_for_schedule(relax.transform.LegalizeOps()(sub), target)
+
+
+def _rewrite_grads(sub: tvm.IRModule) -> tvm.IRModule:
+    """``passes/rewrite_grads.py`` (one kernel per training matmul, llvm builds only: the GPU
+    build keeps the matmuls dlight's Matmul rule recognises)."""
+    from splitc.passes.rewrite_grads import rewrite_grads
+
+    return rewrite_grads(sub)[0]
 
 
 def _why(e: Exception) -> str:

@@ -128,17 +128,15 @@ def _call_counts(mod: tvm.IRModule, functions: Callable[[str], bool] | None) -> 
 
 
 def _arg_specs(func) -> list | None:
+    """[(shape, dtype)] of the kernel's buffer arguments; None for a symbolic shape."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
     specs = []
-    for p in func.params:
-        buf = func.buffer_map.get(p)
-        if buf is None:
-            return None
-        shape = []
-        for s in buf.shape:
-            if not isinstance(s, tvm.tirx.IntImm):
-                return None  # symbolic shape: nothing to time
-            shape.append(int(s))
-        specs.append((shape, str(buf.dtype)))
+    for info in ArgInfo.from_prim_func(func):
+        kind, dtype, shape = info.as_json()
+        if kind != "TENSOR" or not all(isinstance(d, int) for d in shape):
+            return None  # symbolic shape: nothing to time
+        specs.append(([int(d) for d in shape], str(dtype)))
     return specs
 
 
@@ -174,7 +172,7 @@ class _Timer:
         if problems and knobs is not None:
             raise ValueError("; ".join(problems))
         mod = tvm.IRModule({"k": sched.with_attr("global_symbol", "k")})
-        return self.runner.load(tvm.compile(mod, target=self.target), "k")
+        return self.runner.load(tvm.tirx.build(mod, target=self.target), "k")
 
     def time(self, lib, specs, number: int) -> float:
         t = self.runner.time_kernels(lib, [("k", specs)], self.repeats, number)[0]
