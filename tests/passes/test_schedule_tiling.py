@@ -234,3 +234,39 @@ def test_stride2_reads_become_contiguous_and_stay_exact(func):
     assert re.sub(r"T\.int64\((\d+)\)", r"\1", alloc).endswith(", 2, 2, 17, 17))")
     inputs = _inputs(func, 3)
     _close(_run(new, *inputs), _run(func, *inputs), 4 * 16 * 16)
+
+
+def _matmul_bt(m, n, k, batch=None):
+    """C = A @ B^T with B stored [n, k] (a linear layer's data gradient dY @ W)."""
+    pre = (batch,) if batch else ()
+    a = te.placeholder((*pre, m, k), name="A")
+    b = te.placeholder((*pre, n, k), name="B")
+    r = te.reduce_axis((0, k), name="k")
+    c = te.compute(
+        (*pre, m, n),
+        lambda *ix: te.sum(a[(*ix[:-1], r)] * b[(*ix[:-2], ix[-1], r)], axis=r),
+        name="matmul",
+    )
+    return te.create_prim_func([a, b, c])
+
+
+@pytest.mark.parametrize(("m", "n", "k", "batch"), [(24, 64, 40, None), (13, 32, 96, 3)])
+def test_transposed_lane_operand_is_packed_and_exact(m, n, k, batch):
+    func = _matmul_bt(m, n, k, batch)
+    new, problems = schedule_prim_func(func, TARGET)
+    assert problems == []
+    # B [n, k] is copied to B_global [k, n] inside the kernel: the lane axis n is contiguous
+    alloc = next(ln for ln in new.script().splitlines() if "B_global = T.sblock_alloc" in ln)
+    want_shape = ", ".join(str(d) for d in (*((batch,) if batch else ()), k, n))
+    assert f"(({want_shape}))" in alloc
+    a, b = _inputs(func, 4)
+    _close(_run(new, a, b), np.matmul(a, np.swapaxes(b, -1, -2)), k)
+
+
+def test_row_sum_is_not_packed():
+    # one reader: a row sum stays on the rfactor path (no transposed copy of its input)
+    x = te.placeholder((64, 128), name="x")
+    r = te.reduce_axis((0, 128), name="k")
+    func = te.create_prim_func([x, te.compute((64,), lambda i: te.sum(x[i, r], axis=r))])
+    new, problems = schedule_prim_func(func, TARGET)
+    assert problems == [] and "_global" not in new.script() and "_rf" in new.script()
