@@ -3,8 +3,15 @@
 :class:`_Block` holds plain facts about one root block; ``_register_tile`` tiles a conv or
 matmul into register accumulators (parallel outer loops, unrolled rows, vector lanes),
 ``_find_vector_axis`` / ``_find_rfactor_axis`` pick its lane axis, and
-``_parallel_reduction`` is the generic fallback for any reduction. Nothing here is public;
-``passes/schedule_rules.py`` drives these rules per kernel.
+``_parallel_reduction`` is the generic fallback for any reduction. Before tiling, an operand
+read with stride 2 along the lanes (stride-2 convs) is stored as 2x2 phases and a matmul
+operand read transposed (``B[n, k]``) is copied to ``[k, n]`` inside the kernel, so every
+lane load is contiguous. Loop order and K panels follow the lane operand's size (L2).
+
+Public: :class:`TileKnobs` (one tile shape) and :func:`tile_candidates` (shapes worth timing
+for a block, the heuristic first) for the knob tuner (``passes/tune_knobs.py``);
+``schedule_prim_func(func, target, knobs=...)`` passes a choice through to
+``_register_tile``. Everything else is driven per kernel by ``passes/schedule_rules.py``.
 """
 
 from __future__ import annotations
