@@ -51,7 +51,7 @@ from splitc.cost_models.dataset import DATASET_VERSION, done_keys, load_rows, no
 from splitc.cost_models.features import KernelFeatures, parse_kinds
 from splitc.cost_models.fit import _step_fit, fit_learned, heldout_report  # noqa: F401 - re-export
 from splitc.cost_models.profiles import DeviceProfile
-from splitc.cost_models.workloads import Workload, model_module, sweep_module
+from splitc.cost_models.workloads import Workload, model_module, sweep_module, synthetic_models
 
 __all__ = [
     "DATASET_VERSION",
@@ -82,9 +82,17 @@ class CalibrateConfig:
     rpc_key: str | None = None
     models: tuple[Path, ...] = ()  # ONNX files; empty -> default_models()
     batch_sizes: tuple[int, ...] = ()  # fills symbolic batch dims; empty -> model's own
-    repeats: int = 5
-    number: int = 3  # calls per timing
+    # 30 timings of >= 1 ms each, the minimum recorded (rpc.py: Timing says why)
+    repeats: int = 30
+    number: int = 1  # calls per timing, grown until one timing lasts min_repeat_ms
+    min_repeat_ms: int = 1
+    # time every kernel a second time after the whole workload (interleaved, so both timings
+    # see different background load): rows get "seconds_again", the noise floor of the fit
+    recheck: bool = False
     sweep: bool = True  # also time single ops over shapes
+    # random small models (workloads.py: synthetic_models, needs torch) timed as training
+    # data only; exported under the dataset's folder
+    synthetic: int = 0
     dataset: Path | None = None  # JSON lines; default: output with suffix .jsonl
     resume: bool = True
     name: str | None = None  # profile name; default: output file stem
@@ -153,12 +161,14 @@ def _calls(sched, weights: frozenset) -> list[_Call]:
     return out
 
 
-def _features(c: _Call, flops: float, parallel: bool | None = None) -> KernelFeatures:
+def _features(c: _Call, flops: float, parallel: bool | None = None,
+              sched: tuple | None = None) -> KernelFeatures:
     ins, outs = c.specs[:len(c.specs) - c.n_out], c.specs[len(c.specs) - c.n_out:]
     dtype = outs[0][1] if outs else "float32"
     return KernelFeatures(parse_kinds(c.symbol), float(flops), sum(map(_nbytes, ins)),
                           sum(map(_nbytes, outs)), c.param_bytes, c.role,
-                          tuple(s for s, _ in ins), tuple(s for s, _ in outs), dtype, parallel)
+                          tuple(s for s, _ in ins), tuple(s for s, _ in outs), dtype, parallel,
+                          sched)
 
 
 def _vm_specs(func) -> list:
@@ -168,6 +178,14 @@ def _vm_specs(func) -> list:
         return _spec(ty)
 
     return [one(p.ty) for p in func.params]
+
+
+def _target(text: str):
+    """``host`` (this CPU, what ``splitc compile`` builds for), ``llvm`` or any target text
+    ``passes/targets.py: resolve_target`` reads."""
+    from splitc.passes.targets import resolve_target
+
+    return resolve_target(text)
 
 
 def _tvm_version() -> str:
@@ -181,11 +199,12 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     """Compile ``w`` as the build does, time its kernels (skipping keys in ``done``) and its
     whole step, and ``emit`` one row per kernel and one ``step`` row."""
     import tvm
+    from splitc.cost_models.tir_features import schedule_features
     from splitc.passes.schedules import default_cpu_schedule
     from tvm import relax, tirx
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    target = tvm.target.Target(cfg.target)
+    target = _target(cfg.target)
     if target.kind.name != "llvm":
         raise InputError(f"Calibrate: target {cfg.target!r} is not a CPU (llvm) target; GPU "
                          "calibration is not implemented yet")
@@ -199,9 +218,12 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     groups: dict[tuple, list[_Call]] = defaultdict(list)
     for c in calls:
         groups[(c.function, c.role, c.symbol, c.specs)].append(c)
-    prov = {"target": str(cfg.target), "board": runner.board, "tvm": _tvm_version(),
-            "splitc": __version__, "repeats": cfg.repeats, "number": cfg.number,
-            "schema": DATASET_VERSION}
+    # threads: the TVM runtime's pool here (1 on this 2-core SMT box: one physical core);
+    # unknown on a board behind RPC. stat: which statistic of the timings "seconds" is.
+    prov = {"train_only": w.train_only, "target": str(cfg.target), "mcpu": str(target.attrs.get("mcpu", "")),
+            "board": runner.board, "tvm": _tvm_version(), "splitc": __version__,
+            "repeats": cfg.repeats, "number": cfg.number, "min_repeat_ms": cfg.min_repeat_ms,
+            "stat": "min", "threads": runner.threads, "schema": DATASET_VERSION}
     todo = [(k, cs) for k, cs in groups.items() if row_key(w.key, *k[:3]) not in done]
     say(f"{w.key}: {len(groups)} kernels ({len(calls)} calls), {len(todo)} to measure")
     if todo:
@@ -209,32 +231,46 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
         lib = tvm.tirx.build(tvm.IRModule({s: prims[s].with_attr("global_symbol", s)
                                            for s in syms}), target=target)
         lib = runner.load(lib, f"k{abs(hash(w.key)) % 10**8}")
-        for i, ((fname, role, sym, specs), cs) in enumerate(todo):
+        tcalls = [(k[2], list(k[3])) for k, _ in todo]
+        ts = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms)
+        # again, after the whole first measurement: the noise floor of any fit
+        again = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms
+                                    ) if cfg.recheck else [None] * len(todo)
+        rows = []
+        for i, (((fname, role, sym, specs), cs), t, t2) in enumerate(zip(todo, ts, again)):
             try:
                 flops = float(estimate_tir_flops(tvm.IRModule({sym: prims[sym]})))
             except Exception:  # noqa: BLE001 - opaque extern calls have no FLOP estimate
                 flops = 0.0
-            t = runner.time_kernels(lib, [(sym, list(specs))], cfg.repeats, cfg.number)[0]
-            emit({"type": "kernel", "workload": w.key, "model": w.model, "function": fname,
-                  "role": role, "symbol": sym, "calls": len(cs),
-                  "features": _features(cs[0], flops, "T.parallel(" in prims[sym].script()
-                                        ).to_json(), "seconds": t.median,
-                  "spread": t.spread, "date": now(), **prov})
-            say(f"{w.key}: kernel {i + 1}/{len(todo)} {sym} {t.median * 1e6:.1f} us")
+            sf = schedule_features(prims[sym], target)
+            rows.append({"type": "kernel", "workload": w.key, "model": w.model,
+                         "function": fname, "role": role, "symbol": sym, "calls": len(cs),
+                         "features": _features(cs[0], flops, "T.parallel(" in prims[sym].script(),
+                                               sf).to_json(),
+                         "seconds": t.seconds, "median": t.median, "spread": t.spread,
+                         "date": now(), **prov})
+            if t2 is not None:
+                rows[-1].update(seconds_again=t2.seconds, median_again=t2.median)
+            say(f"{w.key}: kernel {i + 1}/{len(todo)} {sym} {t.seconds * 1e6:.2f} us")
+        for r in rows:
+            emit(r)
     if w.step and row_key(w.key, "step", "", "") not in done:
         ex = tvm.compile(sched, target=target)
         ex = runner.load(ex, f"s{abs(hash(w.key)) % 10**8}")
         specs = {f: _vm_specs(sched[f]) for f in w.step}
         # the whole step is what the plan is judged on: at least 15 timings (the machine is
         # shared, single timings of a step spread up to 30x under load)
-        ts = runner.time_vm(ex, specs, max(cfg.repeats, 15), cfg.number)
+        ts = runner.time_vm(ex, specs, max(cfg.repeats, 15), cfg.number, cfg.min_repeat_ms)
         n_calls = sum(1 for c in calls if c.function != "server_infer")
         emit({"type": "step", "workload": w.key, "model": w.model,
-              "seconds": sum(t.median for t in ts.values()),
-              "functions": {k: t.median for k, t in ts.items()},
+              "seconds": sum(t.seconds for t in ts.values()),
+              "median": sum(t.median for t in ts.values()),
+              "functions": {k: t.seconds for k, t in ts.items()},
               "spread": max(t.spread for t in ts.values()), "n_calls": n_calls,
-              "date": now(), **prov})
-        say(f"{w.key}: step {sum(t.median for t in ts.values()) * 1e3:.3f} ms")
+              "date": now(), **prov, **({"seconds_again": sum(t.seconds for t in runner.time_vm(
+                  ex, specs, max(cfg.repeats, 15), cfg.number, cfg.min_repeat_ms
+                  ).values())} if cfg.recheck else {})})
+        say(f"{w.key}: step {sum(t.seconds for t in ts.values()) * 1e3:.3f} ms")
     emit({"type": "done", "workload": w.key, "model": w.model, "date": now(), **prov})
 
 
@@ -252,7 +288,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         if not m.is_file():
             raise InputError(f"Calibrate: model {str(m)!r} does not exist; pass ONNX files")
     base = load_profile(cfg.base_profile)
-    runner = Runner(cfg.target, cfg.rpc_tracker, cfg.rpc_key)
+    runner = Runner(_target(cfg.target), cfg.rpc_tracker, cfg.rpc_key)
     board = runner.board
     ds = cfg.dataset_path
     ds.parent.mkdir(parents=True, exist_ok=True)
@@ -271,10 +307,13 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     try:
         workloads = [("sweep", None)] if cfg.sweep else []
         workloads += [(m, b) for m in models for b in (cfg.batch_sizes or (None,))]
+        syn = synthetic_models(ds.parent / "synthetic", cfg.synthetic) if cfg.synthetic else []
+        workloads += [(m, "synthetic") for m in syn]
         for i, (m, b) in enumerate(workloads):
             say(f"workload {i + 1}/{len(workloads)}: {m if m == 'sweep' else Path(m).name}")
             try:
-                w = sweep_module() if m == "sweep" else model_module(m, b)
+                w = (sweep_module() if m == "sweep" else model_module(m, None, True)
+                     if b == "synthetic" else model_module(m, b))
                 measure_workload(w, runner, cfg, done, emit, say)
             except SplitcError:
                 raise

@@ -34,6 +34,7 @@ __all__ = [
     "op_kernels",
     "parallel_guess",
     "parse_kinds",
+    "sched_vector",
     "vector",
 ]
 
@@ -81,6 +82,9 @@ class KernelFeatures:
     # whether the scheduled kernel runs a parallel loop (read from its TIR by calibration);
     # None for kernels predicted from OpFeatures: then guessed, see ``parallel_guess``
     parallel: bool | None = None
+    # schedule-aware features of the scheduled kernel (``tir_features.SCHED_FEATURE_NAMES``),
+    # read by calibration; None for kernels predicted from OpFeatures (nothing scheduled yet)
+    sched: tuple[float, ...] | None = None
 
     @property
     def family(self) -> str:
@@ -92,7 +96,8 @@ class KernelFeatures:
                 "param_bytes": self.param_bytes, "role": self.role,
                 "in_shapes": [list(s) for s in self.in_shapes],
                 "out_shapes": [list(s) for s in self.out_shapes], "dtype": self.dtype,
-                "parallel": self.parallel}
+                "parallel": self.parallel,
+                "sched": list(self.sched) if self.sched is not None else None}
 
     @classmethod
     def from_json(cls, d: dict) -> KernelFeatures:
@@ -100,7 +105,8 @@ class KernelFeatures:
                    int(d["bytes_written"]), int(d["param_bytes"]), str(d["role"]),
                    tuple(tuple(s) for s in d.get("in_shapes", ())),
                    tuple(tuple(s) for s in d.get("out_shapes", ())), d.get("dtype", "float32"),
-                   d.get("parallel"))
+                   d.get("parallel"),
+                   tuple(float(x) for x in d["sched"]) if d.get("sched") is not None else None)
 
 
 def parse_kinds(kernel_name: str) -> tuple[str, ...]:
@@ -246,3 +252,11 @@ def vector(k: KernelFeatures, peak_flops: float, bandwidth: float) -> list[float
     v += [float(fam == f) for f in FAMILIES] + [float(k.role == r) for r in ROLES]
     v += [lf * (fam == f) for f in FAMILIES] + [lb * (fam == f) for f in FAMILIES]
     return v
+
+
+def sched_vector(k: KernelFeatures, peak_flops: float, bandwidth: float) -> list[float]:
+    """``vector`` followed by the kernel's schedule-aware features
+    (``tir_features.SCHED_FEATURE_NAMES``); for kernels that carry them only."""
+    if k.sched is None:
+        raise ValueError("sched_vector: kernel has no schedule features; use vector")
+    return vector(k, peak_flops, bandwidth) + list(k.sched)

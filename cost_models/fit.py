@@ -12,18 +12,41 @@ from collections import defaultdict
 
 import numpy as np
 from splitc import SplitcError
-from splitc.cost_models.features import FAMILIES, FEATURE_NAMES, KernelFeatures, vector
+from splitc.cost_models.features import (
+    FAMILIES,
+    FEATURE_NAMES,
+    KernelFeatures,
+    sched_vector,
+    vector,
+)
 from splitc.cost_models.learned import LEARNED_VERSION, Regressor, fit_regressor, mape, within
 from splitc.cost_models.profiles import DeviceProfile
+from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
 
-__all__ = ["fit_learned", "heldout_report"]
+__all__ = ["fit_learned", "heldout_report", "test_models"]
 
 
-def _xy(rows: list[dict], prof: DeviceProfile):
+def _xy(rows: list[dict], prof: DeviceProfile, sched: bool = False):
     ks = [KernelFeatures.from_json(r["features"]) for r in rows]
-    X = np.array([vector(k, prof.peak("float32"), prof.mem_bandwidth) for k in ks])
+    X = np.array([(sched_vector if sched else vector)(k, prof.peak("float32"),
+                                                      prof.mem_bandwidth) for k in ks])
     y = np.log10(np.maximum([r["seconds"] for r in rows], 1e-9))
     return ks, X, y
+
+
+def _candidates(kinds, rows: list[dict]) -> list[tuple[str, str, bool]]:
+    """(report name, regressor kind, schedule features?) for each regressor to compare: every
+    kind on the plain features, and on the schedule-aware ones when every row has them."""
+    out = [(k, k, False) for k in kinds]
+    if rows and all(r["features"].get("sched") is not None for r in rows):
+        out += [(f"{k}+sched", k, True) for k in kinds]
+    return out
+
+
+def test_models(kern: list[dict]) -> list[str]:
+    """Models a held-out report tests on: every measured model except training-only
+    workloads (the op sweep, synthetic models)."""
+    return sorted({r["model"] for r in kern if r["model"] != "sweep" and not r.get("train_only")})
 
 
 def _roofline(ks: list[KernelFeatures], prof: DeviceProfile) -> np.ndarray:
@@ -61,27 +84,30 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "tree
     step."""
     kern = [r for r in rows if r["type"] == "kernel"]
     steps = {r["workload"]: r for r in rows if r["type"] == "step"}
-    models = sorted({r["model"] for r in kern if r["model"] != "sweep"})
+    models = test_models(kern)
     out: dict = {"models": models, "kernels": 0}
     preds: dict[str, list] = defaultdict(list)
-    meas, step_rep = [], defaultdict(dict)
+    meas, again, step_rep = [], [], defaultdict(dict)
+    cands = _candidates(kinds, kern)
     for m in models:
         train = [r for r in kern if r["model"] != m]
         test = [r for r in kern if r["model"] == m]
         if not train or not test:
             continue
-        ks_tr, Xtr, ytr = _xy(train, prof)
-        ks, X, _ = _xy(test, prof)
+        ks_tr, _, ytr = _xy(train, prof)
+        ks, _, _ = _xy(test, prof)
         y = np.array([r["seconds"] for r in test])
         meas.extend(y)
+        again.extend(r.get("seconds_again", np.nan) for r in test)
         scale, ovh = _step_fit(train, [s for w, s in steps.items() if s["model"] != m])
         seen = {k.family for k in ks_tr}
         roof = _roofline(ks, prof)
         cand = {"roofline": roof}
-        for kind in kinds:
+        for name, kind, sched in cands:
+            Xtr, X = _xy(train, prof, sched)[1], _xy(test, prof, sched)[1]
             p = 10.0 ** fit_regressor(kind, Xtr, ytr).predict(X)
             fb = np.array([k.family not in seen for k in ks])
-            cand[kind] = np.where(fb, roof, p)
+            cand[name] = np.where(fb, roof, p)
         for name, p in cand.items():
             preds[name].extend(p)
             for w in {r["workload"] for r in test}:
@@ -104,29 +130,49 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "tree
         if big.any():
             out[name].update(within_10pct_ge_10us=within(p[big], meas[big]),
                              mape_pct_ge_10us=mape(p[big], meas[big]))
+    again = np.asarray(again, float)
+    if len(again) and not np.isnan(again).any():
+        # the same kernels timed a second time: the noise floor no regressor can beat
+        out["repeat"] = {"within_10pct": within(again, meas), "mape_pct": mape(again, meas)}
     out["steps"] = dict(step_rep)
     return out
 
 
 def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "trees"),
-                heldout: bool = True) -> dict:
-    """The ``learned`` section of a calibrated profile: the regressor with the lower held-out
-    MAPE (trees when there is only one model to hold out), refitted on every row.
-    ``heldout=False`` skips the leave-one-model-out comparison and fits ``kinds[0]``."""
+                heldout: bool = True, sched: bool = True) -> dict:
+    """The ``learned`` section of a calibrated profile, refitted on every row:
+
+    - ``regressor``: the plain-feature regressor with the lower held-out MAPE, for op costs
+      (the planner prices ops before anything is scheduled) and kernels without schedule
+      features;
+    - ``kernel_regressor``: the best of all candidates, schedule-aware ones included, for
+      kernels that carry schedule features (calibrated or compiled kernels).
+
+    Trees when there is nothing to hold out. ``heldout=False`` skips the leave-one-model-out
+    comparison and fits ``kinds[0]`` (plain and, when the rows have them, schedule-aware).
+    ``sched=False``: plain features only (``kernel_regressor`` = ``regressor``)."""
     kern = [r for r in rows if r["type"] == "kernel"]
     if len(kern) < 8:
         raise SplitcError(f"Calibrate: only {len(kern)} kernels measured; add models or enable "
                           "the op sweep")
     report = heldout_report(rows, prof, kinds) if heldout else {"models": [], "kernels": 0}
-    scored = [k for k in kinds if k in report]
-    best = min(scored, key=lambda k: report[k]["mape_pct"]) if scored else kinds[-1]
+    cands = [c for c in _candidates(kinds, kern) if sched or not c[2]]
+    scored = [c for c in cands if c[0] in report]
+    plain = [c for c in scored if not c[2]]
+    default = [c for c in cands if c[1] == kinds[-1 if heldout else 0]]
+    best_plain = min(plain, key=lambda c: report[c[0]]["mape_pct"]) if plain else default[0]
+    best = min(scored, key=lambda c: report[c[0]]["mape_pct"]) if scored else default[-1]
     ks, X, y = _xy(kern, prof)
-    reg: Regressor = fit_regressor(best, X, y)
+    reg: Regressor = fit_regressor(best_plain[1], X, y)
+    kreg = reg if not best[2] else fit_regressor(best[1], _xy(kern, prof, True)[1], y)
     steps = [r for r in rows if r["type"] == "step"]
     scale, ovh = _step_fit(kern, steps)
     sample = kern[0]
     return {"version": LEARNED_VERSION, "features": list(FEATURE_NAMES),
-            "regressor": reg.to_json(), "families": sorted({k.family for k in ks}),
+            "regressor": reg.to_json(), "regressor_name": best_plain[0],
+            "kernel_regressor": kreg.to_json(), "kernel_regressor_name": best[0],
+            "sched_features": list(SCHED_FEATURE_NAMES) if best[2] else [],
+            "families": sorted({k.family for k in ks}),
             "all_families": list(FAMILIES), "step_scale": scale, "call_overhead": ovh,
             "accuracy": {k: v for k, v in report.items() if k != "steps"},
             "steps": report.get("steps", {}),

@@ -1,8 +1,12 @@
 """Learned cost model: a regressor fitted on measured kernel times, with the roofline as prior.
 
 What is learned: ``log10(seconds)`` of one kernel launch from its :class:`KernelFeatures`
-(``cost_models/features.py: vector``). Two regressors are fitted and the one with the lower
-held-out error is kept (``fit``; the comparison is stored in the profile):
+(``cost_models/features.py: vector``), and, for kernels that exist (calibrated or compiled),
+from its schedule too (``tir_features.py``: loop structure and MetaSchedule's per-store
+features of the scheduled TIR). Linear and tree regressors on both feature sets are compared
+on held-out models (``fit.py``; the comparison is stored in the profile); the profile keeps
+the best plain one (``regressor``: op costs for the planner, which prices ops before anything
+is scheduled) and the best overall (``kernel_regressor``: kernels with schedule features):
 
 - ``linear``: ridge regression in log space on the features (per-family slopes on FLOPs and
   bytes, the log roofline time, role); serialised as a coefficient vector;
@@ -28,9 +32,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from splitc import InputError
 from splitc.cost_models.base import OpCost, OpFeatures
-from splitc.cost_models.features import FEATURE_NAMES, KernelFeatures, op_kernels, vector
+from splitc.cost_models.features import (
+    FEATURE_NAMES,
+    KernelFeatures,
+    op_kernels,
+    sched_vector,
+    vector,
+)
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.roofline import OPTIMIZERS, RooflineModel
+from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
 
 __all__ = [
     "LEARNED_VERSION",
@@ -42,7 +53,8 @@ __all__ = [
     "within",
 ]
 
-LEARNED_VERSION = 1
+# 2: schedule-aware ``kernel_regressor`` beside the plain ``regressor``
+LEARNED_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -137,7 +149,13 @@ class LearnedModel:
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"LearnedModel: unknown optimizer {self.optimizer!r}; use one of "
                              f"{', '.join(OPTIMIZERS)}")
+        sched = list(data.get("sched_features", []))
+        if sched and sched != list(SCHED_FEATURE_NAMES):
+            raise InputError(f"LearnedModel: profile {self.profile.name!r} was fitted on other "
+                             "schedule features; recalibrate with this splitc version")
         self.regressor = Regressor.from_json(data["regressor"])
+        # schedule-aware: for kernels that carry schedule features (None: plain features only)
+        self.kernel_regressor = Regressor.from_json(data["kernel_regressor"]) if sched else None
         self.families = frozenset(data["families"])
         self.call_overhead = float(data.get("call_overhead", 0.0))
         self.step_scale = float(data.get("step_scale", 1.0))
@@ -161,6 +179,10 @@ class LearnedModel:
         p = self.profile
         X = np.array([vector(k, p.peak("float32"), p.mem_bandwidth) for k in ks])
         t = 10.0 ** self.regressor.predict(X)
+        has = [i for i, k in enumerate(ks) if k.sched is not None]
+        if self.kernel_regressor is not None and has:
+            Xs = np.array([sched_vector(ks[i], p.peak("float32"), p.mem_bandwidth) for i in has])
+            t[has] = 10.0 ** self.kernel_regressor.predict(Xs)
         for i, k in enumerate(ks):
             if k.family not in self.families:
                 self.fallbacks += 1

@@ -12,12 +12,13 @@ the function (calibration is the one place where measuring needs the compiler).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 from splitc.cost_models.profiles import DeviceProfile
 
-__all__ = ["Workload", "model_module", "sweep_module"]
+__all__ = ["SYNTHETIC_KINDS", "Workload", "model_module", "sweep_module", "synthetic_models"]
 
 
 @dataclass
@@ -27,9 +28,11 @@ class Workload:
     module: object  # tvm.IRModule before legalization
     weights: frozenset  # Relax parameter names that are trainable weights
     step: tuple[str, ...]  # functions that make one training step (timed through the VM)
+    # training data only (the op sweep, synthetic models): never a held-out test model
+    train_only: bool = False
 
 
-def model_module(path: Path, batch: int | None = None) -> Workload:
+def model_module(path: Path, batch: int | None = None, train_only: bool = False) -> Workload:
     """Server-only split of one ONNX model: the whole training step on one side."""
     import tvm
     from splitc.cost_models.link import Link
@@ -54,7 +57,7 @@ def model_module(path: Path, batch: int | None = None) -> Workload:
     dims = ",".join(f"{i.name}={'x'.join(map(str, i.shape))}" for i in info.inputs)
     key = f"{info.name}@{info.sha256[:12]}[{dims}]"
     return Workload(key, info.name, keep, frozenset(spec.server_params),
-                    ("server_step_flat", "server_update_flat"))
+                    ("server_step_flat", "server_update_flat"), train_only)
 
 
 def _unflatten(ty, hint: str, flat: list):
@@ -131,4 +134,107 @@ def sweep_module() -> Workload:
                     y = R.permute_dims(ps[0])
                 out = bb.emit_output(y)
             bb.emit_func_output(out)
-    return Workload(f"sweep-v{len(_SWEEP)}", "sweep", bb.get(), frozenset(), ())
+    return Workload(f"sweep-v{len(_SWEEP)}", "sweep", bb.get(), frozenset(), (), True)
+
+
+# -- synthetic models ------------------------------------------------------------------------
+def _synthetic(kind: str, rng):
+    """(torch module, input shape, has batch norm) of one random model of ``kind``."""
+    import torch
+    from torch import nn
+
+    c = lambda xs: xs[int(rng.integers(len(xs)))]
+    if kind == "mlp":
+        dims = [c([64, 128, 256, 512, 784, 1024])] + [c([64, 128, 256, 512, 1024])
+                                                      for _ in range(int(rng.integers(1, 4)))]
+        act = c([nn.ReLU, nn.GELU, nn.Tanh])
+        layers: list = []
+        for a, b in itertools.pairwise(dims):
+            layers += [nn.Linear(a, b), act()]
+        return nn.Sequential(*layers, nn.Linear(dims[-1], 10)), (c([1, 4, 8, 16, 32, 64]),
+                                                                  dims[0]), False
+    if kind == "cnn":
+        ch, hw, bn = c([3, 8, 16]), c([8, 16, 32]), bool(rng.integers(2))
+        shape = (c([1, 2, 4, 8]), ch, hw, hw)
+        layers, cin = [], ch
+        for _ in range(int(rng.integers(2, 5))):
+            cout, k = c([8, 16, 32, 64]), c([1, 3, 3])
+            s = c([1, 1, 2]) if hw > 4 else 1
+            layers += [nn.Conv2d(cin, cout, k, stride=s, padding=k // 2)]
+            layers += [nn.BatchNorm2d(cout)] if bn else []
+            layers += [c([nn.ReLU, nn.ReLU6])()]
+            cin, hw = cout, (hw + s - 1) // s
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
+        return nn.Sequential(*layers), shape, bn
+    if kind == "mbv2":
+        class Block(nn.Module):  # MobileNetV2 inverted residual, optional batch norm
+            def __init__(self, ch: int, e: int, bn: bool):
+                super().__init__()
+                norm = (lambda n: nn.BatchNorm2d(n)) if bn else (lambda n: nn.Identity())
+                self.f = nn.Sequential(nn.Conv2d(ch, ch * e, 1), norm(ch * e), nn.ReLU6(),
+                                       nn.Conv2d(ch * e, ch * e, 3, padding=1, groups=ch * e),
+                                       norm(ch * e), nn.ReLU6(), nn.Conv2d(ch * e, ch, 1))
+
+            def forward(self, x):
+                return x + self.f(x)
+
+        ch, bn, hw = c([8, 16, 24, 32]), bool(rng.integers(2)), c([8, 14, 16])
+        return Block(ch, c([2, 4, 6]), bn), (c([1, 2, 4]), ch, hw, hw), bn
+    d, h = c([32, 64, 96, 128, 192, 256]), c([1, 2, 4])
+
+    class Block(nn.Module):  # pre-LN encoder block + mean pool + head
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            r = c([2, 4])
+            self.fc1, self.fc2 = nn.Linear(d, r * d), nn.Linear(r * d, d)
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = (t.reshape(b, s, h, d // h).transpose(1, 2)
+                       for t in self.qkv(self.ln1(x)).split(d, dim=-1))
+            a = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, dim=-1) @ v
+            x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
+            x = x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+            return self.head(x.mean(1))
+
+    return Block(), (c([1, 2, 4]), c([8, 16, 32, 64]), d), False
+
+
+SYNTHETIC_KINDS = ("mlp", "cnn", "mbv2", "transformer")
+
+
+def synthetic_models(out: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` random small models (MLPs, CNNs, MobileNetV2 blocks, transformer blocks, in turn;
+    sizes drawn with ``seed``) exported to ONNX under ``out`` (cached by name): calibration
+    data whose kernels vary in shape the way real models' do, as nn-Meter samples kernel
+    configurations. Needs torch (only here)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        kind = SYNTHETIC_KINDS[i % len(SYNTHETIC_KINDS)]
+        p = out / f"syn{seed}_{i:03d}_{kind}.onnx"
+        paths.append(p)
+        if p.exists():
+            continue
+        rng = np.random.default_rng([seed, i])
+        torch.manual_seed(int(rng.integers(1 << 30)))
+        model, shape, bn = _synthetic(kind, rng)
+        model.train(bn)  # batch norm exports its training form only in training mode
+        mode = torch.onnx.TrainingMode.TRAINING if bn else torch.onnx.TrainingMode.EVAL
+        tmp = p.with_suffix(".tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.randn(*shape),), str(tmp), input_names=["x"],
+                              opset_version=17, dynamo=False, do_constant_folding=False,
+                              training=mode)
+        tmp.replace(p)
+    return paths

@@ -143,9 +143,12 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("/tmp/splitc-costbench"))
-@click.option("--repeats", default=7, show_default=True)
-@click.option("--number", default=3, show_default=True)
-def main(out: Path, repeats: int, number: int) -> None:
+@click.option("--target", default="host", show_default=True)
+@click.option("--repeats", default=30, show_default=True)
+@click.option("--synthetic", default=40, show_default=True,
+              help="random small models timed as training data only")
+def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
+    import torch
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
     from splitc.cost_models.learned import LearnedModel
     from splitc.cost_models.link import Link
@@ -156,16 +159,22 @@ def main(out: Path, repeats: int, number: int) -> None:
     from splitc.passes.partition import solve
     from splitc.passes.plan import evaluate
 
+    torch.set_num_threads(1)
     t0 = time.time()
     paths = _models(out)
     log = lambda m: click.echo(f"[{time.time() - t0:7.1f}s] {m}", err=True)
-    prof_path = calibrate(CalibrateConfig(output=out / "bench.json", models=tuple(paths.values()),
-                                          repeats=repeats, number=number, progress=log))
+    prof_path = calibrate(CalibrateConfig(target=target, output=out / "bench.json",
+                                          models=tuple(paths.values()), repeats=repeats,
+                                          synthetic=synthetic, recheck=True, progress=log))
+    click.echo(f"calibrated in {time.time() - t0:.0f}s (measure + fit)")
     prof = load_profile(str(prof_path))
     acc = prof.learned["accuracy"]
-    click.echo(f"held-out kernels: {acc['kernels']} from {len(acc['models'])} models")
-    for k in ("roofline", "linear", "trees"):
-        click.echo(f"  {k:8s} within10={acc[k]['within_10pct']:.1%}  MAPE={acc[k]['mape_pct']:.1f}%")
+    click.echo(f"held-out kernels: {acc['kernels']} from {len(acc['models'])} models "
+               f"(+ sweep and {synthetic} synthetic models in every fit)")
+    for k in ("roofline", "linear", "trees", "linear+sched", "trees+sched", "repeat"):
+        if k in acc:
+            click.echo(f"  {k:13s} within10={acc[k]['within_10pct']:.1%}  "
+                       f"MAPE={acc[k]['mape_pct']:.1f}%")
     rows = load_rows(out / "bench.jsonl")
     base = DeviceProfile(prof.name, prof.kind, prof.peak_flops, prof.mem_bandwidth,
                          prof.kernel_overhead, prof.provenance)
@@ -179,11 +188,12 @@ def main(out: Path, repeats: int, number: int) -> None:
             continue
         w = by_model[mname]
         held = [r for r in rows if r["model"] != mname]
-        learned = fit_learned(held, base, (prof.learned["regressor"]["kind"],), heldout=False)
+        learned = fit_learned(held, base, (prof.learned["regressor"]["kind"],), heldout=False,
+                              sched=False)  # op costs: plain features only
         lp = dataclasses.replace(base, learned=learned)
         step = next(r for r in rows if r["type"] == "step" and r["workload"] == w)
         kern = [r for r in rows if r["type"] == "kernel" and r["workload"] == w]
-        ksum = prof.learned["steps"].get(w, {}).get(prof.learned["regressor"]["kind"])
+        ksum = prof.learned["steps"].get(w, {}).get(prof.learned["kernel_regressor_name"])
         mod, info = load_onnx(path)
         lm = LearnedModel(lp)
         g = annotate_costs(mod, lm, lm, name=info.name, buffers=info.buffers)

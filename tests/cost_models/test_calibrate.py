@@ -104,6 +104,15 @@ def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
     for r in rows:  # provenance on every row
         assert r["target"] == "llvm" and r["board"] == "local" and r["repeats"] == 1
         assert r["tvm"] and r["date"].endswith("Z") and r.get("spread", 0) >= 0
+        assert r["stat"] == "min" and r["threads"] >= 1 and r["min_repeat_ms"] == 1
+    # every kernel carries the schedule-aware features of its scheduled TIR
+    from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
+
+    assert all(len(r["features"]["sched"]) == len(SCHED_FEATURE_NAMES) for r in kern)
+    # the register-tiled convolutions keep a local accumulator, the SGD updates do not
+    local = {r["symbol"]: r["features"]["sched"][SCHED_FEATURE_NAMES.index("local_accum")]
+             for r in kern}
+    assert local["fused_conv2d_add"] == 1 and local["fused_multiply10_subtract2"] == 0
     assert step["seconds"] > 0 and all(r["seconds"] > 0 for r in kern)
     assert any("kernel 42/42" in m for m in msgs)
     prof = load_profile(str(out))

@@ -127,6 +127,7 @@ def _learned_profile(families=("ewise",), version=LEARNED_VERSION, overhead=1e-6
     X, y = _synthetic()
     reg = fit_regressor("linear", X, y)
     learned = {"version": version, "features": list(FEATURE_NAMES), "regressor": reg.to_json(),
+               "kernel_regressor": reg.to_json(), "sched_features": [],
                "families": list(families), "call_overhead": overhead}
     return DeviceProfile("cal", "cpu", {"float32": 1e11}, 1e10, 2e-6, PROV, learned)
 
@@ -160,7 +161,7 @@ def test_learned_model_errors():
     with pytest.raises(InputError, match=r"LearnedModel: profile 'a100' has no 'learned' "
                                          r"section; run splitc calibrate"):
         LearnedModel(load_profile("a100"))
-    with pytest.raises(InputError, match=r"has learned version 99, expected 1; recalibrate"):
+    with pytest.raises(InputError, match=r"has learned version 99, expected 2; recalibrate"):
         LearnedModel(_learned_profile(version=99))
     prof = _learned_profile()
     bad = DeviceProfile("cal", "cpu", {"float32": 1e11}, 1e10, 2e-6, PROV,
@@ -185,3 +186,104 @@ def test_parallel_guess_follows_the_schedule_threshold():
     assert parallel_guess(red)
     # measured from the TIR wins over the guess
     assert not parallel_guess(dataclasses.replace(big, parallel=False))
+
+
+def _mm_local():
+    """16x16x32 matmul whose accumulator is cached in a local buffer (the register-tile rule's
+    ``cache_write``), no parallel or vector loop."""
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def mm(a: T.Buffer((16, 32), "float32"), b: T.Buffer((32, 16), "float32"),
+           c: T.Buffer((16, 16), "float32")):
+        for i, j, k in T.grid(16, 16, 32):
+            with T.sblock("c"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                with T.init():
+                    c[vi, vj] = T.float32(0)
+                c[vi, vj] = c[vi, vj] + a[vi, vk] * b[vk, vj]
+
+    sch = tvm.s_tir.Schedule(mm)
+    sch.cache_write(sch.get_sblock("c"), 0, "local")
+    return sch.mod["main"]
+
+
+def _ewise_par_vec():
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def ewise(a: T.Buffer((64, 256), "float32"), b: T.Buffer((64, 256), "float32")):
+        for i in T.parallel(64):
+            for j0 in range(32):
+                for j1 in T.vectorized(8):
+                    with T.sblock("b"):
+                        vi = T.axis.spatial(64, i)
+                        vj = T.axis.spatial(256, j0 * 8 + j1)
+                        b[vi, vj] = a[vi, vj] * T.float32(2)
+
+    return ewise
+
+
+def test_loop_features_exact():
+    import math
+
+    from splitc.cost_models.tir_features import LOOP_FEATURES, loop_features
+
+    f = dict(zip(LOOP_FEATURES, loop_features(_mm_local())))
+    # blocks: the reduction into c_local (16*16*32 = 8192 iterations) and the copy to c (256)
+    assert (f["n_blocks"], f["n_reduce_blocks"], f["heavy_reduce"]) == (2, 1, 1)
+    assert f["log_iters"] == pytest.approx(math.log10(8192 + 256 + 1))
+    assert f["log_iters_heavy"] == pytest.approx(math.log10(8192 + 1))
+    assert f["log_inner_heavy"] == pytest.approx(math.log10(32))  # k, the innermost loop
+    # c_local: 16*16 floats = 1024 bytes; nothing parallel or vectorised
+    assert f["local_accum"] == 1 and f["log_alloc_bytes"] == pytest.approx(math.log10(1025))
+    assert (f["vec_share"], f["par_share"], f["unscheduled_share"], f["max_lanes"]) == \
+        (0, 0, 1, 1)
+    g = dict(zip(LOOP_FEATURES, loop_features(_ewise_par_vec())))
+    # 64 x 32 x 8 = 16384 iterations, all under parallel(64) and vectorized(8)
+    assert g["log_iters"] == pytest.approx(math.log10(16385))
+    assert (g["vec_share"], g["par_share"], g["max_lanes"], g["local_accum"]) == (1, 1, 8, 0)
+    assert g["log_par_heavy"] == pytest.approx(math.log10(64))
+    assert g["log_inner_heavy"] == pytest.approx(math.log10(32))
+
+
+def test_schedule_features_width_and_metaschedule_part():
+    import tvm
+    from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES, schedule_features
+
+    v = schedule_features(_ewise_par_vec(), tvm.target.Target("llvm"))
+    assert len(v) == len(SCHED_FEATURE_NAMES) == 15 + 2 * 164
+    # PerStoreFeature of the one store: its vectorize annotation (lanes 8) shows in the max
+    # part, and with one store the max and log2-sum parts agree
+    assert any(x > 0 for x in v[15:15 + 164])
+    np.testing.assert_allclose(v[15:15 + 164], v[15 + 164:], atol=1e-4)
+
+
+def test_kernel_regressor_serves_kernels_with_schedule_features():
+    from splitc.cost_models.features import sched_vector
+    from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
+
+    base = _learned_profile()
+    # a schedule-aware regressor that predicts 10^-3 s for everything, the plain one 10^-6
+    n = len(FEATURE_NAMES) + len(SCHED_FEATURE_NAMES)
+    const = lambda v: Regressor("linear", {"mean": [0.0] * n, "scale": [1.0] * n,
+                                           "coef": [0.0] * n, "intercept": v})
+    plain = Regressor("linear", {"mean": [0.0] * len(FEATURE_NAMES),
+                                 "scale": [1.0] * len(FEATURE_NAMES),
+                                 "coef": [0.0] * len(FEATURE_NAMES), "intercept": -6.0})
+    prof = dataclasses.replace(base, learned={
+        **base.learned, "regressor": plain.to_json(), "kernel_regressor": const(-3.0).to_json(),
+        "sched_features": list(SCHED_FEATURE_NAMES), "call_overhead": 0.0})
+    m = LearnedModel(prof)
+    k = KernelFeatures(("add",), 1024, 8192, 4096, 0, "forward", ((1024,), (1024,)),
+                       ((1024,),))
+    ks = dataclasses.replace(k, sched=(0.0,) * len(SCHED_FEATURE_NAMES))
+    assert len(sched_vector(ks, 1e11, 1e10)) == n
+    np.testing.assert_allclose(m.kernel_times([k, ks]), [1e-6, 1e-3])
+    # op costs (nothing scheduled yet) use the plain regressor
+    relu = OpFeatures("relax.nn.relu", 1024, 4096, 4096, 0, ((1024,),), ((1024,),))
+    assert m.op_cost(relu).forward == pytest.approx(1e-6)
+    with pytest.raises(InputError, match=r"fitted on other schedule features; recalibrate"):
+        LearnedModel(dataclasses.replace(prof, learned={**prof.learned,
+                                                        "sched_features": ["x"]}))
