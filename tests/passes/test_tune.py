@@ -6,6 +6,7 @@ trial): the tests tune ONE kernel of the tiny split CNN for 2 trials (~1 min on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -141,3 +142,68 @@ def test_tuned_build_equals_default_and_resume_skips(tmp_path, cnn, default_tar)
     assert outs[1][0] == pytest.approx(outs[0][0], rel=1e-4)
     for a, b in zip(outs[0][1], outs[1][1]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+# -- --strategy knobs ---------------------------------------------------------------------------
+def test_knobs_tune_records_and_resumes(tmp_path, default_tar):
+    db = tmp_path / "knobs"
+    seen: list[str] = []
+    cfg = TuneConfig(
+        source=default_tar, output=db, target="llvm", max_kernels=2, trials=8, progress=seen.append
+    )
+    first = tune(cfg)
+    recs = json.loads((db / "knobs.json").read_text())["records"]
+    assert len(first.tasks) == len(recs) >= 1
+    for r in recs.values():
+        # a record keeps the heuristic tile unless the winner was confirmed faster
+        assert r["knobs"] is None or r["seconds"] < r["default_seconds"]
+        assert r["candidates"] <= 8
+    assert any("already tuned" not in m and "candidates" in m for m in seen)
+    again = tune(cfg)
+    assert again.tasks == () and again.trials_run == 0  # everything is in knobs.json
+    with pytest.raises(InputError, match=r"^Tune: .* already holds knob records; pass another"):
+        tune(dataclasses.replace(cfg, resume=False))
+
+
+def test_knob_record_is_applied_and_keeps_the_numbers(tmp_path, cnn, default_tar):
+    from splitc.passes.tune_knobs import KNOBS_FILE, _shash, _tile_candidates
+
+    mod, plan, x, y = cnn
+    target = tvm.target.Target("llvm")
+    low = lower_side(side_module(split_module(mod, plan)[0], "device"), target)
+    # a kernel with a real alternative tile: record its LAST candidate (not the heuristic)
+    name, func, cands = next(
+        (gv.name_hint, f, c)
+        for gv, f in low.functions.items()
+        if isinstance(f, tvm.tirx.PrimFunc) and len(c := _tile_candidates(f, target)) >= 2
+    )
+    db = tmp_path / "forced"
+    db.mkdir()
+    rec = {"kernel": name, "side": "device", "knobs": dataclasses.asdict(cands[-1]),
+           "seconds": 1.0, "default_seconds": 2.0, "candidates": len(cands)}
+    (db / KNOBS_FILE).write_text(
+        json.dumps({"schema": 1, "target": "llvm", "records": {_shash(func): rec}})
+    )
+    tuned_tar = tmp_path / "tuned.tar"
+    compile_split(mod, plan, output=tuned_tar, tuning_records=db)
+    sched = json.loads(_members(tuned_tar)["plan.json"])["schedules"]
+    assert sched["device"]["tuned"] == [name] and name not in sched["device"]["default"]
+    assert sched["server"]["tuned"] == []
+    outs = []
+    for tar in (default_tar, tuned_tar):
+        d, s = load_device_half(tar), load_server_half(tar)
+        cut = d.forward([x])
+        loss, g_cut = s.step(cut, y)
+        d.backward(g_cut)  # the device's backward + update run the tuned kernel too
+        outs.append((cut, loss, d.forward([x])))
+    for i in (0, 2):
+        for a, b in zip(outs[0][i], outs[1][i]):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert outs[1][1] == pytest.approx(outs[0][1], rel=1e-5)
+
+
+def test_knobs_need_an_llvm_target(tmp_path):
+    from splitc.passes.tune_knobs import tune_side_knobs
+
+    with pytest.raises(InputError, match=r"^Tune: --strategy knobs tunes llvm targets only, got"):
+        tune_side_knobs("server", tvm.IRModule(), tvm.target.Target("cuda"), None, tmp_path)
