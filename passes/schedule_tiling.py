@@ -36,6 +36,9 @@ _MIN_PARALLEL_WORK = 4096
 # lanes-innermost order still wins); K panels of 256 (a 256 x 32 panel of B is 32 KiB, L1d).
 _LANE_OPERAND_BYTES = 1 << 21
 _K_BLOCK = 256
+# Rows innermost parallelises over lane tiles only: keep it to kernels with this many of
+# them (96 for N = 3072), so a 12-core board still gets several tasks per core.
+_MIN_TASKS = 24
 
 
 def _int(expr) -> int | None:
@@ -378,6 +381,17 @@ def _lane_operand_bytes(info: _Block, vi: int, reader: int) -> int:
     return n
 
 
+def _lane_tasks(info: _Block, vi: int, reader: int, vt: int) -> int:
+    """Parallel tasks when row tiles go innermost: lane tiles x the lane reader's own outer
+    spatial loops (a batched B's batch)."""
+    idx = [r.min for r in info.reads[reader].region]
+    n = info.extents[vi] // vt
+    for i, iv in enumerate(info.iters):
+        if i != vi and info.kinds[i] == "S" and any(_uses(e, iv.var) for e in idx):
+            n *= info.extents[i]
+    return n
+
+
 def _heuristic_knobs(info: _Block, vi: int, reader: int, ri, r2, lanes: int) -> TileKnobs:
     vt = _largest_divisor(info.extents[vi], 2 * lanes)
     vecs = max(1, vt // lanes)
@@ -387,7 +401,11 @@ def _heuristic_knobs(info: _Block, vi: int, reader: int, ri, r2, lanes: int) -> 
     # Row tiles innermost when the lane operand does not fit in L2 (1 MiB on Zen4), e.g. B of
     # 512x768 @ 768x3072 (9.4 MB): 25.7 -> 18.4 ms (min of 9); below that the lanes-innermost
     # order wins (3072x512 @ 512x768, B 1.5 MB: 24.9 vs 38.5 ms rows innermost).
-    rows_inner = ri is not None and _lane_operand_bytes(info, vi, reader) > _LANE_OPERAND_BYTES
+    rows_inner = (
+        ri is not None
+        and _lane_operand_bytes(info, vi, reader) > _LANE_OPERAND_BYTES
+        and _lane_tasks(info, vi, reader, vt) >= _MIN_TASKS
+    )
     # K panels for long reductions: 512x3072 @ 3072x768 24.9 -> 22.7 ms with 256-long panels;
     # no gain at K=512 (25.0 vs 25.9 ms).
     reds = [e for e, k in zip(info.extents, info.kinds) if k == "R"]

@@ -86,7 +86,7 @@ def _tiled(func, knobs):
     """``func`` with its reduction block register-tiled by ``knobs`` (None: the heuristic),
     through rfactor when the output has no lane axis (what schedule_rules does)."""
     sch = tvm.s_tir.Schedule(func)
-    blocks = [sch.get_sblock(n) for n in ("matmul", "conv2d_cnhw") if _has(sch, n)]
+    blocks = [sch.get_sblock(n) for n in _TILED if _has(sch, n)]
     info = _block_facts(sch, blocks[0])
     found = _find_vector_axis(info, LANES)
     if found is None:
@@ -94,6 +94,9 @@ def _tiled(func, knobs):
         found = _find_vector_axis(info, LANES)
     _register_tile(sch, info, *found, LANES, knobs)
     return sch.mod["main"]
+
+
+_TILED = ("matmul", "conv2d_cnhw", "conv2d_nchw")
 
 
 def _candidates(func, block, lanes=LANES):
@@ -270,3 +273,28 @@ def test_row_sum_is_not_packed():
     func = te.create_prim_func([x, te.compute((64,), lambda i: te.sum(x[i, r], axis=r))])
     new, problems = schedule_prim_func(func, TARGET)
     assert problems == [] and "_global" not in new.script() and "_rf" in new.script()
+
+
+def _conv(n, c, f, hw, stride):
+    x = te.placeholder((n, c, hw, hw), name="x")
+    w = te.placeholder((f, c, 3, 3), name="w")
+    return te.create_prim_func([x, w, topi.nn.conv2d_nchw(x, w, stride, 1, 1)])
+
+
+@pytest.mark.parametrize(
+    ("func", "block"),
+    [
+        pytest.param(_conv(2, 8, 16, 16, 1), "conv2d_nchw", id="conv-forward"),
+        pytest.param(_conv(2, 8, 16, 32, 2), "conv2d_nchw", id="conv-stride2-forward"),
+        pytest.param(_strided_wgrad(2, 8, 8, 32), "conv2d_cnhw", id="conv-stride2-weight-grad"),
+        pytest.param(_matmul_bt(40, 64, 96, 2), "matmul", id="matmul-b-transposed"),
+    ],
+)
+def test_every_candidate_is_exact_on_convs_and_packed_operands(func, block):
+    # what a tuner times must compute the same thing: each candidate against the naive loops
+    inputs = _inputs(func, 5)
+    want = _run(func, *inputs)
+    cands = _candidates(func, block)
+    assert len(cands) >= 2
+    for knobs in [None, *cands]:
+        _close(_run(_tiled(func, knobs), *inputs), want, 8 * 9 * 32)
