@@ -93,7 +93,7 @@ def compile(output, device_target, server_target, lr, cross_compiler, tuning_rec
         click.echo(f"wrote {output} (plan {summary.get('plan_id', '?')})")
 
 
-BENCHES = ("partition", "compile", "transport", "vs_pytorch", "cost_model")
+BENCHES = ("partition", "compile", "transport", "vs_pytorch", "tuned", "cost_model")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -110,6 +110,7 @@ def bench(ctx, name, args):
     compile     compile time per side and artifact sizes
     transport   throughput vs raw socket; per-step overhead; measured vs predicted step
     vs_pytorch  compiled training step vs PyTorch eager on this CPU
+    tuned       knob-tuned vs default-scheduled step vs PyTorch eager, tuning time
     cost_model  learned vs roofline cost model accuracy on held-out models
     """
     import importlib
