@@ -1,32 +1,32 @@
-"""RewriteGrads: each matmul of a training step as ONE kernel that reads its operands in place.
+"""RewriteGrads: matmuls of a training step without needless transposes and batch sums.
 
 ``relax.transform.Gradient`` differentiates ``y = x @ W.T`` (x of shape (B, S, K)) into
 ``permute_dims(x) -> batched matmul (B, K, N) -> collapse_sum_to (K, N) -> permute_dims``:
-four kernels, a (B, K, N) intermediate (75 MB for a GPT-2 MLP weight at batch 8) and matmuls
-of reduction length S (64) instead of B x S (512). Attention adds transposes of Q, K, V and
-of their gradients around every batched matmul. This pass folds, per ``matmul``:
+four kernels, a (B, K, N) intermediate (75 MB for a GPT-2 MLP weight at batch 8), matmuls
+with a reduction of S (64) instead of B x S (512) and a weight-sized transpose. Attention adds
+transposes of Q, K, V and of their gradients around every batched matmul. Per ``matmul``:
 
-- a ``permute_dims`` producing either operand (the kernel reads the original layout);
-- a ``collapse_sum_to`` / ``sum`` over the leading (batch) axes consuming it (those axes
-  become reduction axes of the same kernel);
-- a ``permute_dims`` consuming the result (the kernel writes the permuted layout);
+- *weight gradient* (``matmul(permute_dims(x), g)`` summed over every batch axis, maybe
+  transposed after): one 2-D matmul ``g2^T @ x2`` (N, K) (or ``x2^T @ g2`` (K, N)) of the
+  (B x S, .) views of ``x`` and ``g``; the one transpose left is of an activation (B x S x N
+  elements), a cache-blocked kernel (``schedule_rules``). GPT-2 block, 1 thread: the three
+  batched weight-gradient matmuls + sums took 39 + 33 + 27 ms at batch 8.
+- *other matmuls*: a ``permute_dims`` producing an operand, a ``collapse_sum_to``/``sum``
+  over leading axes consuming the result and a ``permute_dims`` of the result fold into one
+  ``call_tir`` of a TE reduction ``out[o...] = sum_r A[...] * B[...]`` that reads and writes
+  the original layouts. A fold is made only when the output's innermost axis is still read
+  with stride 1 by an operand (the lane axis the register tiling vectorises): ``x @ W.T`` in
+  the forward keeps its weight transpose (folded, every vector lane would be a strided
+  gather), and an operand permute read by other ops too is left alone.
 
-into one ``call_tir`` of a TE reduction ``out[o...] = sum_r A[...] * B[...]``. A fold is made
-only when the output's innermost axis is still read with stride 1 by one operand (the lane
-axis the register tiling of ``passes/schedule_tiling.py`` vectorises), so ``x @ W.T`` in the
-forward keeps its weight transpose (folding it would make every vector lane a strided
-gather). Folds that need data computed once for several readers (an intermediate with other
-users) are skipped. The result is numerically the same function (the sum order changes:
-float32 rounding only).
+Why the weight gradient is not folded the same way: a TE kernel reading ``g[m, n]`` along the
+reduction walks both operands one row (12 KB) per step; at B x S = 512 that costs the same as
+transpose + matmul (27-31 ms for a GPT-2 MLP weight), at 2048 (batch 32) 264 ms against 169.
 
-GPT-2 block at batch 8 (1 thread): the three weight gradients went from 39 + 33 + 27 ms
-(batched matmul + sum) plus 9.5 ms per weight-gradient transpose to ... (see
-tools/bench_vs_pytorch.py).
-
-Run it on the Relax module after Gradient (SetupTrainer, SplitModule) and before
-``LegalizeOps``: it rewrites ``relax.matmul`` calls, which legalization removes. It is a pure
-graph rewrite (no target knowledge), valid for every target; ``default_cpu_schedule`` runs it
-first, and on an already legalized module it changes nothing.
+The rewritten function computes the same values up to float32 summation order. Run it on the
+Relax module after Gradient (SetupTrainer, SplitModule) and before ``LegalizeOps``; on a
+legalized module it finds no ``relax.matmul`` and changes nothing. It is a graph rewrite
+without target knowledge: ``default_cpu_schedule`` and ``default_schedule`` run it first.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ class _Einsum:
         self.a, self.a_lab, self.b, self.b_lab = a, a_lab, b, b_lab
         self.out_lab, self.sizes, self.dtype = out_lab, sizes, dtype
 
+    def emit(self, bb: relax.BlockBuilder, visit) -> relax.Expr:
+        return bb.call_te(
+            self.te_func(), visit(self.a), visit(self.b), primfunc_name_hint="matmul_folded"
+        )
+
     def vectorizable(self) -> bool:
         # the lane axis (output innermost) must be some operand's innermost axis (stride 1)
         last = self.out_lab[-1]
@@ -91,6 +96,31 @@ class _Einsum:
             return te.compute(shape, body, name="matmul")
 
         return compute
+
+
+class _WeightGrad:
+    """``sum_batch permute(x) @ g`` (then maybe transposed) as a 2-D matmul over B x S rows.
+
+    ``x`` (..., S, K), ``g`` (..., S, N) -> ``x2^T @ g2`` (K, N), or ``g2^T @ x2`` (N, K) when
+    the result was transposed, with ``x2``, ``g2`` the (B x S, .) views. The one transpose left
+    (of an activation, B x S x N elements) is a cache-blocked kernel; the matmul is a plain
+    row-major one. Folding the transpose into the matmul instead (a TE kernel reading
+    ``g[m, n]`` along the reduction) walks both operands with a stride of one row per step:
+    fine at B x S = 512 (GPT-2 block, batch 8: 27-31 ms either way for the MLP weights), 1.6x
+    slower at 2048 (batch 32: 264 ms against 169 ms).
+    """
+
+    def __init__(self, x, g, rows: int, transposed: bool, out_dtype):
+        self.x, self.g, self.rows, self.transposed = x, g, rows, transposed
+        self.out_dtype = out_dtype
+
+    def emit(self, bb: relax.BlockBuilder, visit) -> relax.Expr:
+        x, g = visit(self.x), visit(self.g)
+        x2 = bb.emit(relax.op.reshape(x, [self.rows, _static_shape(self.x)[-1]]))
+        g2 = bb.emit(relax.op.reshape(g, [self.rows, _static_shape(self.g)[-1]]))
+        lhs, rhs = (g2, x2) if self.transposed else (x2, g2)
+        lhs_t = bb.emit(relax.op.permute_dims(lhs, [1, 0]))
+        return relax.op.matmul(lhs_t, rhs, out_dtype=self.out_dtype)
 
 
 def _matmul_einsum(a_shape, b_shape, out_shape) -> tuple[str, str, str, dict] | None:
@@ -180,6 +210,12 @@ class _Planner:
         perm = self._call(user, _PERMUTE)
         if perm is not None:
             outs.insert(0, (user, "".join(lab[i] for i in _axes(perm, len(lab)))))
+        if kept is not None and len(kept) == 2 and len(out_lab) > 2:
+            transposed = perm is not None and _axes(perm, 2) == [1, 0]
+            wg = self._weight_grad(call, a_lab, b_lab, sizes, transposed)
+            if wg is not None:
+                self.plan[outs[0][0] if transposed else outs[-2][0]] = wg
+                return
         # most folds first: output side (removes a kernel and often a big intermediate),
         # then the operands; the first one that keeps a stride-1 lane axis wins
         for out_var, out in outs:
@@ -191,6 +227,21 @@ class _Planner:
                     if fold.vectorizable():
                         self.plan[out_var] = fold
                         return
+
+    def _weight_grad(self, call, a_lab, b_lab, sizes, transposed) -> _WeightGrad | None:
+        """``matmul(permute_dims(x, swap last two), g)`` summed over every batch axis."""
+        a, g = call.args
+        p = self._call(a, _PERMUTE)
+        nd = len(a_lab)
+        if p is None or len(b_lab) != nd or _axes(p, nd) != [*range(nd - 2), nd - 1, nd - 2]:
+            return None
+        if a_lab[:-2] != b_lab[:-2]:
+            return None
+        rows = 1
+        for c in b_lab[:-1]:  # batch axes and S
+            rows *= sizes[c]
+        out_dtype = call.attrs.out_dtype
+        return _WeightGrad(p.args[0], g, rows, transposed, out_dtype)
 
     @staticmethod
     def _reduced_labels(red: relax.Call, var, out: str, sizes: dict) -> str | None:
@@ -224,12 +275,7 @@ class _Rewriter(PyExprMutator):
         if fold is None:
             super().visit_var_binding_(binding)
             return
-        new = self.builder_.call_te(
-            fold.te_func(),
-            self.visit_expr(fold.a),
-            self.visit_expr(fold.b),
-            primfunc_name_hint="matmul_folded",
-        )
+        new = fold.emit(self.builder_, self.visit_expr)
         self.count += 1
         name = var_name(binding.var)
         if isinstance(binding.var, relax.DataflowVar):

@@ -22,7 +22,7 @@ from splitc.passes.schedule_tiling import (
     _register_tile,
     _uses,
 )
-from tvm import tirx
+from tvm import sym, tirx
 
 __all__ = ["lanes_for", "schedule_prim_func"]
 
@@ -103,14 +103,20 @@ def _transpose_axis(info: _Block) -> int | None:
     if lane is None:
         return None
     lane_var = info.iters[lane].var
+    # A fused reshape reads g[(v1 // 3072 + v0) % 2048 // 64, ..., v1 % 3072]: simplified with
+    # the iters' ranges that is g[v0 // 64, v0 % 64, v1], whose last index is linear.
+    ana = sym.Analyzer()
+    for iv in info.iters:
+        ana.bind(iv.var, iv.dom)
     best = None
     for rd in info.reads:
         if not rd.region:
             continue
-        rlast = rd.region[-1].min
+        idx = [ana.simplify(r.min) for r in rd.region]
+        rlast = idx[-1]
         if _uses(rlast, lane_var) and _coef(rlast, lane_var) == 1:
             return None  # contiguous along the lanes already: the plain rule is right
-        if not any(_uses(r.min, lane_var) for r in rd.region):
+        if not any(_uses(e, lane_var) for e in idx):
             continue  # a broadcast operand (a bias): no transpose in it
         for i, iv in enumerate(info.iters):
             if i != lane and _uses(rlast, iv.var) and _coef(rlast, iv.var) == 1:

@@ -24,6 +24,31 @@ def _ops(func) -> collections.Counter:
     return counts
 
 
+def _calls(func) -> list:
+    calls = []
+    relax.analysis.post_order_visit(
+        func.body, lambda e: calls.append(e) if isinstance(e, relax.Call) else None
+    )
+    return calls
+
+
+def test_untransposed_weight_gradient_keeps_k_by_n():
+    # collapse_sum_to without the final permute: x2^T @ g2, (8, 12)
+    def build(bb, x, g):
+        t = bb.emit(relax.op.permute_dims(x, [0, 2, 1]))
+        m = bb.emit(relax.op.matmul(t, g))
+        return relax.op.collapse_sum_to(m, relax.ShapeExpr([8, 12]))
+
+    mod = _module(build, (3, 5, 8), (3, 5, 12))
+    new, folded = rewrite_grads(mod)
+    assert folded == 1 and _ops(new["main"]) == {"reshape": 2, "permute_dims": 1, "matmul": 1}
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 5, 8)).astype("float32")
+    g = rng.standard_normal((3, 5, 12)).astype("float32")
+    expected = np.einsum("bsk,bsn->kn", x, g)
+    np.testing.assert_allclose(_run(new, x, g), expected, rtol=1e-5, atol=1e-5)
+
+
 def _run(mod, *arrays):
     vm = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
@@ -48,13 +73,16 @@ def _weight_grad(bb, x, g):
     return relax.op.permute_dims(c, [1, 0])
 
 
-def test_weight_gradient_becomes_one_kernel():
+def test_weight_gradient_becomes_one_2d_matmul():
     mod = _module(_weight_grad, (3, 5, 8), (3, 5, 12))
     new, folded = rewrite_grads(mod)
     assert folded == 1
-    # permute + batched matmul + collapse_sum_to + permute -> one call_tir, nothing else
+    # permute + batched matmul (3, 8, 12) + collapse_sum_to + permute (a weight-sized transpose)
+    # -> g viewed as (15, 12), transposed (an activation-sized transpose), @ x viewed as (15, 8)
     assert _ops(mod["main"]) == {"permute_dims": 2, "matmul": 1, "collapse_sum_to": 1}
-    assert _ops(new["main"]) == {"call_tir": 1}
+    assert _ops(new["main"]) == {"reshape": 2, "permute_dims": 1, "matmul": 1}
+    matmul = next(e for e in _calls(new["main"]) if e.op.name == "relax.matmul")
+    assert [[int(d) for d in a.ty.shape] for a in matmul.args] == [[12, 15], [15, 8]]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 5, 8)).astype("float32")
     g = rng.standard_normal((3, 5, 12)).astype("float32")
@@ -127,12 +155,14 @@ def test_training_step_is_unchanged_and_matmul_kernels_fewer():
     mod, params, _ = train_module(_encoder(32, 4, 1), (2, 8, 32), 10)
     new, folded = rewrite_grads(mod)
     before, after = _ops(mod["backbone_loss_adjoint"]), _ops(new["backbone_loss_adjoint"])
-    # 5 weight gradients (qkv, proj, fc1, fc2, fc: permute + matmul [+ collapse_sum_to] +
-    # permute each) and 4 attention matmuls with a folded Q/K/V or output transpose
-    assert (before["matmul"], after["matmul"]) == (21, 12)
-    assert (before["permute_dims"], after["permute_dims"]) == (26, 11)
+    # 4 weight gradients of 3-D linears (qkv, proj, fc1, fc2: permute + batched matmul +
+    # collapse_sum_to + permute -> reshape x2 + permute + 2-D matmul), the 2-D one of fc
+    # (permute + matmul -> one kernel) and 4 attention matmuls with a folded Q/K/V or output
+    # transpose (one kernel each)
+    assert (before["matmul"], after["matmul"]) == (21, 12 + 4)
+    assert (before["permute_dims"], after["permute_dims"]) == (26, 11 + 4)
     assert (before["collapse_sum_to"], after["collapse_sum_to"]) == (15, 11)
-    assert after["call_tir"] == 9 and folded == 13  # + 2 each in backbone and backbone_loss
+    assert after["call_tir"] == 5 and folded == 13  # + 2 each in backbone and backbone_loss
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 32)).astype("float32")
     y = rng.integers(0, 10, 2).astype("int64")

@@ -274,3 +274,22 @@ def test_tile_knobs_reach_the_register_tiling(monkeypatch):
     seen.clear()
     default_cpu_schedule(bb.get(), TARGET)  # no lookup: _register_tile gets no knobs at all
     assert seen == ["absent"]
+
+
+def test_transpose_fused_with_a_reshape_is_cache_blocked():
+    # reshape (4, 32, 48) -> (128, 48) then transpose: legalization reads
+    # g[(v1 // 48 + v0) % 128 // 32, ..., v1 % 48], linear in v1 only once simplified
+    bb = relax.BlockBuilder()
+    g = relax.Var("g", relax.TensorType((4, 32, 48), "float32"))
+    with bb.function("main", [g]):
+        with bb.dataflow():
+            g2 = bb.emit(relax.op.reshape(g, (128, 48)))
+            out = bb.emit_output(relax.op.permute_dims(g2, [1, 0]))
+        bb.emit_func_output(out)
+    scheduled = default_cpu_schedule(bb.get(), TARGET)
+    (kernel,) = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    text = kernel.script().replace("T.int64(", "(")  # relax-made kernels have int64 loops
+    assert "T.unroll((16))" in text and "T.vectorized((8))" in text
+    gn = np.random.default_rng(6).standard_normal((4, 32, 48)).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(scheduled, TARGET), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(gn)).numpy(), gn.reshape(128, 48).T)
