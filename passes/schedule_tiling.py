@@ -133,13 +133,21 @@ def _bindings(sch, rv):
 
 
 def _find_vector_axis(info: _Block, lanes: int):
-    """(spatial iter index, reader index) such that the output's innermost index is that
-    iter and some read buffer reads it along its innermost axis with stride 1 (preferred) or
-    2 (a stride-2 conv: LLVM turns the strided vector load into two loads and a shuffle)."""
+    """(spatial iter index, reader index) of the lane axis: for outputs whose rows are
+    shorter than a vector, a channel (``_outer_lane``); else the output's innermost iter, read
+    by some input along its innermost axis with stride 1 (preferred) or 2 (stride-2 convs,
+    made contiguous by ``_unstride``), or on an outer axis by a matmul's B (``B[n, k]``,
+    packed by ``_pack_transposed``)."""
     out_idx = [r.min for r in info.writes[0].region]
     if not out_idx:
         return None
     last = out_idx[-1]
+    short = all(
+        not last.same_as(iv.var) or info.extents[i] < lanes for i, iv in enumerate(info.iters)
+    )
+    found = _outer_lane(info, lanes) if short and _OUTER_LANES else None
+    if found is not None:
+        return found  # a channel fills the vector where a 3- or 4-wide output row cannot
     for stride in (1, 2):
         for i, iv in enumerate(info.iters):
             if info.kinds[i] != "S" or not last.same_as(iv.var):
@@ -162,6 +170,54 @@ def _find_vector_axis(info: _Block, lanes: int):
             if j is not None:
                 return i, j  # _register_tile packs it
     return None
+
+
+_OUTER_LANES = True  # False: rfactor for these (kept for measurements)
+
+
+def _outer_lane(info: _Block, lanes: int):
+    """(iter, reader) for a two-input reduction whose output rows are shorter than a vector
+    (a weight gradient's 3x3 or 1x1 window): a spatial iter read by one input only, on one
+    of its outer axes (a channel); ``_register_tile`` packs that input with the iter
+    innermost, the other input supplies the rows, and the accumulator tile keeps the lanes
+    contiguous: a GEMM tile (output x input channels) per window position instead of rfactor
+    over the image rows. Measured against rfactor, same run, batch 32, 1 thread: 3x3 weight
+    gradients 64ch 16x16 7.54 -> 5.92 ms, 32ch 32x32 8.36 -> 6.26 ms, stride-2 8.04 -> 5.74."""
+    ins = [
+        j
+        for j, rd in enumerate(info.reads)
+        if rd.region and not rd.source.same_as(info.writes[0].source)
+    ]
+    if len(ins) != 2:
+        return None
+    best, best_key = None, None
+    for i, iv in enumerate(info.iters):
+        if info.kinds[i] != "S" or info.extents[i] % lanes:
+            continue
+        users = [j for j in ins if any(_uses(r.min, iv.var) for r in info.reads[j].region)]
+        if len(users) != 1:
+            continue
+        idx = [r.min for r in info.reads[users[0]].region]
+        dims = [d for d, e in enumerate(idx) if _uses(e, iv.var)]
+        if len(dims) != 1 or not idx[dims[0]].same_as(iv.var) or dims[0] == len(idx) - 1:
+            continue
+        # rows: an iter of the other input only, long enough for 8 accumulator rows (the
+        # 3-channel first conv's weight gradient, 3 rows: 0.73 ms rfactor, 0.83 ms this way)
+        other = ins[1 - ins.index(users[0])]
+        rows = [
+            k
+            for k, kv in enumerate(info.iters)
+            if info.kinds[k] == "S"
+            and info.extents[k] >= _MAX_ROWS
+            and any(_uses(r.min, kv.var) for r in info.reads[other].region)
+            and not any(_uses(r.min, kv.var) for r in info.reads[users[0]].region)
+        ]
+        if not rows:
+            continue
+        key = info.extents[i]
+        if best_key is None or key > best_key:
+            best, best_key = (i, users[0]), key
+    return best
 
 
 def _transposed_reader(info: _Block, vi: int):
@@ -448,7 +504,10 @@ def _tile_view(info: _Block, lanes: int):
         found = _find_vector_axis(blk, lanes)
         if found is None:
             return None
-    return _unstride(sch, blk, found[0]), found[0], found[1]
+    vi, reader = found
+    if not _uses(blk.reads[reader].region[-1].min, blk.iters[vi].var):
+        blk, reader = _pack_transposed(sch, blk, vi, reader, lanes)
+    return _unstride(sch, blk, vi), vi, reader
 
 
 def tile_candidates(info: _Block, lanes: int) -> list[TileKnobs]:
@@ -505,6 +564,8 @@ def _check_knobs(info: _Block, vi: int, ri, r2, knobs: TileKnobs) -> None:
         raise ValueError(f"lane_tile={knobs.lane_tile} is below 4")
     reds = [e for e, k in zip(info.extents, info.kinds) if k == "R"]
     kb = knobs.k_block
+    if kb and not info.writes[0].region[-1].min.same_as(info.iters[vi].var):
+        raise ValueError(f"k_block={kb} needs the lane axis innermost in the output")
     if kb < 0 or (kb and (not reds or max(reds) % kb or max(reds) == kb)):
         raise ValueError(
             f"k_block={kb} does not divide the longest reduction extent "
@@ -539,6 +600,19 @@ def _register_tile(
     # k_block: the output itself accumulates across K panels (a register tile cannot live
     # across the row tiles of a panel), so no local write cache.
     local_wb = None if kb else sch.cache_write(info.rv, 0, "local")
+    out_idx = [r.min for r in info.writes[0].region]
+    lane_dim = next((d for d, e in enumerate(out_idx) if e.same_as(info.iters[vi].var)), None)
+    if lane_dim is not None and lane_dim != len(out_idx) - 1:
+        # an outer lane (a weight gradient's input channel): the accumulator tile keeps the
+        # lanes contiguous (a register vector); the write-back transposes it
+        nd = len(out_idx)
+        perm = [d for d in range(nd) if d != lane_dim] + [lane_dim]
+        dtype = str(info.writes[0].source.shape[0].ty)
+        sch.transform_layout(
+            info.rv,
+            ("write", 0),
+            tirx.IndexMap.from_func(lambda *ax: [ax[d] for d in perm], ndim=nd, index_dtype=dtype),
+        )
     loops = info.loops
     v_o, v_i = sch.split(loops[vi], [None, vt])
     if ri is not None:

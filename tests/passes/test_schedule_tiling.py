@@ -298,3 +298,24 @@ def test_every_candidate_is_exact_on_convs_and_packed_operands(func, block):
     assert len(cands) >= 2
     for knobs in [None, *cands]:
         _close(_run(_tiled(func, knobs), *inputs), want, 8 * 9 * 32)
+
+
+@pytest.mark.parametrize(
+    "func",
+    [
+        pytest.param(_conv_wgrad(4, 16, 32, 8), id="3x3"),
+        pytest.param(_strided_wgrad(2, 16, 16, 16), id="3x3-stride2"),
+    ],
+)
+def test_weight_gradient_with_channel_lanes_is_a_gemm_tile_and_exact(func):
+    # 16 and 32 channels fill 16-lane vectors: lanes along a channel (its operand packed with
+    # the channel innermost), no rfactor; a 3-channel gradient would keep rfactor
+    new, problems = schedule_prim_func(func, TARGET)
+    assert problems == []
+    script = new.script()
+    if LANES == 16:  # the host has AVX-512 (a 4-lane generic target tiles other axes)
+        assert "_global = T.sblock_alloc_buffer" in script and "_rf" not in script
+    inputs = _inputs(func, 6)
+    _close(_run(new, *inputs), _run(func, *inputs), 4 * 8 * 8)
+    for knobs in _candidates(func, "conv2d_cnhw"):
+        _close(_run(_tiled(func, knobs), *inputs), _run(func, *inputs), 4 * 8 * 8)
