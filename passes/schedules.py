@@ -114,6 +114,8 @@ def default_cpu_schedule(
     on_fallback: Callable[[KernelFallback], None] | None = None,
     *,
     tile_knobs: Callable[[str, tirx.PrimFunc], object | None] | None = None,
+    rewrite_matmuls: bool = True,
+    fast_math: bool = True,
 ) -> IRModule:
     """Rewrite matmul gradients, legalize, fuse and schedule every kernel for an ``llvm`` target.
 
@@ -123,8 +125,10 @@ def default_cpu_schedule(
     ``tirx.is_scheduled`` (tuned by MetaSchedule) are kept as they are. ``tile_knobs(kernel
     name, prim_func)`` returns the tile choice (``schedule_tiling.TileKnobs``) for a kernel's
     register-tiled blocks, or None for the heuristics (a tuner's hook; None: heuristics
-    everywhere). ``rewrite_grads`` runs first; on a module that is already legalized it finds
-    no ``relax.matmul`` and changes nothing.
+    everywhere). ``rewrite_grads`` runs first (``rewrite_matmuls=False``: not at all); on a
+    module that is already legalized it finds no ``relax.matmul`` and changes nothing.
+    ``fast_math=False`` keeps libm's ``expf``/``erff`` (exact to 1 ulp, scalar) instead of the
+    polynomials of ``passes/fast_math.py`` (``exp``: 8e-8 relative, ``erf``: 4e-7 absolute).
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if target.kind.name != "llvm":
@@ -132,7 +136,9 @@ def default_cpu_schedule(
             f"Schedules: default_cpu_schedule needs an llvm target, got "
             f"{target.kind.name}; call default_schedule for GPU targets"
         )
-    mod = lower_for_schedule(rewrite_grads(mod)[0], target)
+    if rewrite_matmuls:
+        mod = rewrite_grads(mod)[0]
+    mod = lower_for_schedule(mod, target)
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
@@ -143,7 +149,8 @@ def default_cpu_schedule(
             continue  # tuned (MetaSchedule) or scheduled by dlight: keep it
         rule = "partial"
         try:
-            func = vector_math(func)  # libm's scalar expf/erff -> vectorisable polynomials
+            if fast_math:  # libm's scalar expf/erff -> vectorisable polynomials
+                func = vector_math(func)
             knobs = tile_knobs(gv.name_hint, func) if tile_knobs is not None else None
             new_func, problems = schedule_prim_func(func, target, knobs)
         except Exception as exc:  # noqa: BLE001 - never crash the build
@@ -187,12 +194,15 @@ class DefaultCPUSchedule:
 
     Must run after every Relax-level rewrite (Gradient, SplitModule, DecomposeForTraining): the
     module it returns is legalized and fused. ``on_fallback`` receives each
-    :class:`KernelFallback`.
+    :class:`KernelFallback`; keyword options are those of ``default_cpu_schedule``.
     """
 
-    def __init__(self, target, on_fallback: Callable[[KernelFallback], None] | None = None):
+    def __init__(
+        self, target, on_fallback: Callable[[KernelFallback], None] | None = None, **options
+    ):
         self.target = target
         self.on_fallback = on_fallback
+        self.options = options
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
-        return default_cpu_schedule(mod, self.target, self.on_fallback)
+        return default_cpu_schedule(mod, self.target, self.on_fallback, **self.options)

@@ -118,7 +118,11 @@ class TvmResult:
     fallbacks: list
 
 
-def tvm_times(mod, params, opt_state, x, y, target, schedule: bool, repeats: int) -> TvmResult:
+def tvm_times(
+    mod, params, opt_state, x, y, target, schedule: bool, repeats: int, **options
+) -> TvmResult:
+    """Times of the TVM step; ``options`` go to ``default_cpu_schedule`` (e.g.
+    ``rewrite_matmuls=False, fast_math=False`` for the schedule rules alone)."""
     import tvm
     from splitc.passes.schedules import default_cpu_schedule
     from tvm import relax
@@ -126,7 +130,7 @@ def tvm_times(mod, params, opt_state, x, y, target, schedule: bool, repeats: int
     fallbacks: list = []
     t0 = time.perf_counter()
     if schedule:
-        mod = default_cpu_schedule(mod, target, fallbacks.append)
+        mod = default_cpu_schedule(mod, target, fallbacks.append, **options)
     ex = tvm.compile(mod, target)
     compile_s = time.perf_counter() - t0
     dev = tvm.cpu()
@@ -207,7 +211,12 @@ def kernel_profile(mod, target, func: str = "backbone_loss_adjoint", top: int = 
 @click.option("--no-plain", is_flag=True, help="skip the unscheduled TVM build (slow)")
 @click.option("--image", default=224, show_default=True, help="ResNet-50 input size")
 @click.option("--kernels", default=0, help="also list the N slowest scheduled kernels")
-def main(models, repeats, threads, target, no_plain, image, kernels):
+@click.option(
+    "--ablate",
+    is_flag=True,
+    help="also time the schedules without the graph rewrites and fast math (one more column)",
+)
+def main(models, repeats, threads, target, no_plain, image, kernels, ablate):
     """Print a markdown table: TVM default, TVM + default schedules, PyTorch eager."""
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
     import json
@@ -240,6 +249,16 @@ def main(models, repeats, threads, target, no_plain, image, kernels):
     rows = []
     for name, shape, mod, params, opt_state, xn, yn, pt_train, pt_fwd, ref_loss in cases:
         sch = tvm_times(mod, params, opt_state, xn, yn, tgt, True, repeats)
+        if ablate:
+            bare = tvm_times(
+                mod, params, opt_state, xn, yn, tgt, True, repeats,
+                rewrite_matmuls=False, fast_math=False,
+            )  # fmt: skip
+            click.echo(
+                f"  {name}: schedules without rewrites/fast math {bare.train_s:.3f} s, "
+                f"ratio {bare.train_s / pt_train:.2f} (with: {sch.train_s / pt_train:.2f})",
+                err=True,
+            )
         plain = (
             None
             if no_plain
