@@ -254,6 +254,9 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
             say(f"{w.key}: kernel {i + 1}/{len(todo)} {sym} {t.seconds * 1e6:.2f} us")
         for r in rows:
             emit(r)
+    if w.ops and row_key(w.key, "ops", "", "") not in done:
+        emit({"type": "ops", "workload": w.key, "model": w.model,
+              "ops": [f.to_json() for f in w.ops], "date": now(), **prov})
     if w.step and row_key(w.key, "step", "", "") not in done:
         ex = tvm.compile(sched, target=target)
         ex = runner.load(ex, f"s{abs(hash(w.key)) % 10**8}")

@@ -1,4 +1,5 @@
-"""The calibration dataset: JSON lines, one row per measured kernel, ``step`` or ``done``.
+"""The calibration dataset: JSON lines, one row per measured kernel, ``step``, ``ops`` (the
+model's OpFeatures, as the planner sees them) or ``done``.
 
 Each row carries its provenance (target, board, TVM version, date, repeats, ``schema``); see
 ``calibrate.py`` for what is measured. ``done_keys`` says what a resumed run may skip.
@@ -53,6 +54,6 @@ def done_keys(rows: list[dict]) -> set:
     for r in rows:
         if r["type"] == "kernel":
             keys.add(row_key(r["workload"], r["function"], r["role"], r["symbol"]))
-        else:  # "step" or "done" (every row of the workload is in the file)
+        else:  # "step", "ops" or "done" (every row of the workload is in the file)
             keys.add(row_key(r["workload"], r["type"], "", ""))
     return keys

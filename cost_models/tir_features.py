@@ -17,7 +17,8 @@ fallback. ``KernelFeatures`` (``features.py``) sees only sizes; this module read
 - *MetaSchedule features*: TVM's ``PerStoreFeature`` (the 164 per-store features of Ansor /
   MetaSchedule's XGBoost cost model: arithmetic counts, vectorise/unroll/parallel
   annotations, per-buffer access strides and reuse, arithmetic-intensity curve), reduced over
-  the kernel's stores by max and by log2-sum (the features are log2(1 + x) counts).
+  the kernel's stores by max (adding a log2-sum reduction gained nothing: 44.2 vs 44.8 %
+  of held-out kernels within +-10 %, at twice the fitting time).
 
 The planner prices ops before anything is scheduled, so ``LearnedModel.op_cost`` keeps the
 plain features (``features.vector``); these features serve kernels that exist
@@ -28,8 +29,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 __all__ = ["LOOP_FEATURES", "MS_FEATURES", "SCHED_FEATURE_NAMES", "schedule_features"]
 
 LOOP_FEATURES = (
@@ -38,8 +37,7 @@ LOOP_FEATURES = (
     "unscheduled_share", "log_unroll_heavy", "log_alloc_bytes", "heavy_reduce",
 )
 _N_MS = 164  # PerStoreFeature width with extract_workload=False (TVM 0.27)
-MS_FEATURES = tuple(f"ms_max{i}" for i in range(_N_MS)) + tuple(f"ms_lsum{i}"
-                                                                  for i in range(_N_MS))
+MS_FEATURES = tuple(f"ms_max{i}" for i in range(_N_MS))
 SCHED_FEATURE_NAMES = LOOP_FEATURES + MS_FEATURES
 
 
@@ -141,8 +139,7 @@ def _context(mod, target):
 
 
 def ms_features(func, target) -> list[float]:
-    """MetaSchedule ``PerStoreFeature`` reduced over stores: max, then log2 of the summed
-    2^f - 1 (the per-store features are log2(1 + count))."""
+    """MetaSchedule ``PerStoreFeature`` reduced over stores by max."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -152,10 +149,8 @@ def ms_features(func, target) -> list[float]:
     f = ms.feature_extractor.PerStoreFeature(extract_workload=False).extract_from(ctx, [cand])
     a = f[0].numpy()
     if a.ndim != 2 or a.shape[0] == 0:
-        return [0.0] * (2 * _N_MS)
-    a = a[:, :_N_MS]
-    lsum = np.log2(np.sum(np.exp2(np.minimum(a, 60.0)) - 1.0, axis=0) + 1.0)
-    return a.max(0).tolist() + lsum.tolist()
+        return [0.0] * _N_MS
+    return a[:, :_N_MS].max(0).tolist()
 
 
 def schedule_features(func, target) -> tuple[float, ...]:
@@ -164,5 +159,5 @@ def schedule_features(func, target) -> tuple[float, ...]:
     try:
         ms = ms_features(func, target)
     except Exception:  # noqa: BLE001 - PerStoreFeature asserts on some opaque kernels
-        ms = [0.0] * (2 * _N_MS)
+        ms = [0.0] * _N_MS
     return tuple(round(x, 5) for x in loop_features(func) + ms)

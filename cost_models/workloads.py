@@ -30,6 +30,9 @@ class Workload:
     step: tuple[str, ...]  # functions that make one training step (timed through the VM)
     # training data only (the op sweep, synthetic models): never a held-out test model
     train_only: bool = False
+    # the OpFeatures the planner prices for this model (every op, then the loss): what the
+    # fit compares op-level predictions with measured kernels on (fit.py: _op_scale)
+    ops: tuple = ()
 
 
 def model_module(path: Path, batch: int | None = None, train_only: bool = False) -> Workload:
@@ -46,7 +49,16 @@ def model_module(path: Path, batch: int | None = None, train_only: bool = False)
     # costs do not matter for a server-only plan; any profile will do
     prior = RooflineModel(DeviceProfile("calib", "cpu", {"float32": 1e11}, 1e10, 1e-6,
                                         {"status": "prior", "source": "placeholder"}))
-    graph = annotate_costs(mod, prior, prior, model_hash=info.sha256, name=info.name,
+    seen: list = []
+
+    class _Record:  # the server model is asked about every op and the loss: record them
+        name = "record"
+
+        def op_cost(self, f):
+            seen.append(f)
+            return prior.op_cost(f)
+
+    graph = annotate_costs(mod, prior, _Record(), model_hash=info.sha256, name=info.name,
                            buffers=info.buffers)
     plan = solve(graph, Link.parse("1Gbps", None, "0"), algorithm="server-only",
                  allow_raw_upload=True)
@@ -57,7 +69,7 @@ def model_module(path: Path, batch: int | None = None, train_only: bool = False)
     dims = ",".join(f"{i.name}={'x'.join(map(str, i.shape))}" for i in info.inputs)
     key = f"{info.name}@{info.sha256[:12]}[{dims}]"
     return Workload(key, info.name, keep, frozenset(spec.server_params),
-                    ("server_step_flat", "server_update_flat"), train_only)
+                    ("server_step_flat", "server_update_flat"), train_only, tuple(seen))
 
 
 def _unflatten(ty, hint: str, flat: list):

@@ -213,3 +213,31 @@ def test_step_fit_exact():
     scale, ovh = _step_fit(kern, steps)
     assert scale == pytest.approx(1.5) and ovh == pytest.approx(2e-6)
     assert _step_fit(kern, []) == (1.0, 0.0)
+
+
+def test_op_scale_exact():
+    """Op kernels vs the kernels really run, per role/family: geometric mean over models."""
+    from splitc.cost_models.base import OpFeatures
+    from splitc.cost_models.features import FEATURE_NAMES
+    from splitc.cost_models.fit import _op_scale
+    from splitc.cost_models.learned import Regressor
+
+    n = len(FEATURE_NAMES)
+    # every op kernel predicted at 10^-6 s
+    reg = Regressor("linear", {"mean": [0.0] * n, "scale": [1.0] * n, "coef": [0.0] * n,
+                               "intercept": -6.0})
+    relu = OpFeatures("relax.nn.relu", 1024, 4096, 4096, 0, ((1024,),), ((1024,),)).to_json()
+    # relu's op kernels: one forward and one backward elementwise kernel, 1 us each
+    ops = [{"workload": w, "ops": [relu]} for w in ("w1", "w2")]
+    fam = {"family": "ewise"}
+    kern = [{"workload": "w1", "role": "forward", "features": fam, "calls": 1, "seconds": 2e-6},
+            {"workload": "w1", "role": "backward", "features": fam, "calls": 2,
+             "seconds": 0.25e-6},
+            {"workload": "w2", "role": "forward", "features": fam, "calls": 1, "seconds": 8e-6},
+            {"workload": "w2", "role": "backward", "features": fam, "calls": 1,
+             "seconds": 0.5e-6}]
+    s = _op_scale(kern, ops, load_profile("local-cpu"), reg)
+    # forward: ratios 2 and 8 -> geometric mean 4; backward: 0.5 and 0.5 -> 0.5
+    assert s["forward/ewise"] == pytest.approx(4.0) and s["backward/ewise"] == pytest.approx(0.5)
+    # role residuals after the family factors: forward 2/4 and 8/4 -> sqrt(0.5 * 2) = 1
+    assert s["forward/*"] == pytest.approx(1.0) and s["backward/*"] == pytest.approx(1.0)

@@ -170,7 +170,7 @@ def test_learned_model_errors():
         LearnedModel(bad)
     with pytest.raises(InputError, match=r"unknown optimizer 'lamb'"):
         LearnedModel(prof, "lamb")
-    with pytest.raises(InputError, match=r"unknown regressor 'svm'; use linear or trees"):
+    with pytest.raises(InputError, match=r"unknown regressor 'svm'; use linear, trees or "):
         fit_regressor("svm", *_synthetic())
 
 
@@ -250,14 +250,19 @@ def test_loop_features_exact():
 
 def test_schedule_features_width_and_metaschedule_part():
     import tvm
-    from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES, schedule_features
+    from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES, _context, schedule_features
+    from tvm.s_tir import meta_schedule as ms
 
-    v = schedule_features(_ewise_par_vec(), tvm.target.Target("llvm"))
-    assert len(v) == len(SCHED_FEATURE_NAMES) == 15 + 2 * 164
-    # PerStoreFeature of the one store: its vectorize annotation (lanes 8) shows in the max
-    # part, and with one store the max and log2-sum parts agree
-    assert any(x > 0 for x in v[15:15 + 164])
-    np.testing.assert_allclose(v[15:15 + 164], v[15 + 164:], atol=1e-4)
+    f = _ewise_par_vec()
+    v = schedule_features(f, tvm.target.Target("llvm"))
+    assert len(v) == len(SCHED_FEATURE_NAMES) == 15 + 164
+    # the MetaSchedule part is PerStoreFeature of the one store (its max over stores)
+    mod = tvm.IRModule({"main": f})
+    ref = ms.feature_extractor.PerStoreFeature(extract_workload=False).extract_from(
+        _context(mod, tvm.target.Target("llvm")),
+        [ms.MeasureCandidate(tvm.s_tir.Schedule(mod), ms.arg_info.ArgInfo.from_prim_func(f))])
+    np.testing.assert_allclose(v[15:], ref[0].numpy()[0, :164], atol=1e-5)
+    assert any(x > 0 for x in v[15:])
 
 
 def test_kernel_regressor_serves_kernels_with_schedule_features():
@@ -284,6 +289,31 @@ def test_kernel_regressor_serves_kernels_with_schedule_features():
     # op costs (nothing scheduled yet) use the plain regressor
     relu = OpFeatures("relax.nn.relu", 1024, 4096, 4096, 0, ((1024,),), ((1024,),))
     assert m.op_cost(relu).forward == pytest.approx(1e-6)
+    # ... corrected by op_scale towards the fused kernels: family factor x role residual
+    scaled = LearnedModel(dataclasses.replace(prof, learned={
+        **prof.learned, "op_scale": {"forward/ewise": 3.0, "forward/*": 0.5}}))
+    assert scaled.op_cost(relu).forward == pytest.approx(1.5e-6)
+    assert scaled.op_cost(relu).backward == pytest.approx(1e-6)
+    assert scaled.kernel_times([ks])[0] == pytest.approx(1e-3)  # real kernels: never scaled
     with pytest.raises(InputError, match=r"fitted on other schedule features; recalibrate"):
         LearnedModel(dataclasses.replace(prof, learned={**prof.learned,
                                                         "sched_features": ["x"]}))
+
+
+def test_family_trees_route_rows_by_family_and_roundtrip_json():
+    """One ensemble per family with >= 30 rows; the JSON copy predicts exactly the same."""
+    from splitc.cost_models.features import FAMILIES
+
+    rng = np.random.default_rng(1)
+    X = rng.uniform(0, 6, (300, len(FEATURE_NAMES)))
+    col = FEATURE_NAMES.index("family=conv_t")
+    X[:, col:col + len(FAMILIES)] = 0
+    fam = np.array([1] * 150 + [2] * 140 + [3] * 10)  # conv, matmul, 10 loss rows
+    X[np.arange(300), col + fam] = 1
+    # conv kernels grow with feature 0, matmul kernels with feature 1
+    y = np.where(fam == 1, X[:, 0], np.where(fam == 2, -X[:, 1], 0.0))
+    reg = fit_regressor("family_trees", X, y)
+    assert sorted(reg.params["families"]) == ["conv", "matmul"]  # loss: 10 rows, global
+    back = Regressor.from_json(json.loads(json.dumps(reg.to_json())))
+    np.testing.assert_array_equal(back.predict(X), reg.predict(X))
+    assert np.abs(reg.predict(X)[:290] - y[:290]).max() < 0.1
