@@ -319,3 +319,16 @@ def test_weight_gradient_with_channel_lanes_is_a_gemm_tile_and_exact(func):
     _close(_run(new, *inputs), _run(func, *inputs), 4 * 8 * 8)
     for knobs in _candidates(func, "conv2d_cnhw"):
         _close(_run(_tiled(func, knobs), *inputs), _run(func, *inputs), 4 * 8 * 8)
+
+
+@pytest.mark.parametrize(("hw", "channel_lanes"), [(28, True), (14, False), (32, False)])
+def test_rows_of_no_whole_vectors_take_channel_lanes(hw, channel_lanes):
+    # 28 = 1.75 vectors: output channels become the lanes (weights packed [c, kh, kw, f]);
+    # 14 keeps one partial vector along the row; 32 = 2 whole vectors along the row
+    func = _conv(1, 8, 16, hw, 1)
+    new, problems = schedule_prim_func(func, TARGET)
+    assert problems == []
+    if LANES == 16:
+        assert ("_global = T.sblock_alloc_buffer" in new.script()) == channel_lanes
+    inputs = _inputs(func, 7)
+    _close(_run(new, *inputs), _run(func, *inputs), 8 * 9)
