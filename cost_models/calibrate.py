@@ -8,7 +8,8 @@
    Plus a sweep of single ops over shapes (matmul, conv2d, conv2d_transpose, elementwise,
    reductions, softmax, transpose), so the regressor sees sizes the models do not have.
 2. Kernels. The module is legalized, fused and scheduled exactly as ``passes/build.py`` does
-   for an ``llvm`` target (``passes/schedules.py: default_cpu_schedule``); every ``call_tir``
+   for an ``llvm`` target (``RewriteGrads``, then ``passes/schedules.py:
+   default_cpu_schedule``; ``--target host`` is what ``splitc compile`` builds); every ``call_tir``
    is one kernel launch. Its role comes from where it runs: in ``*_adjoint`` functions the
    forward ends at the first binding whose var is an ``*_adjoint`` (``relax.transform.
    Gradient`` emits the whole forward first), ``*_update`` kernels are the optimizer.
@@ -188,6 +189,19 @@ def _target(text: str):
     return resolve_target(text)
 
 
+def _schedule(mod, target):
+    """Legalized, fused and scheduled exactly as ``passes/build.py: build_side`` does for an
+    llvm target: ``RewriteGrads`` (weight gradients as one matmul) before legalization, then
+    ``default_cpu_schedule``."""
+    from splitc.passes.rewrite_grads import rewrite_grads
+    from splitc.passes.schedules import default_cpu_schedule
+    from tvm import relax
+
+    with target:
+        return default_cpu_schedule(relax.transform.LegalizeOps()(rewrite_grads(mod)[0]),
+                                    target)
+
+
 def _tvm_version() -> str:
     import tvm
 
@@ -200,8 +214,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     whole step, and ``emit`` one row per kernel and one ``step`` row."""
     import tvm
     from splitc.cost_models.tir_features import schedule_features
-    from splitc.passes.schedules import default_cpu_schedule
-    from tvm import relax, tirx
+    from tvm import tirx
     from tvm.s_tir.analysis import estimate_tir_flops
 
     target = _target(cfg.target)
@@ -211,8 +224,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     if row_key(w.key, "done", "", "") in done:
         say(f"{w.key}: already measured")
         return
-    with target:
-        sched = default_cpu_schedule(relax.transform.LegalizeOps()(w.module), target)
+    sched = _schedule(w.module, target)
     calls = _calls(sched, w.weights)
     prims = {gv.name_hint: f for gv, f in sched.functions.items() if isinstance(f, tirx.PrimFunc)}
     groups: dict[tuple, list[_Call]] = defaultdict(list)
