@@ -171,10 +171,15 @@ def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
     acc = prof.learned["accuracy"]
     click.echo(f"held-out kernels: {acc['kernels']} from {len(acc['models'])} models "
                f"(+ sweep and {synthetic} synthetic models in every fit)")
-    for k in ("roofline", "linear", "trees", "linear+sched", "trees+sched", "repeat"):
-        if k in acc:
-            click.echo(f"  {k:13s} within10={acc[k]['within_10pct']:.1%}  "
-                       f"MAPE={acc[k]['mape_pct']:.1f}%")
+    for k, v in acc.items():
+        if isinstance(v, dict) and "within_10pct" in v:
+            big = (f" | kernels >= 10 us ({acc['kernels_ge_10us']}): "
+                   f"{v['within_10pct_ge_10us']:.1%}, {v['mape_pct_ge_10us']:.1f}%"
+                   if "within_10pct_ge_10us" in v else "")
+            click.echo(f"  {k:20s} within10={v['within_10pct']:.1%}  MAPE={v['mape_pct']:.1f}%"
+                       + big)
+    click.echo(f"  chosen: kernels {prof.learned['kernel_regressor_name']}, op costs "
+               f"{prof.learned['regressor_name']}")
     rows = load_rows(out / "bench.jsonl")
     base = DeviceProfile(prof.name, prof.kind, prof.peak_flops, prof.mem_bandwidth,
                          prof.kernel_overhead, prof.provenance)
