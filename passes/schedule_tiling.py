@@ -380,6 +380,15 @@ def _phases(ndim: int, dims: list[int]):
     return index_map
 
 
+def _row_key(info: _Block, i: int):
+    """Longest row axis first; among equals, one that some input reads along its innermost
+    axis (an image row: 8 rows are one 32-byte run, not 8 lines): a 1x1 conv 8x256x56x56 ->
+    64 with channel lanes took 31.0 ms with rows over the image height."""
+    var = info.iters[i].var
+    inner = any(rd.region and _uses(rd.region[-1].min, var) for rd in info.reads)
+    return info.extents[i], inner
+
+
 def _row_axes(info: _Block, vi: int, reader: int):
     """(first row iter, second row iter) for lane iter ``vi`` (either may be None).
 
@@ -409,7 +418,7 @@ def _row_axes(info: _Block, vi: int, reader: int):
                 continue
             if any(_uses(e, iv.var) for e in rd_idx):
                 continue
-            if ri is None or info.extents[i] > info.extents[ri]:
+            if ri is None or _row_key(info, i) > _row_key(info, ri):
                 ri = i
         if ri is not None:
             break
