@@ -105,6 +105,11 @@ class CalibrateConfig:
         return Path(self.dataset) if self.dataset else Path(self.output).with_suffix(".jsonl")
 
 
+# timing budget per kernel: 30 x 1 ms timings for the many microsecond kernels, >= 5 timings
+# of the few slow ones (rpc.py: Runner.time_kernels)
+_BUDGET_S = 0.06
+
+
 # -- kernels ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Call:
@@ -244,10 +249,11 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
                                            for s in syms}), target=target)
         lib = runner.load(lib, f"k{abs(hash(w.key)) % 10**8}")
         tcalls = [(k[2], list(k[3])) for k, _ in todo]
-        ts = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms)
+        ts = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms,
+                                 _BUDGET_S)
         # again, after the whole first measurement: the noise floor of any fit
-        again = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms
-                                    ) if cfg.recheck else [None] * len(todo)
+        again = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms,
+                                    _BUDGET_S) if cfg.recheck else [None] * len(todo)
         rows = []
         for i, (((fname, role, sym, specs), cs), t, t2) in enumerate(zip(todo, ts, again)):
             try:

@@ -148,26 +148,27 @@ class Runner:
         self.remote.upload(path)
         return self.remote.load_module(f"{name}.so")
 
-    def time_kernels(self, lib, calls, repeats: int, number: int, min_repeat_ms: int = 1,
-                     budget_s: float = 0.06) -> list[Timing]:
+    def time_kernels(self, lib, calls, repeats: int, number: int, min_repeat_ms: int = 0,
+                     budget_s: float | None = None) -> list[Timing]:
         """``calls``: [(symbol, [(shape, dtype), ...])] -> one Timing each. ``number`` grows
         until one timing lasts ``min_repeat_ms``: a 50 ns kernel timed 3 calls at a time is
-        one timer tick, 20000 calls (1 ms) are not. A kernel slower than ``budget_s /
-        repeats`` gets fewer repeats (at least 5), so a 20 ms kernel costs ~0.1 s, not 0.6."""
+        one timer tick, 20000 calls (1 ms) are not (calibration passes 1; 0 keeps ``number``).
+        With ``budget_s``, a kernel slower than ``budget_s / repeats`` gets fewer repeats (at
+        least 5): a 20 ms kernel then costs ~0.1 s, not 0.6."""
         out = []
         for i, (symbol, specs) in enumerate(calls):
             args = random_args(specs, self.dev, seed=i)
             t0 = time.perf_counter()
             lib[symbol](*args)  # warm-up: page in code and data before the first timing
             est = max(time.perf_counter() - t0, min_repeat_ms * 1e-3)
-            f = lib.time_evaluator(symbol, self.dev, number=number,
-                                   repeat=min(repeats, max(5, int(budget_s / est))),
+            n = repeats if budget_s is None else min(repeats, max(5, int(budget_s / est)))
+            f = lib.time_evaluator(symbol, self.dev, number=number, repeat=n,
                                    min_repeat_ms=min_repeat_ms)
             out.append(_timing(f(*args).results, number))
         return out
 
     def time_vm(self, lib, functions, repeats: int, number: int,
-                min_repeat_ms: int = 1) -> dict[str, Timing]:
+                min_repeat_ms: int = 0) -> dict[str, Timing]:
         """``functions``: {name: nested arg specs} -> Timing of each whole VM function."""
         vm = relax.VirtualMachine(lib, self.dev)
         out = {}
