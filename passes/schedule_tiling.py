@@ -565,7 +565,9 @@ def tile_candidates(info: _Block, lanes: int) -> list[TileKnobs]:
     r_ext = blk.extents[ri] if ri is not None else 1
     r2_ext = blk.extents[r2] if r2 is not None else 1
     # accumulator budgets around the heuristic's 16 vectors (32 zmm registers in all)
-    for vt in (best.lane_tile, lanes, 2 * lanes):
+    v_ext = blk.extents[vi]
+    partial = (_largest_divisor(v_ext, lanes), _largest_divisor(v_ext, lanes // 2))
+    for vt in dict.fromkeys((best.lane_tile, lanes, 2 * lanes, *partial)):
         vecs = -(-vt // lanes)
         for acc in (16, 24, 12, 8):
             for rows2 in dict.fromkeys((best.rows2, _largest_divisor(r2_ext, 2))):
