@@ -13,6 +13,12 @@ column checks that.
 
     python -m splitc.tools.bench_vs_pytorch --models small_resnet,encoder
     python -m splitc.tools.bench_vs_pytorch --models resnet50_b8 --no-plain --kernels 15
+    python -m splitc.tools.bench_vs_pytorch --models gpt2_block_b8 --no-plain --threads 1 --ablate
+
+With ``--threads 1`` the PyTorch step and the TVM builds are timed in turn (round robin), so
+load from other processes on a shared machine hits all of them alike; with more threads
+PyTorch is timed first (TVM's idle pool workers would slow PyTorch's OpenMP threads).
+``--ablate`` adds the schedules without ``RewriteGrads`` and the exp/erf polynomials.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from splitc.tools.bench_models import MODEL_NAMES, _encoder, build_model  # noqa
 
 
 # ------------------------------------------------------------------------------- PyTorch
-def torch_times(model, x, y, repeats: int) -> tuple[float, float]:
-    """Median seconds of (train step, forward) in PyTorch eager."""
+def torch_fns(model, x, y):
+    """(train step, forward) closures of PyTorch eager."""
     import torch
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -47,7 +53,27 @@ def torch_times(model, x, y, repeats: int) -> tuple[float, float]:
         with torch.no_grad():
             model(x)
 
+    return step, fwd
+
+
+def torch_times(model, x, y, repeats: int) -> tuple[float, float]:
+    """Median seconds of (train step, forward) in PyTorch eager."""
+    step, fwd = torch_fns(model, x, y)
     return _median(step, repeats), _median(fwd, repeats)
+
+
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds per name, the functions timed in turn (round robin) so that load from
+    other processes hits every variant alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    ts: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def _median(fn, repeats: int) -> float:
@@ -118,11 +144,10 @@ class TvmResult:
     fallbacks: list
 
 
-def tvm_times(
-    mod, params, opt_state, x, y, target, schedule: bool, repeats: int, **options
-) -> TvmResult:
-    """Times of the TVM step; ``options`` go to ``default_cpu_schedule`` (e.g.
-    ``rewrite_matmuls=False, fast_math=False`` for the schedule rules alone)."""
+def tvm_fns(mod, params, opt_state, x, y, target, schedule: bool, **options):
+    """(train step, forward, compile seconds, first loss getter, fallbacks) of the TVM build;
+    ``options`` go to ``default_cpu_schedule`` (e.g. ``rewrite_matmuls=False,
+    fast_math=False`` for the schedule rules alone)."""
     import tvm
     from splitc.passes.schedules import default_cpu_schedule
     from tvm import relax
@@ -148,10 +173,23 @@ def tvm_times(
     def fwd():
         vm["backbone"](xs, *ps)
 
+    def first_loss() -> float:
+        first = loss[0] if isinstance(loss[0], tvm.runtime.Tensor) else loss[0][0]
+        return float(first.numpy())
+
+    return step, fwd, compile_s, first_loss, fallbacks
+
+
+def tvm_times(
+    mod, params, opt_state, x, y, target, schedule: bool, repeats: int, **options
+) -> TvmResult:
+    """Times of the TVM step (``tvm_fns``), each timed on its own."""
+    step, fwd, compile_s, first_loss, fallbacks = tvm_fns(
+        mod, params, opt_state, x, y, target, schedule, **options
+    )
     train_s = _median(step, repeats)
     fwd_s = _median(fwd, repeats)
-    first = loss[0] if isinstance(loss[0], tvm.runtime.Tensor) else loss[0][0]
-    return TvmResult(train_s, fwd_s, compile_s, float(first.numpy()), fallbacks)
+    return TvmResult(train_s, fwd_s, compile_s, first_loss(), fallbacks)
 
 
 def kernel_profile(mod, target, func: str = "backbone_loss_adjoint", top: int = 15):
@@ -193,6 +231,10 @@ def kernel_profile(mod, target, func: str = "backbone_loss_adjoint", top: int = 
 
 
 # ------------------------------------------------------------------------------- CLI
+# --ablate: the schedule rules alone (no RewriteGrads, libm exp/erf); the transpose rule stays
+_BARE = {"rewrite_matmuls": False, "fast_math": False}
+
+
 @click.command()
 @click.option(
     "--models",
@@ -243,17 +285,21 @@ def main(models, repeats, threads, target, no_plain, image, kernels, ablate):
         model.eval()  # batch norm on running stats, as in the exported graph
         with torch.no_grad():
             ref_loss = float(torch.nn.functional.cross_entropy(model(x), y))
-        pt_train, pt_fwd = torch_times(model, x, y, repeats)
+        # 1 thread: PyTorch is timed later, in turn with the TVM builds (no pool to compete)
+        pt_train, pt_fwd = torch_times(model, x, y, repeats) if threads > 1 else ((model, x, y), 0)
         xn, yn = x.numpy(), y.numpy().astype("int64")
         cases.append((name, shape, mod, params, opt_state, xn, yn, pt_train, pt_fwd, ref_loss))
     rows = []
     for name, shape, mod, params, opt_state, xn, yn, pt_train, pt_fwd, ref_loss in cases:
-        sch = tvm_times(mod, params, opt_state, xn, yn, tgt, True, repeats)
-        if ablate:
-            bare = tvm_times(
-                mod, params, opt_state, xn, yn, tgt, True, repeats,
-                rewrite_matmuls=False, fast_math=False,
-            )  # fmt: skip
+        if threads > 1:
+            sch = tvm_times(mod, params, opt_state, xn, yn, tgt, True, repeats)
+            args = (mod, params, opt_state, xn, yn, tgt, True, repeats)
+            bare = tvm_times(*args, **_BARE) if ablate else None
+        else:
+            sch, bare, pt_train, pt_fwd = _timed_in_turn(
+                mod, params, opt_state, xn, yn, tgt, repeats, ablate, *pt_train
+            )
+        if bare is not None:
             click.echo(
                 f"  {name}: schedules without rewrites/fast math {bare.train_s:.3f} s, "
                 f"ratio {bare.train_s / pt_train:.2f} (with: {sch.train_s / pt_train:.2f})",
@@ -284,6 +330,20 @@ def main(models, repeats, threads, target, no_plain, image, kernels, ablate):
     click.echo("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         click.echo(_row(*r))
+
+
+def _timed_in_turn(mod, params, opt_state, xn, yn, tgt, repeats, ablate, model, x, y):
+    """(sched, bare or None, PyTorch step s, PyTorch fwd s): the steps timed round robin."""
+    variants = {"sched": {}} | ({"bare": _BARE} if ablate else {})
+    built = {
+        k: tvm_fns(mod, params, opt_state, xn, yn, tgt, True, **opts)
+        for k, opts in variants.items()
+    }
+    pt_step, pt_fwd = torch_fns(model, x, y)
+    train = _interleaved({"pt": pt_step} | {k: b[0] for k, b in built.items()}, repeats)
+    fwd = _interleaved({"pt": pt_fwd} | {k: b[1] for k, b in built.items()}, repeats)
+    res = {k: TvmResult(train[k], fwd[k], b[2], b[3](), b[4]) for k, b in built.items()}
+    return res["sched"], res.get("bare"), train["pt"], fwd["pt"]
 
 
 def _row(name, shape, plain, sch, pt_train, pt_fwd, ref_loss) -> str:
