@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,9 +88,9 @@ class CalibrateConfig:
     repeats: int = 30
     number: int = 1  # calls per timing, grown until one timing lasts min_repeat_ms
     min_repeat_ms: int = 1
-    # time every kernel (and the step) a second time after the whole workload: rows keep both
-    # passes ("seconds_first", "seconds_again": their agreement is the noise floor of any
-    # fit) and record the smaller as "seconds" (the minimum of 2 x 30 timings)
+    # time every kernel (and the step) of a tested (not training-only) workload a second time
+    # after the whole workload: rows keep both passes ("seconds_first", "seconds_again": their
+    # agreement is the noise floor of any fit) and record the smaller as "seconds"
     recheck: bool = False
     sweep: bool = True  # also time single ops over shapes
     # random small models (workloads.py: synthetic_models, needs torch) timed as training
@@ -230,6 +231,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     if row_key(w.key, "done", "", "") in done:
         say(f"{w.key}: already measured")
         return
+    t0 = time.perf_counter()
     sched = _schedule(w.module, target)
     calls = _calls(sched, w.weights)
     prims = {gv.name_hint: f for gv, f in sched.functions.items() if isinstance(f, tirx.PrimFunc)}
@@ -243,18 +245,22 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
             "repeats": cfg.repeats, "number": cfg.number, "min_repeat_ms": cfg.min_repeat_ms,
             "stat": "min", "threads": runner.threads, "schema": DATASET_VERSION}
     todo = [(k, cs) for k, cs in groups.items() if row_key(w.key, *k[:3]) not in done]
+    # training-only workloads are not tested on: their noise floor is not needed (half the
+    # timing time of a calibration with 40 synthetic models)
+    recheck = cfg.recheck and not w.train_only
     say(f"{w.key}: {len(groups)} kernels ({len(calls)} calls), {len(todo)} to measure")
     if todo:
         syms = sorted({k[2] for k, _ in todo})
         lib = tvm.tirx.build(tvm.IRModule({s: prims[s].with_attr("global_symbol", s)
                                            for s in syms}), target=target)
         lib = runner.load(lib, f"k{abs(hash(w.key)) % 10**8}")
+        say(f"{w.key}: scheduled and built in {time.perf_counter() - t0:.1f} s")
         tcalls = [(k[2], list(k[3])) for k, _ in todo]
         ts = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms,
                                  _BUDGET_S)
         # again, after the whole first measurement: the noise floor of any fit
         again = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms,
-                                    _BUDGET_S) if cfg.recheck else [None] * len(todo)
+                                    _BUDGET_S) if recheck else [None] * len(todo)
         rows = []
         for i, (((fname, role, sym, specs), cs), t, t2) in enumerate(zip(todo, ts, again)):
             try:
@@ -278,8 +284,10 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
         emit({"type": "ops", "workload": w.key, "model": w.model,
               "ops": [f.to_json() for f in w.ops], "date": now(), **prov})
     if w.step and row_key(w.key, "step", "", "") not in done:
+        t0 = time.perf_counter()
         ex = tvm.compile(sched, target=target)
         ex = runner.load(ex, f"s{abs(hash(w.key)) % 10**8}")
+        say(f"{w.key}: step compiled ({time.perf_counter() - t0:.1f} s so far)")
         specs = {f: _vm_specs(sched[f]) for f in w.step}
         # the whole step is what the plan is judged on: at least 15 timings (the machine is
         # shared, single timings of a step spread up to 30x under load)
@@ -291,7 +299,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
                "functions": {k: t.seconds for k, t in ts.items()},
                "spread": max(t.spread for t in ts.values()), "n_calls": n_calls,
                "date": now(), **prov}
-        if cfg.recheck:
+        if recheck:
             again = sum(t.seconds for t in runner.time_vm(
                 ex, specs, max(cfg.repeats, 15), cfg.number, cfg.min_repeat_ms).values())
             row.update(seconds=min(first, again), seconds_first=first, seconds_again=again)
