@@ -305,6 +305,7 @@ def test_every_candidate_is_exact_on_convs_and_packed_operands(func, block):
     [
         pytest.param(_conv_wgrad(4, 16, 32, 8), id="3x3"),
         pytest.param(_strided_wgrad(2, 16, 16, 16), id="3x3-stride2"),
+        pytest.param(_conv_wgrad(2, 16, 32, 16), id="3x3-16x16-k-panels"),
     ],
 )
 def test_weight_gradient_with_channel_lanes_is_a_gemm_tile_and_exact(func):
@@ -319,6 +320,17 @@ def test_weight_gradient_with_channel_lanes_is_a_gemm_tile_and_exact(func):
     _close(_run(new, *inputs), _run(func, *inputs), 4 * 8 * 8)
     for knobs in _candidates(func, "conv2d_cnhw"):
         _close(_run(_tiled(func, knobs), *inputs), _run(func, *inputs), 4 * 8 * 8)
+
+
+def test_channel_lanes_with_k_panels_accumulate_in_a_local_tile():
+    # 16-long image rows: panels of 8 columns run outside the row tiles; the accumulators of
+    # all rows of a task live in a local buffer across the panels
+    func = _conv_wgrad(2, 16, 32, 16)
+    knobs = TileKnobs(lane_tile=2 * LANES, rows=8, rows2=1, rows_inner=True, k_block=8)
+    if LANES == 16:
+        assert knobs in _candidates(func, "conv2d_cnhw")
+    inputs = _inputs(func, 8)
+    _close(_run(_tiled(func, knobs), *inputs), _run(func, *inputs), 2 * 16 * 16)
 
 
 @pytest.mark.parametrize(("hw", "channel_lanes"), [(28, True), (14, False), (32, False)])
