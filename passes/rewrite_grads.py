@@ -26,7 +26,9 @@ transpose + matmul (27-31 ms for a GPT-2 MLP weight), at 2048 (batch 32) 264 ms 
 The rewritten function computes the same values up to float32 summation order. Run it on the
 Relax module after Gradient (SetupTrainer, SplitModule) and before ``LegalizeOps``; on a
 legalized module it finds no ``relax.matmul`` and changes nothing. It is a graph rewrite
-without target knowledge: ``default_cpu_schedule`` and ``default_schedule`` run it first.
+without target knowledge, but only CPU builds run it (``default_cpu_schedule``, build.py's
+llvm path and ``lower_side``): the GPU build keeps the matmul forms dlight's Matmul rule
+recognises (the folded kernels schedule under dlight, untimed on a GPU).
 """
 
 from __future__ import annotations
