@@ -23,7 +23,7 @@ __all__ = [
     # ops
     "get_op", "call_op_name", "is_op_call",
     # functions
-    "func_num_inputs", "func_param_values", "structural_hash",
+    "func_num_inputs", "func_param_values", "structural_hash", "structural_map",
     # arrays
     "to_numpy", "is_constant", "constant_value",
     # importer
@@ -142,6 +142,15 @@ def structural_hash(node) -> int:
 
         fn = tvm_ffi.structural_hash
     return int(fn(node))
+
+
+def structural_map(node, rule):
+    """Rebuild ``node`` bottom-up, replacing each sub-node of type ``rule[0]`` by
+    ``rule[1](sub_node)``: ``tvm_ffi.structural_map`` (0.27; older TVM has no equivalent, use
+    a ``tirx.stmt_functor.ir_transform`` there)."""
+    import tvm_ffi
+
+    return tvm_ffi.structural_map(node, rule)
 
 
 # -- arrays and constants ------------------------------------------------------------------

@@ -26,8 +26,8 @@ NaN inputs are not propagated by the clamps (LLVM's min/max return the other ope
 from __future__ import annotations
 
 import tvm
-import tvm_ffi
 from tvm import tirx
+from splitc.passes.compat import structural_map
 
 __all__ = ["vector_math"]
 
@@ -93,4 +93,4 @@ def _rewrite(call):
 
 def vector_math(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` with every float32 ``exp`` / ``erf`` call replaced by its polynomial."""
-    return tvm_ffi.structural_map(func, (tvm.ir.expr.Call, _rewrite))
+    return structural_map(func, (tvm.ir.expr.Call, _rewrite))

@@ -46,6 +46,7 @@ which leave kernels marked ``tirx.is_scheduled`` alone.
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 import time
 from collections.abc import Callable
@@ -132,7 +133,16 @@ def _load_split_ir(path: Path) -> tuple[tvm.IRModule, dict]:
             plan = json.loads(tar.extractfile("plan.json").read())
     except tarfile.TarError as e:
         raise PackageError(f"Tune: cannot read {path} ({e}); pass a split.tar or MODEL.onnx")
-    return tvm.script.from_source(ir), plan
+    return tvm.script.from_source(_parsable(ir)), plan
+
+
+_NONFINITE = re.compile(r'R\.const\("(-?inf|nan)", ')
+
+
+def _parsable(script: str) -> str:
+    """TVM 0.27 prints non-finite constants as ``R.const("-inf", "float32")`` (a max-pool or
+    masking ``where``) but its parser rejects a string value: write them as ``float("-inf")``."""
+    return _NONFINITE.sub(r'R.const(float("\1"), ', script)
 
 
 def _split_onnx(cfg: TuneConfig) -> tvm.IRModule:
@@ -232,9 +242,9 @@ def _cost_model(trials: int) -> str:
 
 
 def _hash(mod) -> int:
-    from tvm_ffi.structural import structural_hash
+    from splitc.passes.compat import structural_hash
 
-    return int(structural_hash(mod))
+    return structural_hash(mod)
 
 
 def _records_by_workload(db) -> dict[int, int]:

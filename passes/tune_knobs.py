@@ -58,9 +58,9 @@ class KnobRecord:
 
 
 def _shash(func) -> str:
-    from tvm_ffi.structural import structural_hash
+    from splitc.passes.compat import structural_hash
 
-    return f"{int(structural_hash(func)) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return f"{structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def load_knobs(directory: str | os.PathLike) -> dict[str, dict]:

@@ -69,6 +69,22 @@ def test_split_ir_in_package_round_trips(default_tar, cnn):
     assert sched["server"] == {"tuning_records": None, "tuned": [], "default": []}
 
 
+def test_split_ir_with_non_finite_constants_parses():
+    # TVM 0.27 prints R.const("-inf", "float32") (ReLU6/max-pool masks) and cannot parse it back
+    from splitc.passes.tune import _parsable
+    from tvm import relax
+    from tvm_ffi.structural import structural_equal
+
+    x = relax.Var("x", relax.TensorType((2,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        y = bb.emit(relax.op.maximum(x, relax.const(-np.inf, "float32")))
+        bb.emit_func_output(bb.emit(relax.op.minimum(y, relax.const(np.inf, "float32"))))
+    mod = bb.get()
+    assert 'R.const("-inf", "float32")' in mod.script()
+    assert structural_equal(tvm.script.from_source(_parsable(mod.script())), mod)
+
+
 def test_bad_sources_and_options(tmp_path, default_tar):
     with pytest.raises(InputError, match=r"^Tune: .*nope.onnx does not exist; pass MODEL"):
         tune(TuneConfig(source=tmp_path / "nope.onnx", output=tmp_path / "db"))
@@ -145,7 +161,20 @@ def test_tuned_build_equals_default_and_resume_skips(tmp_path, cnn, default_tar)
 
 
 # -- --strategy knobs ---------------------------------------------------------------------------
-def test_knobs_tune_records_and_resumes(tmp_path, default_tar):
+@pytest.fixture(scope="module")
+def mobile(tmp_path_factory):
+    # the ReLU6 MobileNet block: its convs and matmuls have alternative tiles (the tiny CNN's
+    # kernels are too small to have any)
+    _, onnx_bytes, x, y = S.make_model("mobile")
+    mod = S.import_onnx(onnx_bytes)
+    plan = S.manual_plan(mod, S.op_names(mod)[:4])
+    tar = tmp_path_factory.mktemp("tune-mobile") / "split.tar"
+    compile_split(mod, plan, output=tar)
+    return mod, plan, x.numpy(), y.numpy(), tar
+
+
+def test_knobs_tune_records_and_resumes(tmp_path, mobile):
+    default_tar = mobile[-1]
     db = tmp_path / "knobs"
     seen: list[str] = []
     cfg = TuneConfig(
@@ -165,10 +194,10 @@ def test_knobs_tune_records_and_resumes(tmp_path, default_tar):
         tune(dataclasses.replace(cfg, resume=False))
 
 
-def test_knob_record_is_applied_and_keeps_the_numbers(tmp_path, cnn, default_tar):
+def test_knob_record_is_applied_and_keeps_the_numbers(tmp_path, mobile):
     from splitc.passes.tune_knobs import KNOBS_FILE, _shash, _tile_candidates
 
-    mod, plan, x, y = cnn
+    mod, plan, x, y, default_tar = mobile
     target = tvm.target.Target("llvm")
     low = lower_side(side_module(split_module(mod, plan)[0], "device"), target)
     # a kernel with a real alternative tile: record its LAST candidate (not the heuristic)
