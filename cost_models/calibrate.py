@@ -363,13 +363,13 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     learned = fit_learned(rows, base)
     name = cfg.name or Path(cfg.output).stem
     acc = learned["accuracy"]
-    best = learned["regressor"]["kind"]
+    best = learned["kernel_regressor_name"]
     notes = (f"{learned['dataset']['kernels']} kernels from {len(learned['dataset']['models'])} "
              f"workloads; held-out ({', '.join(acc.get('models', [])) or 'none'}): "
-             + "; ".join(f"{k} {acc[k]['within_10pct']:.0%} within 10%, MAPE "
-                         f"{acc[k]['mape_pct']:.1f}%" for k in ("roofline", "linear", "trees")
-                         if k in acc)
-             + f"; chosen {best}. Roofline constants from {base.name}.")
+             + "; ".join(f"{k} {v['within_10pct']:.0%} within 10%, MAPE {v['mape_pct']:.1f}%"
+                         for k, v in acc.items() if isinstance(v, dict) and "mape_pct" in v)
+             + f"; chosen {best} (kernels), {learned['regressor_name']} (op costs). Roofline "
+             f"constants from {base.name}.")
     prof = DeviceProfile(name, base.kind, dict(base.peak_flops), base.mem_bandwidth,
                          base.kernel_overhead,
                          {"status": "calibrated", "source": f"splitc calibrate on "
