@@ -159,7 +159,7 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
                     pred = scale * pred + ovh * steps[w]["n_calls"]
                 step_rep[w][name] = pred
                 step_rep[w]["measured"] = steps[w]["seconds"]
-                if "seconds_again" in steps[w]:  # the whole step timed twice
+                if "seconds_first" in steps[w]:  # the whole step timed twice
                     step_rep[w]["measured_first"] = steps[w]["seconds_first"]
                     step_rep[w]["measured_again"] = steps[w]["seconds_again"]
     out["kernels"] = len(meas)

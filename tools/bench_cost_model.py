@@ -214,7 +214,8 @@ def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
         roofsum = sum(op.device.training for op in gr.ops) + gr.loss_server.training
         meas = step["seconds"]
         # the two timing passes against each other (meas is the smaller of the two)
-        again = step.get("seconds_again", float("nan")) / step.get("seconds_first", 1.0) - 1
+        nan = float("nan")
+        again = step.get("seconds_again", nan) / step.get("seconds_first", nan) - 1
         click.echo(f"  {name:18s} {meas * 1e3:8.3f} ({again * 100:+5.1f}%) | "
                    f"{ksum * 1e3 if ksum else float('nan'):8.3f}"
                    f" ({(ksum / meas - 1) * 100 if ksum else float('nan'):+6.1f}%) | "
