@@ -238,10 +238,11 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     groups: dict[tuple, list[_Call]] = defaultdict(list)
     for c in calls:
         groups[(c.function, c.role, c.symbol, c.specs)].append(c)
-    # threads: the TVM runtime's pool here (1 on this 2-core SMT box: one physical core);
+    # threads: the TVM runtime's pool here (1 on this 2-vCPU box, or TVM_NUM_THREADS);
     # unknown on a board behind RPC. stat: which statistic of the timings "seconds" is.
     prov = {"train_only": w.train_only, "target": str(cfg.target),
-            "mcpu": str(target.attrs.get("mcpu", "")), "board": runner.board, "tvm": _tvm_version(), "splitc": __version__,
+            "mcpu": str(target.attrs.get("mcpu", "")), "board": runner.board,
+            "tvm": _tvm_version(), "splitc": __version__,
             "repeats": cfg.repeats, "number": cfg.number, "min_repeat_ms": cfg.min_repeat_ms,
             "stat": "min", "threads": runner.threads, "schema": DATASET_VERSION}
     todo = [(k, cs) for k, cs in groups.items() if row_key(w.key, *k[:3]) not in done]
