@@ -196,11 +196,13 @@ def lower_side(sub: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def _rewrite_grads(sub: tvm.IRModule) -> tvm.IRModule:
-    """``passes/rewrite_grads.py`` (one kernel per training matmul, llvm builds only: the GPU
-    build keeps the matmuls dlight's Matmul rule recognises)."""
+    """``passes/rewrite_grads.py`` (one kernel per training matmul) and
+    ``passes/conv_transpose_phases.py`` (strided data gradients without zero MACs); llvm
+    builds only: the GPU build keeps the ops dlight's rules recognise."""
+    from splitc.passes.conv_transpose_phases import legalize_strided_conv_transposes
     from splitc.passes.rewrite_grads import rewrite_grads
 
-    return rewrite_grads(sub)[0]
+    return legalize_strided_conv_transposes(rewrite_grads(sub)[0])
 
 
 def _why(e: Exception) -> str:

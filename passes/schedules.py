@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import tvm
 from splitc import BuildError
+from splitc.passes.conv_transpose_phases import legalize_strided_conv_transposes
 from splitc.passes.fast_math import vector_math
 from splitc.passes.rewrite_grads import rewrite_grads
 from splitc.passes.schedule_rules import _first_line, schedule_prim_func
@@ -127,6 +128,8 @@ def default_cpu_schedule(
     register-tiled blocks, or None for the heuristics (a tuner's hook; None: heuristics
     everywhere). ``rewrite_grads`` runs first (``rewrite_matmuls=False``: not at all); on a
     module that is already legalized it finds no ``relax.matmul`` and changes nothing.
+    Strided ``conv2d_transpose`` calls (data gradients of strided convs) are legalized as
+    dense phase convolutions (``passes/conv_transpose_phases.py``) before the rest.
     ``fast_math=False`` keeps libm's ``expf``/``erff`` (exact to 1 ulp, scalar) instead of the
     polynomials of ``passes/fast_math.py`` (``exp``: 8e-8 relative, ``erf``: 4e-7 absolute).
     """
@@ -138,7 +141,7 @@ def default_cpu_schedule(
         )
     if rewrite_matmuls:
         mod = rewrite_grads(mod)[0]
-    mod = lower_for_schedule(mod, target)
+    mod = lower_for_schedule(legalize_strided_conv_transposes(mod), target)
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
