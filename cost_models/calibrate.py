@@ -8,9 +8,9 @@
    Plus a sweep of single ops over shapes (matmul, conv2d, conv2d_transpose, elementwise,
    reductions, softmax, transpose), so the regressor sees sizes the models do not have.
 2. Kernels. The module is legalized, fused and scheduled exactly as ``passes/build.py`` does
-   for an ``llvm`` target (``RewriteGrads``, then ``passes/schedules.py:
-   default_cpu_schedule``; ``--target host`` is what ``splitc compile`` builds); every ``call_tir``
-   is one kernel launch. Its role comes from where it runs: in ``*_adjoint`` functions the
+   for an ``llvm`` target (RewriteGrads and conv2d_transpose phases, ``LegalizeOps``,
+   ``passes/schedules.py: default_cpu_schedule``; ``--target host`` is what ``splitc
+   compile`` builds); every ``call_tir`` is one kernel launch. Its role comes from where it runs: in ``*_adjoint`` functions the
    forward ends at the first binding whose var is an ``*_adjoint`` (``relax.transform.
    Gradient`` emits the whole forward first), ``*_update`` kernels are the optimizer.
 3. Measurement (``cost_models/rpc.py``): the kernels are built into one library and timed
@@ -198,15 +198,15 @@ def _target(text: str):
 
 def _schedule(mod, target):
     """Legalized, fused and scheduled exactly as ``passes/build.py: build_side`` does for an
-    llvm target: ``RewriteGrads`` (weight gradients as one matmul) before legalization, then
-    ``default_cpu_schedule``."""
-    from splitc.passes.rewrite_grads import rewrite_grads
+    llvm target: its ``_rewrite_grads`` (RewriteGrads, strided conv2d_transpose phases), then
+    ``LegalizeOps`` and ``default_cpu_schedule``. Not ``lower_side`` + schedule: that fuses
+    twice (tiny_cnn: 51 kernel calls vs the build's 52)."""
+    from splitc.passes.build import _rewrite_grads
     from splitc.passes.schedules import default_cpu_schedule
     from tvm import relax
 
     with target:
-        return default_cpu_schedule(relax.transform.LegalizeOps()(rewrite_grads(mod)[0]),
-                                    target)
+        return default_cpu_schedule(relax.transform.LegalizeOps()(_rewrite_grads(mod)), target)
 
 
 def _tvm_version() -> str:
