@@ -10,8 +10,8 @@
 2. Kernels. The module is legalized, fused and scheduled exactly as ``passes/build.py`` does
    for an ``llvm`` target (RewriteGrads and conv2d_transpose phases, ``LegalizeOps``,
    ``passes/schedules.py: default_cpu_schedule``; ``--target host`` is what ``splitc
-   compile`` builds); every ``call_tir`` is one kernel launch. Its role comes from where it runs: in ``*_adjoint`` functions the
-   forward ends at the first binding whose var is an ``*_adjoint`` (``relax.transform.
+   compile`` builds); every ``call_tir`` is one kernel launch. Its role comes from where it
+   runs: in ``*_adjoint`` functions the forward ends at the first binding whose var is an ``*_adjoint`` (``relax.transform.
    Gradient`` emits the whole forward first), ``*_update`` kernels are the optimizer.
 3. Measurement (``cost_models/rpc.py``): the kernels are built into one library and timed
    one by one with ``time_evaluator`` (warm-up call, ``repeats`` x ``number`` calls, median
