@@ -11,11 +11,12 @@
    for an ``llvm`` target (RewriteGrads and conv2d_transpose phases, ``LegalizeOps``,
    ``passes/schedules.py: default_cpu_schedule``; ``--target host`` is what ``splitc
    compile`` builds); every ``call_tir`` is one kernel launch. Its role comes from where it
-   runs: in ``*_adjoint`` functions the forward ends at the first binding whose var is an ``*_adjoint`` (``relax.transform.
-   Gradient`` emits the whole forward first), ``*_update`` kernels are the optimizer.
+   runs: in ``*_adjoint`` functions the forward ends at the first binding whose var is an
+   ``*_adjoint`` (``relax.transform.Gradient`` emits the whole forward first), ``*_update``
+   kernels are the optimizer.
 3. Measurement (``cost_models/rpc.py``): the kernels are built into one library and timed
-   one by one with ``time_evaluator`` (warm-up call, ``repeats`` x ``number`` calls, median
-   and spread); the whole step (``server_step`` + ``server_update``, through flat wrappers
+   one by one with ``time_evaluator`` (warm-up call, up to ``repeats`` timings of >= 1 ms,
+   the minimum recorded; ``recheck`` times tested workloads twice); the whole step (``server_step`` + ``server_update``, through flat wrappers
    since RPC cannot pass nested tuples) is timed through the Relax VM with >= 15 repeats, so
    ``step ~ step_scale x sum(kernels) + call_overhead x calls`` can be fitted. Locally or on
    a board through TVM's RPC tracker (no authentication: trusted networks only, see
