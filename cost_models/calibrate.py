@@ -16,22 +16,25 @@
    kernels are the optimizer.
 3. Measurement (``cost_models/rpc.py``): the kernels are built into one library and timed
    one by one with ``time_evaluator`` (warm-up call, up to ``repeats`` timings of >= 1 ms,
-   the minimum recorded; ``recheck`` times tested workloads twice); the whole step (``server_step`` + ``server_update``, through flat wrappers
-   since RPC cannot pass nested tuples) is timed through the Relax VM with >= 15 repeats, so
-   ``step ~ step_scale x sum(kernels) + call_overhead x calls`` can be fitted. Locally or on
-   a board through TVM's RPC tracker (no authentication: trusted networks only, see
-   ``cost_models/rpc.py``).
-4. Dataset (``dataset.py``): JSON lines, one row per (workload, function, role, kernel), one
-   ``step`` row per model workload and a ``done`` row closing each workload, each with its
-   provenance (target, board key, TVM version, date, repeats, spread). Resumable: rows
-   already in the file for the same target and board are not measured again; a ``done``
-   workload is not compiled.
-5. Fit (``fit.py: fit_learned``): linear and tree regressors in log space, compared by
-   leave-one-model-out error (fit on kernels of the other models + the sweep, test on the
-   model never seen), the better one is refitted on everything and written, with the
-   comparison against the roofline prior, into a ``DeviceProfile`` JSON (``"learned"`` key,
-   ``provenance.status = "calibrated"``) that ``load_profile(path)`` and ``cost_model_for``
-   read.
+   the minimum recorded; ``recheck`` times tested workloads twice); the whole step
+   (``server_step`` + ``server_update``, through flat wrappers since RPC cannot pass nested
+   tuples) is timed through the Relax VM, so ``step ~ step_scale x sum(kernels) +
+   call_overhead x calls`` can be fitted. Locally or on a board through TVM's RPC tracker (no
+   authentication: trusted networks only, see ``cost_models/rpc.py``).
+4. Dataset (``dataset.py``): JSON lines, one row per (workload, function, role, kernel) with
+   its plain and schedule-aware features (``tir_features.py``), one ``ops`` row (the
+   planner's OpFeatures) and one ``step`` row per model workload and a ``done`` row closing
+   each workload, each with its provenance (target, mcpu, board key, TVM version, date,
+   repeats, statistic, threads). Resumable: rows already in the file for the same target and
+   board are not measured again; a ``done`` workload is not compiled. A killed run loses at
+   most the workload it was timing.
+5. Fit (``fit.py: fit_learned``): linear and per-family tree regressors in log space, on plain
+   and on schedule-aware features, compared by leave-one-model-out error (fit on every other
+   workload, the op sweep and ``synthetic`` random models included, test on a model never
+   seen); the best plain one (op costs) and the best overall (kernels) are refitted on
+   everything and written, with the comparison against the roofline prior and the per-role
+   ``op_scale``, into a ``DeviceProfile`` JSON (``"learned"`` key, ``provenance.status =
+   "calibrated"``) that ``load_profile(path)`` and ``cost_model_for`` read.
 
 Layering note: ``cost_models`` does not import ``passes`` at module level; building the
 training step needs the frontend and SplitModule, so ``workloads.py: model_module`` and
