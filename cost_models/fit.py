@@ -1,9 +1,11 @@
 """Fitting the learned cost model to a calibration dataset (rows of ``dataset.py``).
 
-Linear and tree regressors in log space, compared by leave-one-model-out error
-(``heldout_report``); the better one is refitted on every row (``fit_learned``), with the
-whole-step correction ``step ~ step_scale x sum(kernels) + call_overhead x calls``
-(``_step_fit``).
+Linear and per-family tree regressors in log space, on plain and on schedule-aware features,
+compared by leave-one-model-out error over the tested models (``heldout_report``; training-only
+workloads, the op sweep and synthetic models, are in every fit); the best plain and the best
+overall are refitted on every row (``fit_learned``), with the whole-step correction
+``step ~ step_scale x sum(kernels) + call_overhead x calls`` (``_step_fit``) and the per-role
+op-cost correction (``_op_scale``).
 """
 
 from __future__ import annotations

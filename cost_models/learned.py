@@ -13,7 +13,13 @@ is scheduled) and the best overall (``kernel_regressor``: kernels with schedule 
 - ``trees``: scikit-learn ``GradientBoostingRegressor`` (least squares, depth 3) in log space;
   serialised by exporting every tree's arrays (feature, threshold, children, value) to JSON
   and predicted in numpy, so loading a profile never unpickles anything and needs no
-  scikit-learn.
+  scikit-learn;
+- ``family_trees`` (the default candidate): one such ensemble (depth 5) per kernel family with
+  >= 30 measured kernels, a depth-3 one for the rest: a conv and an elementwise kernel share
+  little.
+
+Op costs: ``op_kernels`` turns an op into idealised kernels; ``op_scale`` (per role, fitted
+by ``fit.py: _op_scale``) corrects their sum towards the fused kernels TVM really runs.
 
 Kernels are timed alone (hot caches, no VM around them); inside the compiled step they run
 slower. So a kernel's time in a step is ``step_scale x predicted + call_overhead``, both fitted
