@@ -20,6 +20,7 @@ from splitc.passes.schedule_tiling import (
     _largest_divisor,
     _parallel_reduction,
     _register_tile,
+    _rfactor_block,
     _uses,
 )
 from tvm import sym, tirx
@@ -165,25 +166,13 @@ def _parallel_vectorize_injective(sch, info: _Block, lanes: int) -> None:
     sch.parallel(fused)
 
 
-def _rfactor_tile(sch, info: _Block, ri: int, lanes: int) -> None:
-    ext = info.extents[ri]
-    vt = _largest_divisor(ext, lanes)
-    if vt < 4:
-        raise ValueError(f"reduction extent {ext} has no divisor >= 4")
-    loops = info.loops
-    r_o, r_i = sch.split(loops[ri], [None, vt])
-    # Move the lane loop innermost among the reductions so rfactor sees it last.
-    reds_before = [loops[i] for i in range(len(loops)) if info.kinds[i] == "R" and i != ri]
-    spat = [loops[i] for i in range(len(loops)) if info.kinds[i] == "S"]
-    sch.reorder(*spat, *reds_before, r_o, r_i)
-    rf = sch.rfactor(r_i, factor_axis=len(info.writes[0].region))
-    rf_info = _block_facts(sch, rf)
-    if rf_info is None:
-        raise ValueError("rfactor block is not in normal form")
+def _rfactor_tile(sch, info: _Block, ri: int, lanes: int, knobs=None) -> None:
+    rf_info = _rfactor_block(sch, info, ri, lanes)
     found = _find_vector_axis(rf_info, lanes)
     if found is None:
         raise ValueError("rfactor block has no contiguous lane axis")
-    _register_tile(sch, rf_info, found[0], found[1], lanes)
+    kw = {} if knobs is None else {"knobs": knobs}
+    _register_tile(sch, rf_info, found[0], found[1], lanes, **kw)
     # The final cross-lane sum is small (output x vt): parallelise its spatial loops.
     final = _block_facts(sch, info.rv)
     if final is not None:
@@ -214,7 +203,7 @@ def _schedule_block(sch, info: _Block, lanes: int, knobs=None) -> str:
             return "tile"
         ri = _find_rfactor_axis(info, lanes)
         if ri is not None:
-            _rfactor_tile(sch, info, ri, lanes)
+            _rfactor_tile(sch, info, ri, lanes, knobs)
             return "rfactor"
     _parallel_reduction(sch, info)
     return "parallel"

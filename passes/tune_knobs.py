@@ -99,7 +99,7 @@ def knob_lookup(directory: str | os.PathLike) -> Callable | None:
         return None
     from splitc.passes.schedule_tiling import TileKnobs
 
-    def lookup(name: str, func):  # noqa: ARG001 - records are keyed by structure, not name
+    def lookup(name: str, func):  # records are keyed by structure: the name is unused
         rec = records.get(_shash(func))
         if rec is None or rec.get("knobs") is None:
             return None
@@ -153,9 +153,9 @@ def _tile_candidates(func, target) -> list:
         if info is None or info.injective or len(info.writes) != 1 or not info.has_init:
             continue
         lanes = R.lanes_for(target, R._dtype_bits(sch.get(rv)))
-        if T._find_vector_axis(info, lanes) is None:
-            continue
-        return list(T.tile_candidates(info, lanes))
+        cands = list(T.tile_candidates(info, lanes))  # register tile or its rfactor block
+        if cands:
+            return cands
     return []
 
 
