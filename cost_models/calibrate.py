@@ -104,6 +104,9 @@ class CalibrateConfig:
     resume: bool = True
     name: str | None = None  # profile name; default: output file stem
     base_profile: str = "local-cpu"  # roofline constants kept in the profile (the fallback)
+    # a `splitc tune` directory: kernels are timed with its knob records applied, as
+    # `splitc compile --tuning-records` builds them; None: the default schedules
+    tuning_records: Path | None = None
     progress: Callable[[str], None] | None = field(default=None, compare=False)
 
     @property
@@ -200,17 +203,26 @@ def _target(text: str):
     return resolve_target(text)
 
 
-def _schedule(mod, target):
+def _schedule(mod, target, tuning_records=None):
     """Legalized, fused and scheduled exactly as ``passes/build.py: build_side`` does for an
     llvm target: its ``_rewrite_grads`` (RewriteGrads, strided conv2d_transpose phases), then
     ``LegalizeOps`` and ``default_cpu_schedule``. Not ``lower_side`` + schedule: that fuses
     twice (tiny_cnn: 51 kernel calls vs the build's 52)."""
     from splitc.passes.build import _rewrite_grads
     from splitc.passes.schedules import default_cpu_schedule
+    from splitc.passes.tune_knobs import knob_lookup
     from tvm import relax
 
+    knobs = knob_lookup(tuning_records) if tuning_records is not None else None
     with target:
-        return default_cpu_schedule(relax.transform.LegalizeOps()(_rewrite_grads(mod)), target)
+        return default_cpu_schedule(
+            relax.transform.LegalizeOps()(_rewrite_grads(mod)), target, tile_knobs=knobs
+        )
+
+
+def _schedules_label(cfg: CalibrateConfig) -> str:
+    """What the timed kernels ran: the default schedules or a tuning directory's records."""
+    return "default" if cfg.tuning_records is None else f"tuned ({cfg.tuning_records})"
 
 
 def _tvm_version() -> str:
@@ -236,7 +248,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
         say(f"{w.key}: already measured")
         return
     t0 = time.perf_counter()
-    sched = _schedule(w.module, target)
+    sched = _schedule(w.module, target, cfg.tuning_records)
     calls = _calls(sched, w.weights)
     prims = {gv.name_hint: f for gv, f in sched.functions.items() if isinstance(f, tirx.PrimFunc)}
     groups: dict[tuple, list[_Call]] = defaultdict(list)
@@ -248,7 +260,8 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
             "mcpu": str(target.attrs.get("mcpu", "")), "board": runner.board,
             "tvm": _tvm_version(), "splitc": __version__,
             "repeats": cfg.repeats, "number": cfg.number, "min_repeat_ms": cfg.min_repeat_ms,
-            "stat": "min", "threads": runner.threads, "schema": DATASET_VERSION}
+            "stat": "min", "threads": runner.threads, "schema": DATASET_VERSION,
+            "schedules": _schedules_label(cfg)}
     todo = [(k, cs) for k, cs in groups.items() if row_key(w.key, *k[:3]) not in done]
     # training-only workloads are not tested on: their noise floor is not needed (half the
     # timing time of a calibration with 40 synthetic models)
@@ -334,6 +347,13 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if not cfg.resume and ds.exists():
         ds.unlink()
     rows = load_rows(ds, cfg.target, board)
+    label = _schedules_label(cfg)
+    other = [r for r in rows if r.get("schedules", "default") != label]
+    if other:
+        raise InputError(
+            f"Calibrate: {ds} holds {len(other)} rows timed with other schedules "
+            f"({other[0].get('schedules', 'default')}, now {label}); pass another -o"
+        )
     done = done_keys(rows)
     say(f"dataset {ds}: {len(rows)} rows already measured on {board}")
     fh = ds.open("a")
@@ -379,6 +399,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                          base.kernel_overhead,
                          {"status": "calibrated", "source": f"splitc calibrate on "
                           f"{board} ({cfg.target}), dataset {ds.name}",
+                          "schedules": _schedules_label(cfg),
                           "date": now()[:10], "notes": notes}, learned)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -212,6 +212,9 @@ class LearnedModel:
     @property
     def name(self) -> str:
         s = f"learned:{self.profile.name}({self.regressor.kind}"
+        sched = (self.profile.provenance or {}).get("schedules")
+        if sched:
+            s += f"; {sched} schedules"
         if self.fallbacks:
             s += f"; roofline fallback {self.fallbacks}/{self.kernels} kernels"
         return s + ")"

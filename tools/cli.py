@@ -132,14 +132,18 @@ def bench(ctx, name, args):
 
 
 @cli.command()
-@click.option("--target", default="llvm", show_default=True, help="only llvm targets for now")
+@click.option("--target", default="llvm", show_default=True,
+              help="an llvm target: host (this CPU), llvm, or llvm with -mcpu/-mtriple (a board)")
 @click.option("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker (trusted "
               "network only: TVM RPC has no authentication)")
 @click.option("--rpc-key", default=None, help="device key registered with the tracker")
 @click.option("--models", "models", multiple=True, type=click.Path(path_type=Path),
               help="ONNX models to time (default: the bundled ones); repeatable")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=click.IntRange(min=1))
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True,
+              help="timings per kernel (each >= 1 ms); the minimum is kept")
+@click.option("--tuning-records", type=click.Path(path_type=Path), default=None,
+              help="a `splitc tune` directory: time the kernels as tuned (the profile says so)")
 @click.option("--no-sweep", is_flag=True, help="skip the single-op shape sweep")
 @click.option("--no-resume", is_flag=True, help="re-measure rows already in the dataset")
 @click.option("--name", default=None, help="profile name (default: the output file's stem)")
@@ -147,8 +151,8 @@ def bench(ctx, name, args):
               help="profile JSON to write; the dataset goes next to it as .jsonl")
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
-def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, no_sweep, no_resume,
-              name, output, quiet):
+def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning_records,
+              no_sweep, no_resume, name, output, quiet):
     """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.calibrate import calibrate as run
@@ -159,7 +163,7 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, no_swe
     cfg = CalibrateConfig(target=target, output=output, rpc_tracker=rpc_tracker,
                           rpc_key=rpc_key, models=tuple(models), batch_sizes=tuple(batch_sizes),
                           repeats=repeats, sweep=not no_sweep, resume=not no_resume, name=name,
-                          progress=_progress(quiet))
+                          tuning_records=tuning_records, progress=_progress(quiet))
     path = run(cfg)
     click.echo(f"wrote {path}; use it with `splitc plan --device {path}`")
 

@@ -261,3 +261,23 @@ def test_recheck_times_twice_and_keeps_the_minimum(tmp_path, tiny_cnn_onnx):
     sweep = [dict(r, model="sweep") for r in rows if r["type"] == "kernel"][:20]
     rep = heldout_report(rows + sweep, load_profile("local-cpu"), ("linear",))
     assert 0 <= rep["repeat"]["within_10pct"] <= 1 and rep["kernels"] == 41
+
+
+def test_calibrate_with_tuning_records_is_labelled_and_not_mixed(tmp_path, tiny_cnn_onnx):
+    import json
+
+    from splitc import InputError
+    from splitc.cost_models.learned import cost_model_for
+
+    db = tmp_path / "tuning"
+    db.mkdir()
+    (db / "knobs.json").write_text(json.dumps({"schema": 1, "target": "llvm", "records": {}}))
+    out, _ = _calibrate(tmp_path, tiny_cnn_onnx, tuning_records=db)
+    label = f"tuned ({db})"
+    assert {r["schedules"] for r in load_rows(tmp_path / "cal.jsonl")} == {label}
+    prof = load_profile(str(out))
+    assert prof.provenance["schedules"] == label
+    assert f"; {label} schedules" in cost_model_for(prof).name  # what plan.json records
+    with pytest.raises(InputError, match=r"^Calibrate: .*cal.jsonl holds \d+ rows timed with "
+                       r"other schedules \(tuned .*, now default\); pass another -o$"):
+        _calibrate(tmp_path, tiny_cnn_onnx)
