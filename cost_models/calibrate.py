@@ -205,10 +205,10 @@ def _target(text: str):
 
 def _schedule(mod, target, tuning_records=None):
     """Legalized, fused and scheduled exactly as ``passes/build.py: build_side`` does for an
-    llvm target: its ``_rewrite_grads`` (RewriteGrads, strided conv2d_transpose phases), then
+    llvm target: its ``rewrite_for_cpu`` (RewriteGrads, strided conv2d_transpose phases), then
     ``LegalizeOps`` and ``default_cpu_schedule``. Not ``lower_side`` + schedule: that fuses
     twice (tiny_cnn: 51 kernel calls vs the build's 52)."""
-    from splitc.passes.build import _rewrite_grads
+    from splitc.passes.build import rewrite_for_cpu
     from splitc.passes.schedules import default_cpu_schedule
     from splitc.passes.tune_knobs import knob_lookup
     from tvm import relax
@@ -216,7 +216,7 @@ def _schedule(mod, target, tuning_records=None):
     knobs = knob_lookup(tuning_records) if tuning_records is not None else None
     with target:
         return default_cpu_schedule(
-            relax.transform.LegalizeOps()(_rewrite_grads(mod)), target, tile_knobs=knobs
+            relax.transform.LegalizeOps()(rewrite_for_cpu(mod)), target, tile_knobs=knobs
         )
 
 

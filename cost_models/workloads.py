@@ -16,6 +16,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitc import InputError
 from splitc.cost_models.profiles import DeviceProfile
 
 __all__ = ["SYNTHETIC_KINDS", "Workload", "model_module", "sweep_module", "synthetic_models"]
@@ -226,7 +227,14 @@ def synthetic_models(out: Path, n: int, seed: int = 0) -> list[Path]:
     import warnings
 
     import numpy as np
-    import torch
+
+    try:
+        import torch
+    except ImportError:
+        raise InputError(
+            "Calibrate: --synthetic needs PyTorch to build the random models; "
+            "pip install torch (CPU wheel) or pass --synthetic 0"
+        ) from None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

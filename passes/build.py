@@ -36,6 +36,7 @@ __all__ = [
     "cuda_version",
     "lower_side",
     "resolve_target",
+    "rewrite_for_cpu",
     "side_module",
 ]
 
@@ -158,7 +159,7 @@ def build_side(
             else:
                 # RewriteGrads works on relax.matmul: before legalization (a no-op after
                 # apply_records, whose lower_side already ran it)
-                sub = relax.transform.LegalizeOps()(_rewrite_grads(sub))
+                sub = relax.transform.LegalizeOps()(rewrite_for_cpu(sub))
                 sub = _cpu_schedule(sub, tgt, knobs)
                 if knobs is not None:
                     names = [
@@ -190,12 +191,12 @@ def lower_side(sub: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     from splitc.passes.schedules import lower_for_schedule
 
     if target.kind.name == "llvm":
-        sub = _rewrite_grads(sub)
+        sub = rewrite_for_cpu(sub)
     with target:
         return lower_for_schedule(relax.transform.LegalizeOps()(sub), target)
 
 
-def _rewrite_grads(sub: tvm.IRModule) -> tvm.IRModule:
+def rewrite_for_cpu(sub: tvm.IRModule) -> tvm.IRModule:
     """``passes/rewrite_grads.py`` (one kernel per training matmul) and
     ``passes/conv_transpose_phases.py`` (strided data gradients without zero MACs); llvm
     builds only: the GPU build keeps the ops dlight's rules recognise."""

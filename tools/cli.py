@@ -144,6 +144,11 @@ def bench(ctx, name, args):
               help="timings per kernel (each >= 1 ms); the minimum is kept")
 @click.option("--tuning-records", type=click.Path(path_type=Path), default=None,
               help="a `splitc tune` directory: time the kernels as tuned (the profile says so)")
+@click.option("--synthetic", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also time N random small models as training data (needs torch; 40 "
+              "doubled the held-out share within 10%)")
+@click.option("--recheck", is_flag=True, help="time each tested model twice: the rows keep "
+              "both timings (the noise floor of the fit) and the smaller")
 @click.option("--no-sweep", is_flag=True, help="skip the single-op shape sweep")
 @click.option("--no-resume", is_flag=True, help="re-measure rows already in the dataset")
 @click.option("--name", default=None, help="profile name (default: the output file's stem)")
@@ -152,7 +157,7 @@ def bench(ctx, name, args):
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
 def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning_records,
-              no_sweep, no_resume, name, output, quiet):
+              synthetic, recheck, no_sweep, no_resume, name, output, quiet):
     """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.calibrate import calibrate as run
@@ -163,7 +168,8 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning
     cfg = CalibrateConfig(target=target, output=output, rpc_tracker=rpc_tracker,
                           rpc_key=rpc_key, models=tuple(models), batch_sizes=tuple(batch_sizes),
                           repeats=repeats, sweep=not no_sweep, resume=not no_resume, name=name,
-                          tuning_records=tuning_records, progress=_progress(quiet))
+                          tuning_records=tuning_records, synthetic=synthetic, recheck=recheck,
+                          progress=_progress(quiet))
     path = run(cfg)
     click.echo(f"wrote {path}; use it with `splitc plan --device {path}`")
 
