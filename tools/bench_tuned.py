@@ -85,20 +85,14 @@ def main(models, repeats, threads, kernels, trials, out, image):
     from splitc.passes.schedules import default_cpu_schedule, lower_for_schedule
     from splitc.passes.targets import host_target
     from splitc.passes.tune_knobs import knob_lookup, load_knobs, tune_side_knobs
-    from splitc.tools.bench_models import build_model
-    from splitc.tools.bench_vs_pytorch import torch_times, train_module
+    from splitc.tools.bench_vs_pytorch import make_case, torch_times
     from tvm import relax
 
     torch.set_num_threads(threads)
     tgt = host_target()
     cases = []
     for name in [m.strip() for m in models.split(",") if m.strip()]:
-        torch.manual_seed(0)
-        model, shape, classes = build_model(name, image)
-        x = torch.randn(shape)
-        y = torch.randint(0, classes, (shape[0],))
-        mod, params, opt_state = train_module(model, shape, classes)
-        model.eval()
+        model, _, x, y, mod, params, opt_state = make_case(name, image)
         pt_train = torch_times(model, x, y, repeats)[0] if threads > 1 else None
         cases.append((name, mod, params, opt_state, x, y, model, pt_train))
     rows = []
@@ -111,7 +105,7 @@ def main(models, repeats, threads, kernels, trials, out, image):
         t0 = time.perf_counter()
         tune_side_knobs(
             "unsplit", low, tgt, runner, db, max_kernels=kernels, trials=trials,
-            say=lambda m: click.echo(f"  {name}: {m}", err=True), functions=lambda n: True,
+            say=lambda m, name=name: click.echo(f"  {name}: {m}", err=True), functions=lambda n: True,
         )
         tune_s = time.perf_counter() - t0
         runner.close()

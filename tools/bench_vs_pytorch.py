@@ -135,6 +135,20 @@ def train_module(model, x_shape, classes: int):
     return mod, params, [s.numpy() for s in sgd.state]
 
 
+def make_case(name: str, image: int = 224):
+    """(torch model in eval mode, input shape, x, y, training IRModule, params, optimizer
+    state) for a model of ``tools/bench_models.py``, seeded."""
+    import torch
+
+    torch.manual_seed(0)
+    model, shape, classes = build_model(name, image)
+    x = torch.randn(shape)
+    y = torch.randint(0, classes, (shape[0],))
+    mod, params, opt_state = train_module(model, shape, classes)
+    model.eval()  # batch norm on running stats, as in the exported graph
+    return model, shape, x, y, mod, params, opt_state
+
+
 @dataclass
 class TvmResult:
     train_s: float
@@ -277,12 +291,7 @@ def main(models, repeats, threads, target, no_plain, image, kernels, ablate):
     # PyTorch's OpenMP threads (PyTorch's 2-thread encoder step went from 0.13 s to 0.86 s).
     cases = []
     for name in [m.strip() for m in models.split(",") if m.strip()]:
-        torch.manual_seed(0)
-        model, shape, classes = build_model(name, image)
-        x = torch.randn(shape)
-        y = torch.randint(0, classes, (shape[0],))
-        mod, params, opt_state = train_module(model, shape, classes)
-        model.eval()  # batch norm on running stats, as in the exported graph
+        model, shape, x, y, mod, params, opt_state = make_case(name, image)
         with torch.no_grad():
             ref_loss = float(torch.nn.functional.cross_entropy(model(x), y))
         # 1 thread: PyTorch is timed later, in turn with the TVM builds (no pool to compete)
