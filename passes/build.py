@@ -141,7 +141,7 @@ def build_side(
             knobs, knob_tuned = None, []
             if tuning_records is not None:
                 from splitc.passes.tune import apply_records, has_metaschedule_records
-                from splitc.passes.tune_knobs import knob_lookup
+                from splitc.passes.tune_knobs import KNOBS_FILE, knob_lookup
 
                 lookup = knob_lookup(tuning_records) if not gpu else None
                 if lookup is not None:
@@ -152,7 +152,11 @@ def build_side(
                             knob_tuned.append(name)
                         return k
 
-                if knobs is None or has_metaschedule_records(tuning_records):
+                # knob records are for llvm sides; a directory with neither kind of record
+                # is refused by apply_records with a clear error
+                if has_metaschedule_records(tuning_records) or not os.path.exists(
+                    os.path.join(tuning_records, KNOBS_FILE)
+                ):
                     sub, tuned, default = apply_records(lower_side(sub, tgt), tgt, tuning_records)
             if gpu:
                 ex = tvm.compile(sub, target=tgt, relax_pipeline=_gpu_pipeline(tgt))

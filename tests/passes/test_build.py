@@ -140,12 +140,17 @@ def test_jetson_device_and_sm90_server_libraries(tmp_path):
         "p",
         "p",
     )
+    # a `splitc tune --strategy knobs` directory (llvm records only) does not stop GPU sides
+    knob_dir = tmp_path / "tuning"
+    knob_dir.mkdir()
+    (knob_dir / "knobs.json").write_text('{"schema": 1, "target": "llvm", "records": {}}')
     summary = compile_split(
         mod,
         plan,
         device_target="nvidia/jetson-orin-nano",
         server_target="cuda -arch=sm_90",
         output=tmp_path / "split.tar",
+        tuning_records=knob_dir,
     )
     pkg = read_package(tmp_path / "split.tar")
     dev, srv = pkg.library("device"), pkg.library("server")
