@@ -103,7 +103,9 @@ def legalize_conv2d_transpose(bb, call):
 
         return te.compute((n, co, ho, wo), pick, name="interleave")
 
-    return bb.call_te(compute, call.args[0], call.args[1], primfunc_name_hint="conv2d_transpose_phases")
+    return bb.call_te(
+        compute, call.args[0], call.args[1], primfunc_name_hint="conv2d_transpose_phases"
+    )
 
 
 def legalize_strided_conv_transposes(mod):

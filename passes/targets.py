@@ -6,8 +6,9 @@ Target names accepted (``resolve_target``):
   machine has; on the AVX-512 dev box a scheduled 512x768x3072 matmul runs ~3.6x faster for
   ``host`` (``znver4``). Use ``host`` when the build machine is the machine that runs the
   half, and ``llvm -mcpu=...`` (or a JSON target) for another CPU;
-- ``llvm`` (generic CPU of this triple) and any other plain kind or tag (``nvidia/jetson-orin-nano``,
-  ``nvidia/jetson-agx-orin-32gb``... see ``tvm.target.list_tags()``);
+- ``llvm`` (generic CPU of this triple) and any other plain kind or tag
+  (``nvidia/jetson-orin-nano``, ``nvidia/jetson-agx-orin-32gb``... see
+  ``tvm.target.list_tags()``);
 - tvmc-style strings with options, ``"cuda -arch=sm_90"``, which TVM 0.27 no longer parses:
   translated to a dict target (``{"kind": "cuda", "arch": "sm_90"}``);
 - a JSON object.

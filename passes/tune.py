@@ -276,9 +276,7 @@ def _progress_callback(say, side: str, names: list[str], budget: dict[int, int])
 
 def _tune_knobs(cfg: TuneConfig, halves, out: Path, t0: float) -> TuneResult:
     from splitc.cost_models.rpc import Runner
-    from splitc.passes.tune_knobs import tune_side_knobs
-
-    from splitc.passes.tune_knobs import load_knobs
+    from splitc.passes.tune_knobs import load_knobs, tune_side_knobs
 
     say = _say(cfg)
     if not cfg.resume and load_knobs(out):
@@ -346,7 +344,8 @@ def tune(cfg: TuneConfig) -> TuneResult:
         left = min(per_task - min(have[i] for i in todo), remaining)
         names = [ctxs[i].task_name for i in todo]
         say(
-            f"{side}: tuning {len(todo)} of {len(ctxs)} kernels, {remaining} trials, {tgt.kind.name}"
+            f"{side}: tuning {len(todo)} of {len(ctxs)} kernels, {remaining} trials, "
+            f"{tgt.kind.name}"
         )
         done: dict[int, int] = {}
         with tgt:

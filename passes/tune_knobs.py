@@ -278,7 +278,8 @@ def tune_side_knobs(
         out.append(rec)
         gain = default_t / best_t if best_t > 0 else 1.0
         say(
-            f"{side}: {name} ({share / total:.0%} of the tunable kernels' time): {tried} candidates, "
+            f"{side}: {name} ({share / total:.0%} of the tunable kernels' time): "
+            f"{tried} candidates, "
             f"{default_t * 1e3:.2f} -> {best_t * 1e3:.2f} ms ({gain:.2f}x) "
             f"in {time.perf_counter() - t0:.0f} s"
         )

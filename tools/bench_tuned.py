@@ -105,7 +105,8 @@ def main(models, repeats, threads, kernels, trials, out, image):
         t0 = time.perf_counter()
         tune_side_knobs(
             "unsplit", low, tgt, runner, db, max_kernels=kernels, trials=trials,
-            say=lambda m, name=name: click.echo(f"  {name}: {m}", err=True), functions=lambda n: True,
+            say=lambda m, name=name: click.echo(f"  {name}: {m}", err=True),
+            functions=lambda n: True,
         )
         tune_s = time.perf_counter() - t0
         runner.close()

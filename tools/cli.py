@@ -206,7 +206,8 @@ def tune(source, target, strategy, trials, max_kernels, rpc_tracker, rpc_key, ba
         raise click.BadParameter("--rpc-tracker and --rpc-key go together",
                                  param_hint="--rpc-key")
     res = run(TuneConfig(source=source, output=output, target=target, trials=trials,
-                         strategy=strategy, max_kernels=max_kernels, rpc_tracker=rpc_tracker, rpc_key=rpc_key, batch_size=batch_size,
+                         strategy=strategy, max_kernels=max_kernels, rpc_tracker=rpc_tracker,
+                         rpc_key=rpc_key, batch_size=batch_size,
                          input_shapes=parse_input_shapes(input_shapes),
                          progress=_progress(quiet)))
     summary = {"database": str(res.database), "strategy": strategy, "seconds": res.seconds,
