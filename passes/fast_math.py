@@ -20,7 +20,8 @@ Measured on the dev box (znver4, 1 thread, medians of 15 interleaved): over (16,
 
 Run it on a legalized kernel before its schedule (``default_cpu_schedule`` does, llvm
 targets only: CUDA's ``expf`` / ``erff`` are already vector-friendly device intrinsics).
-NaN inputs are not propagated by the clamps (LLVM's min/max return the other operand).
+NaN inputs give NaN (a select around the clamps, which would otherwise drop them), so a
+diverged training step still shows NaN in its loss.
 """
 
 from __future__ import annotations
@@ -81,13 +82,20 @@ def _fast_erf(x):
     return x * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
 
 
+def _keep_nan(x, y):
+    # the clamps' min/max drop a NaN (LLVM returns the other operand): a diverged training
+    # step must still show NaN in its loss, so NaN in gives NaN out (isnan, not x != x,
+    # which the arithmetic simplifier folds to false)
+    return tirx.Select(tirx.isnan(x), x, y)
+
+
 def _rewrite(call):
     if len(call.args) != 1 or str(call.ty) != "float32":
         return call
     if call.op.same_as(_EXP):
-        return _fast_exp(call.args[0])
+        return _keep_nan(call.args[0], _fast_exp(call.args[0]))
     if call.op.same_as(_ERF):
-        return _fast_erf(call.args[0])
+        return _keep_nan(call.args[0], _fast_erf(call.args[0]))
     return call
 
 

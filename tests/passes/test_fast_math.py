@@ -59,6 +59,15 @@ def test_fast_exp_saturates(x, expected):
     np.testing.assert_allclose(out, expected, rtol=3e-3)
 
 
+@pytest.mark.parametrize("fn", [topi.exp, topi.erf])
+def test_nan_in_gives_nan_out(fn):
+    # a diverged step must still show NaN in its loss: the clamps alone would drop it
+    x = np.full(16, np.nan, "float32")
+    x[::2] = 0.5
+    out, _ = _eval(fn, x, fast=True)
+    assert np.isnan(out[1::2]).all() and np.isfinite(out[::2]).all()
+
+
 def test_other_calls_and_float64_are_untouched():
     a = te.placeholder((16,), name="A", dtype="float64")
     func = te.create_prim_func([a, topi.exp(a)])
