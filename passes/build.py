@@ -92,8 +92,6 @@ class BuiltSide:
 def _cpu_schedule(mod: tvm.IRModule, target: tvm.target.Target, tile_knobs=None) -> tvm.IRModule:
     from splitc.passes.schedules import default_cpu_schedule
 
-    if tile_knobs is None:
-        return default_cpu_schedule(mod, target)
     return default_cpu_schedule(mod, target, tile_knobs=tile_knobs)
 
 

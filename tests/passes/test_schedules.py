@@ -158,12 +158,8 @@ def test_row_reduction_is_rfactored_and_exact():
     )
 
 
-def test_rule_error_falls_back_and_is_reported(monkeypatch):
-    def broken(*_args, **_kw):
-        raise RuntimeError("tile rule exploded\nsecond line")
-
-    monkeypatch.setattr(schedule_rules, "_register_tile", broken)
-    mod = tvm.IRModule({"mm": _matmul})
+def _matmul_module() -> tvm.IRModule:
+    """A Relax module with one (64, 32) @ (32, 48) matmul."""
     bb = relax.BlockBuilder()
     a = relax.Var("a", relax.TensorType((64, 32), "float32"))
     b = relax.Var("b", relax.TensorType((32, 48), "float32"))
@@ -171,7 +167,15 @@ def test_rule_error_falls_back_and_is_reported(monkeypatch):
         with bb.dataflow():
             out = bb.emit_output(relax.op.matmul(a, b))
         bb.emit_func_output(out)
-    mod = bb.get()
+    return bb.get()
+
+
+def test_rule_error_falls_back_and_is_reported(monkeypatch):
+    def broken(*_args, **_kw):
+        raise RuntimeError("tile rule exploded\nsecond line")
+
+    monkeypatch.setattr(schedule_rules, "_register_tile", broken)
+    mod = _matmul_module()
     fallbacks: list[KernelFallback] = []
     scheduled = DefaultCPUSchedule(TARGET, fallbacks.append)(mod)  # the pass form
     assert fallbacks == [KernelFallback("matmul", "partial", "matmul: tile rule exploded")]
@@ -256,23 +260,17 @@ def test_tile_knobs_reach_the_register_tiling(monkeypatch):
         return real(*args)  # heuristic tile: the knob object here is only a marker
 
     monkeypatch.setattr(schedule_rules, "_register_tile", spy)
-    bb = relax.BlockBuilder()
-    a = relax.Var("a", relax.TensorType((64, 32), "float32"))
-    b = relax.Var("b", relax.TensorType((32, 48), "float32"))
-    with bb.function("main", [a, b]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.matmul(a, b))
-        bb.emit_func_output(out)
+    mod = _matmul_module()
     asked = []
 
     def knobs(name, func):
         asked.append((name, isinstance(func, tirx.PrimFunc)))
         return "marker"
 
-    default_cpu_schedule(bb.get(), TARGET, tile_knobs=knobs)
+    default_cpu_schedule(mod, TARGET, tile_knobs=knobs)
     assert asked == [("matmul", True)] and seen == ["marker"]
     seen.clear()
-    default_cpu_schedule(bb.get(), TARGET)  # no lookup: _register_tile gets no knobs at all
+    default_cpu_schedule(mod, TARGET)  # no lookup: _register_tile gets no knobs at all
     assert seen == ["absent"]
 
 
