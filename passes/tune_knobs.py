@@ -224,12 +224,12 @@ def tune_side_knobs(
             continue
         lib = timer.build(f, None)
         t = timer.time(lib, specs, 1)
-        ranked.append((counts[name] * t, name, f, specs, cands))
+        ranked.append((counts[name] * t, name, f, specs, cands, lib))
     ranked.sort(key=lambda r: -r[0])
     total = sum(r[0] for r in ranked) or 1.0
     out: list[KnobRecord] = []
     spent = 0
-    for share, name, f, specs, cands in ranked[:max_kernels]:
+    for share, name, f, specs, cands, base_lib in ranked[:max_kernels]:
         key = _shash(f)
         if key in records:
             say(f"{side}: {name}: already tuned")
@@ -238,9 +238,7 @@ def tune_side_knobs(
             say(f"{side}: trial budget {trials} spent")
             break
         t0 = time.perf_counter()
-        base_lib = timer.build(f, None)
-        base = timer.time(base_lib, specs, 1)
-        number = _number_for(base)
+        number = _number_for(timer.time(base_lib, specs, 1))  # the ranking's build, re-timed
         best, best_t, best_lib = None, timer.time(base_lib, specs, number), base_lib
         tried = 0
         for knobs in cands[1:]:
