@@ -2,27 +2,25 @@
 
 Kept apart from the public API so each file stays readable; nothing here is public. Every
 rule takes a ``tvm.s_tir.Schedule`` and facts about one root block (:class:`_Block`, in
-``passes/schedule_tiling.py`` with the conv/matmul register tiling) and either schedules it
-or raises; ``schedule_prim_func`` turns a raise into a reported fallback. This file holds the
-injective and row-reduction rules and the per-kernel driver.
+``passes/schedule_blocks.py``; the conv/matmul register tiling is in ``schedule_tiling.py``)
+and either schedules it or raises; ``schedule_prim_func`` turns a raise into a reported
+fallback. This file holds the injective and row-reduction rules and the per-kernel driver.
 """
 
 from __future__ import annotations
 
 import tvm
-from splitc.passes.schedule_tiling import (
+from splitc.passes.schedule_axes import _find_rfactor_axis, _find_vector_axis
+from splitc.passes.schedule_blocks import (
     _MIN_PARALLEL_WORK,
     _Block,
     _block_facts,
     _coef,
-    _find_rfactor_axis,
-    _find_vector_axis,
     _largest_divisor,
     _parallel_reduction,
-    _register_tile,
-    _rfactor_block,
     _uses,
 )
+from splitc.passes.schedule_tiling import _register_tile, _rfactor_block
 from tvm import sym, tirx
 
 __all__ = ["lanes_for", "schedule_prim_func"]

@@ -1,12 +1,11 @@
-"""Block facts and the register-tiling rules behind ``passes/schedule_rules.py``.
+"""The register-tiling rule behind ``passes/schedule_rules.py``, and its knobs.
 
-:class:`_Block` holds plain facts about one root block; ``_register_tile`` tiles a conv or
-matmul into register accumulators (parallel outer loops, unrolled rows, vector lanes),
-``_find_vector_axis`` / ``_find_rfactor_axis`` pick its lane axis, and
-``_parallel_reduction`` is the generic fallback for any reduction. Before tiling, an operand
-read with stride 2 along the lanes (stride-2 convs) is stored as 2x2 phases and a matmul
-operand read transposed (``B[n, k]``) is copied to ``[k, n]`` inside the kernel, so every
-lane load is contiguous. Loop order and K panels follow the lane operand's size (L2).
+``_register_tile`` tiles a conv or matmul into register accumulators (parallel outer loops,
+unrolled rows, vector lanes); its axes come from ``schedule_axes.py`` (lane, rows, rfactor),
+its operand layouts from ``schedule_layouts.py`` (packed transposes, stride-2 phases), its
+block facts from ``schedule_blocks.py``. Loop order and K panels follow the lane operand's
+size (L2). The names of those three modules that tests and ``passes/tune_knobs.py`` use
+(``_block_facts``, ``_find_vector_axis``, ...) stay importable from here.
 
 Public: :class:`TileKnobs` (one tile shape) and :func:`tile_candidates` (shapes worth timing
 for a block, the heuristic first) for the knob tuner (``passes/tune_knobs.py``);
@@ -18,20 +17,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import tvm
-from tvm import sym, tirx
+from splitc.passes.schedule_axes import (
+    _MAX_ROWS,
+    _find_rfactor_axis,
+    _find_vector_axis,
+    _row_axes,
+)
+from splitc.passes.schedule_blocks import _Block, _block_facts, _int, _largest_divisor, _uses
+from splitc.passes.schedule_layouts import _pack_transposed, _unstride
+from tvm import tirx
 
 __all__ = ["TileKnobs", "tile_candidates"]  # the rest: passes/schedule_rules.py only
-
-_GET_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 
 # Register budget for the accumulator tile: AVX-512 has 32 zmm registers; 16 accumulators
 # leave room for the broadcast weights and the input vector (rt=8 rows x 2 vectors).
 _MAX_ACC_VECTORS = 16
-_MAX_ROWS = 8
-# Below this many iterations a parallel loop costs more in thread wake-up (~5 us on the
-# dev box) than it saves.
-_MIN_PARALLEL_WORK = 4096
 # Row tiles go innermost above this lane-operand size (2x Zen4's 1 MiB L2: at 1.5 MB the
 # lanes-innermost order still wins); K panels of 256 (a 256 x 32 panel of B is 32 KiB, L1d).
 _LANE_OPERAND_BYTES = 1 << 21
@@ -40,286 +40,6 @@ _K_BLOCK = 256
 # many (a 1x1 weight gradient 512 <- 128 channels at 28x28 has 8 of 32 lanes: 28.0 -> 13.5 ms
 # rows innermost, 1 thread; fewer tasks than cores idle part of a many-core board).
 _MIN_TASKS = 8
-
-
-def _int(expr) -> int | None:
-    return int(expr) if isinstance(expr, tirx.IntImm | int) else None
-
-
-def _vars_in(expr) -> list:
-    return list(tirx.analysis.undefined_vars(expr))
-
-
-def _uses(expr, var) -> bool:
-    return any(v.same_as(var) for v in _vars_in(expr))
-
-
-def _coef(expr, var) -> int | None:
-    """Coefficient of ``var`` in ``expr`` when ``expr`` is linear in it, else None."""
-    try:
-        res = sym.detect_linear_equation(expr, [var])
-    except Exception:  # noqa: BLE001
-        return None
-    if len(res) != 2:
-        return None
-    return _int(sym.Analyzer().simplify(res[0]))
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    for d in range(min(n, limit), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
-class _Block:
-    """Plain facts about one root block whose loops map 1-1 onto its iter vars."""
-
-    def __init__(self, sch, rv):
-        self.rv = rv
-        stmt = sch.get(rv)
-        self.name = stmt.name_hint
-        self.loops = list(sch.get_loops(rv))
-        self.iters = list(stmt.iter_vars)
-        self.kinds = [
-            "S"
-            if iv.iter_type == tirx.IterVar.DataPar
-            else "R"
-            if iv.iter_type == tirx.IterVar.CommReduce
-            else "O"
-            for iv in self.iters
-        ]
-        self.extents = [_int(iv.dom.extent) for iv in self.iters]
-        self.writes = list(stmt.writes)
-        self.reads = list(stmt.reads)
-        self.has_init = stmt.init is not None
-        self.sch = sch  # for tile_candidates (it tiles an rfactor block on a copy)
-
-    @property
-    def injective(self) -> bool:
-        return all(k == "S" for k in self.kinds)
-
-
-def _block_facts(sch, rv) -> _Block | None:
-    """Facts about ``rv`` when each iter var is bound to exactly one loop var, else None.
-
-    ``info.loops[i]`` is the loop bound to iter ``i`` (the loop order may differ, e.g. after
-    ``rfactor``)."""
-    info = _Block(sch, rv)
-    if len(info.loops) != len(info.iters) or "O" in info.kinds or None in info.extents:
-        return None
-    bindings = _bindings(sch, rv)
-    if bindings is None:
-        return None
-    by_var = {}
-    for loop in info.loops:
-        by_var[sch.get(loop).loop_var] = loop
-    ordered = []
-    for value in bindings:
-        loop = next((l for v, l in by_var.items() if v.same_as(value)), None)
-        if loop is None:
-            return None
-        ordered.append(loop)
-    if len({sch.get(l).loop_var for l in ordered}) != len(ordered):
-        return None
-    info.loops = ordered
-    return info
-
-
-def _bindings(sch, rv):
-    try:
-        return list(_GET_REALIZE(sch, rv).iter_values)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _find_vector_axis(info: _Block, lanes: int):
-    """(spatial iter index, reader index) of the lane axis: for outputs whose rows are
-    shorter than a vector, a channel (``_outer_lane``); else the output's innermost iter, read
-    by some input along its innermost axis with stride 1 (preferred) or 2 (stride-2 convs,
-    made contiguous by ``_unstride``), or on an outer axis by a matmul's B (``B[n, k]``,
-    packed by ``_pack_transposed``)."""
-    out_idx = [r.min for r in info.writes[0].region]
-    if not out_idx:
-        return None
-    last = out_idx[-1]
-    # No whole-vector tile along the output rows: weight-gradient windows (1-4 wide) and
-    # 28/56-wide images (1.75 vectors a row: 28x28 3x3 conv 296 -> 35 ms, 56x56 292 -> 49 ms
-    # with channel lanes, one loaded-machine run). 7/14-wide rows keep one partial vector
-    # (1x1 conv 14x14: 24.7 ms that way, 34.0 ms with channel lanes).
-    short = all(
-        not last.same_as(iv.var) or (e % lanes and (e <= 4 or e > lanes))
-        for iv, e in zip(info.iters, info.extents)
-    )
-    found = _outer_lane(info, lanes) if short and _OUTER_LANES else None
-    if found is not None:
-        return found  # a channel fills the vector where a 3- or 4-wide output row cannot
-    for stride in (1, 2):
-        for i, iv in enumerate(info.iters):
-            if info.kinds[i] != "S" or not last.same_as(iv.var):
-                continue
-            if _largest_divisor(info.extents[i], 2 * lanes) < 4:
-                continue  # e.g. 10 classes: no vector tile; the parallel fallback is right
-            if info.extents[i] < lanes and _full_rfactor_axis(info, lanes):
-                # a 4-wide output row (the stride-2 weight gradient's 4x4 window) fills a
-                # quarter of a 16-lane vector; rfactor over the image fills it: 12.5 -> 7.6 ms
-                continue
-            for j, rd in enumerate(info.reads):
-                if not rd.region or rd.source.same_as(info.writes[0].source):
-                    continue
-                rlast = rd.region[-1].min
-                if _uses(rlast, iv.var) and _coef(rlast, iv.var) == stride:
-                    return i, j
-    for i, iv in enumerate(info.iters):
-        if info.kinds[i] == "S" and last.same_as(iv.var) and info.extents[i] % lanes == 0:
-            j = _transposed_reader(info, i)
-            if j is not None:
-                return i, j  # _register_tile packs it
-    return None
-
-
-_OUTER_LANES = True  # False: rfactor for these (kept for measurements)
-
-
-def _outer_lane(info: _Block, lanes: int):
-    """(iter, reader) for a two-input reduction whose output rows are shorter than a vector
-    (a weight gradient's 3x3 or 1x1 window): a spatial iter read by one input only, on one
-    of its outer axes (a channel); ``_register_tile`` packs that input with the iter
-    innermost, the other input supplies the rows, and the accumulator tile keeps the lanes
-    contiguous: a GEMM tile (output x input channels) per window position instead of rfactor
-    over the image rows. Measured against rfactor, same run, batch 32, 1 thread: 3x3 weight
-    gradients 64ch 16x16 7.54 -> 5.92 ms, 32ch 32x32 8.36 -> 6.26 ms, stride-2 8.04 -> 5.74."""
-    ins = [
-        j
-        for j, rd in enumerate(info.reads)
-        if rd.region and not rd.source.same_as(info.writes[0].source)
-    ]
-    if len(ins) != 2:
-        return None
-    best, best_key = None, None
-    for i, iv in enumerate(info.iters):
-        if info.kinds[i] != "S" or info.extents[i] % lanes:
-            continue
-        users = [j for j in ins if any(_uses(r.min, iv.var) for r in info.reads[j].region)]
-        if len(users) != 1:
-            continue
-        idx = [r.min for r in info.reads[users[0]].region]
-        dims = [d for d, e in enumerate(idx) if _uses(e, iv.var)]
-        if len(dims) != 1 or not idx[dims[0]].same_as(iv.var) or dims[0] == len(idx) - 1:
-            continue
-        # rows: an iter of the other input only, long enough for 8 accumulator rows (the
-        # 3-channel first conv's weight gradient, 3 rows: 0.73 ms rfactor, 0.83 ms this way)
-        other = ins[1 - ins.index(users[0])]
-        rows = [
-            k
-            for k, kv in enumerate(info.iters)
-            if info.kinds[k] == "S"
-            and info.extents[k] >= _MAX_ROWS
-            and any(_uses(r.min, kv.var) for r in info.reads[other].region)
-            and not any(_uses(r.min, kv.var) for r in info.reads[users[0]].region)
-        ]
-        if not rows:
-            continue
-        key = info.extents[i]
-        if best_key is None or key > best_key:
-            best, best_key = (i, users[0]), key
-    return best
-
-
-def _transposed_reader(info: _Block, vi: int):
-    """The reader of a matmul-like block that reads lane iter ``vi`` on an outer axis and a
-    reduction on its innermost axis (B[n, k] of C[m, n] = A[m, k] B[n, k]), when the other
-    reader does not depend on ``vi``; else None. Rows sums and softmax denominators have one
-    reader and stay on the rfactor path."""
-    var = info.iters[vi].var
-    ins = [
-        j
-        for j, rd in enumerate(info.reads)
-        if rd.region and not rd.source.same_as(info.writes[0].source)
-    ]
-    if len(ins) != 2:
-        return None
-    for j in ins:
-        idx = [r.min for r in info.reads[j].region]
-        dims = [d for d, e in enumerate(idx) if _uses(e, var)]
-        if len(dims) != 1 or dims[0] == len(idx) - 1 or not idx[dims[0]].same_as(var):
-            continue
-        if not any(
-            idx[-1].same_as(it.var) and kind == "R" for it, kind in zip(info.iters, info.kinds)
-        ):
-            continue
-        other = ins[1 - ins.index(j)]
-        if any(_uses(r.min, var) for r in info.reads[other].region):
-            continue
-        return j
-    return None
-
-
-def _pack_transposed(sch, info: _Block, vi: int, reader: int, lanes: int):
-    """Copy a transposed lane operand (B[n, k]) into a buffer with the lane axis innermost
-    (B'[k, n]) inside the kernel; (fresh facts, reader index). Measured in one run (1 thread,
-    a loaded machine): 512x3072 @ (768x3072)^T 101 -> 48 ms, 512x768 @ (3072x768)^T 176 ->
-    58 ms against rfactor over k."""
-    var = info.iters[vi].var
-    src = info.reads[reader].source
-    idx = [r.min for r in info.reads[reader].region]
-    d = next(k for k, e in enumerate(idx) if _uses(e, var))
-    nd = len(idx)
-    perm = [k for k in range(nd) if k != d] + [d]
-    cb = sch.cache_read(info.rv, reader, "global")
-    index_map = tirx.IndexMap.from_func(
-        lambda *ax: [ax[k] for k in perm], ndim=nd, index_dtype=str(src.shape[0].ty)
-    )
-    sch.transform_layout(cb, ("write", 0), index_map)
-    loops = sch.get_loops(cb)
-    ordered = [loops[k] for k in perm]
-    sch.reorder(*ordered)
-    ext = [_int(sch.get(lp).extent) for lp in ordered]
-    # 16 x 16 tiles, vectorised along the source's contiguous axis (k): 768x3072 in 1.53 ms,
-    # 2.26 ms vectorised along the destination's
-    a_o, a_i = sch.split(ordered[-2], [None, _largest_divisor(ext[-2], lanes)])
-    b_o, b_i = sch.split(ordered[-1], [None, lanes])
-    sch.reorder(*ordered[:-2], a_o, b_o, b_i, a_i)
-    sch.vectorize(a_i)
-    outer = [*ordered[:-2], a_o]
-    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    info = _block_facts(sch, info.rv)
-    for j, rd in enumerate(info.reads):
-        if rd.region and _uses(rd.region[-1].min, var) and _coef(rd.region[-1].min, var) == 1:
-            return info, j
-    raise ValueError("packed operand is not read along the lane axis")
-
-
-def _full_rfactor_axis(info: _Block, lanes: int) -> bool:
-    ri = _find_rfactor_axis(info, lanes)
-    return ri is not None and _largest_divisor(info.extents[ri], lanes) == lanes
-
-
-def _find_rfactor_axis(info: _Block, lanes: int):
-    """A reduction iter that every read buffer depending on it reads along its innermost axis
-    only, with stride 1 or 2; the longest such iter with all strides 1 wins, then the longest."""
-    best, best_key = None, None
-    for i, iv in enumerate(info.iters):
-        if info.kinds[i] != "R" or _largest_divisor(info.extents[i], lanes) < 4:
-            continue
-        ok, used, unit = True, False, True
-        for rd in info.reads:
-            if rd.source.same_as(info.writes[0].source):
-                continue
-            idx = [r.min for r in rd.region]
-            if not idx:
-                continue
-            coef = _coef(idx[-1], iv.var) if _uses(idx[-1], iv.var) else None
-            elsewhere = any(_uses(e, iv.var) for e in idx[:-1])
-            if coef in (1, 2) and not elsewhere:
-                used = True
-                unit = unit and coef == 1
-            elif coef is not None or elsewhere:
-                ok = False
-        key = (unit, info.extents[i])
-        if ok and used and (best_key is None or key > best_key):
-            best, best_key = i, key
-    return best
 
 
 @dataclass(frozen=True)
@@ -340,105 +60,6 @@ class TileKnobs:
     rows2: int = 1
     rows_inner: bool = False
     k_block: int = 0
-
-
-def _unstride(sch, info: _Block, vi: int) -> _Block:
-    """Store each intermediate buffer that ``info`` reads with stride 2 along lane iter ``vi``
-    (the padded input of a stride-2 conv or weight gradient) as its even and odd phases:
-    ``[..., h, w] -> [..., h % 2, w % 2, h // 2, w // 2]``, so the lane reads are contiguous.
-    Returns fresh facts when a layout changed. Measured (batch 32, 32x32 -> 16x16, 1 thread):
-    3x3 stride-2 weight gradient 12.5 -> 7.6 ms, its 1x1 shortcut 4.6 -> 2.3 ms, the stride-2
-    forward conv 4.6 -> 3.9 ms (two loads and a shuffle per vector before)."""
-    var = info.iters[vi].var
-    written = []
-    for p in sch.get_producers(info.rv):
-        written += [w.source for w in sch.get(p).writes]
-    changed = False
-    for j, rd in enumerate(info.reads):
-        idx = [r.min for r in rd.region]
-        if len(idx) < 2 or not _uses(idx[-1], var) or _coef(idx[-1], var) != 2:
-            continue
-        if not any(b.same_as(rd.source) for b in written):
-            continue  # a function parameter: its layout is the caller's
-        shape = [_int(d) for d in rd.source.shape]
-        rows_strided = any(_coef(idx[-2], iv.var) == 2 for iv in info.iters)
-        dims = [len(idx) - 2, len(idx) - 1] if rows_strided else [len(idx) - 1]
-        if any(shape[d] is None or shape[d] % 2 for d in dims):
-            continue
-        index_map = tirx.IndexMap.from_func(
-            _phases(len(idx), dims), ndim=len(idx), index_dtype=str(rd.source.shape[0].ty)
-        )
-        sch.transform_layout(info.rv, ("read", j), index_map)
-        changed = True
-    return _block_facts(sch, info.rv) if changed else info
-
-
-def _phases(ndim: int, dims: list[int]):
-    def index_map(*ax):
-        keep = [ax[d] for d in range(ndim) if d not in dims]
-        return [*keep, *[ax[d] % 2 for d in dims], *[ax[d] // 2 for d in dims]]
-
-    return index_map
-
-
-def _row_key(info: _Block, i: int):
-    """Longest row axis first; among equals, one that some input reads along its innermost
-    axis (an image row: 8 rows are one 32-byte run, not 8 lines): a 1x1 conv 8x256x56x56 ->
-    64 with channel lanes took 31.0 ms with rows over the image height."""
-    var = info.iters[i].var
-    inner = any(rd.region and _uses(rd.region[-1].min, var) for rd in info.reads)
-    return info.extents[i], inner
-
-
-def _row_axes(info: _Block, vi: int, reader: int):
-    """(first row iter, second row iter) for lane iter ``vi`` (either may be None).
-
-    Row axis: a spatial iter the contiguous reader does not depend on, so one vector load of
-    that reader serves ``rows`` rows (a conv's output channels, a matmul's rows). The costliest
-    load is reused first: a stride-2 reader (4x the load work of a contiguous one on the
-    stride-2 weight-gradient convs) before the contiguous one. Second row axis: when the reader
-    that depends on the first row axis is itself a vector load (weight-gradient convs: both
-    operands are read along the lane axis), a second axis it does not depend on, so each vector
-    load feeds ``rows2`` (resp. ``rows``) FMAs instead of 1."""
-    vvar = info.iters[vi].var
-    readers = sorted(
-        (
-            j
-            for j, rd in enumerate(info.reads)
-            if rd.region
-            and not rd.source.same_as(info.writes[0].source)
-            and _uses(rd.region[-1].min, vvar)
-        ),
-        key=lambda j: -(_coef(info.reads[j].region[-1].min, vvar) or 0),
-    ) + [reader]
-    ri = None
-    for j in readers:
-        rd_idx = [r.min for r in info.reads[j].region]
-        for i, iv in enumerate(info.iters):
-            if i == vi or info.kinds[i] != "S" or info.extents[i] < 2:
-                continue
-            if any(_uses(e, iv.var) for e in rd_idx):
-                continue
-            if ri is None or _row_key(info, i) > _row_key(info, ri):
-                ri = i
-        if ri is not None:
-            break
-    r2 = None
-    if ri is not None:
-        for rd in info.reads:
-            if not rd.region or rd.source.same_as(info.writes[0].source):
-                continue
-            idx = [r.min for r in rd.region]
-            if not any(_uses(e, info.iters[ri].var) for e in idx) or not _uses(idx[-1], vvar):
-                continue
-            for i, iv in enumerate(info.iters):
-                if i in (vi, ri) or info.kinds[i] != "S" or info.extents[i] < 2:
-                    continue
-                if any(_uses(e, iv.var) for e in idx):
-                    continue
-                if r2 is None or info.extents[i] > info.extents[r2]:
-                    r2 = i
-    return ri, r2
 
 
 def _lane_operand_bytes(info: _Block, vi: int, reader: int) -> int:
@@ -703,18 +324,3 @@ def _register_tile(
         ext = _int(sch.get(wl).extent)
         if ext and ext % 4 == 0:
             sch.vectorize(wl)
-
-
-def _parallel_reduction(sch, info: _Block) -> None:
-    """Generic fallback for a reduction: spatial loops outermost, fused, parallel."""
-    s_loops = [l for l, k in zip(info.loops, info.kinds) if k == "S"]
-    r_loops = [l for l, k in zip(info.loops, info.kinds) if k == "R"]
-    if not s_loops:
-        return
-    sch.reorder(*s_loops, *r_loops)
-    fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
-    work = 1
-    for e, k in zip(info.extents, info.kinds):
-        work *= e
-    if work >= _MIN_PARALLEL_WORK:
-        sch.parallel(fused)
