@@ -123,6 +123,14 @@ def _transpose_axis(info: _Block) -> int | None:
     return best
 
 
+def _transpose_fits(info: _Block, src: int) -> bool:
+    """Both tile sides have a divisor >= 4 (a 58-row padded image or a 3-wide filter window
+    has none: those take the injective rule)."""
+    lane = _lane_iter(info)
+    rt = _largest_divisor(info.extents[src], _TRANSPOSE_ROWS)
+    return rt >= 4 and _largest_divisor(info.extents[lane], _TRANSPOSE_LANES) >= 4
+
+
 def _transpose_tile(sch, info: _Block, src: int) -> None:
     """Cache-blocked transpose: tiles of rows (the input's contiguous axis, unrolled) x lanes
     (the output's contiguous axis, vectorised); the tile loops are fused and parallelised."""
@@ -187,7 +195,7 @@ def _schedule_block(sch, info: _Block, lanes: int, knobs=None) -> str:
         return "small"
     if info.injective:
         src = _transpose_axis(info)
-        if src is not None:
+        if src is not None and _transpose_fits(info, src):
             _transpose_tile(sch, info, src)
             return "transpose"
         _parallel_vectorize_injective(sch, info, lanes)
