@@ -45,7 +45,6 @@ measuring needs the compiler).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -54,8 +53,12 @@ from pathlib import Path
 
 from splitc import BuildError, InputError, SplitcError, __version__
 from splitc.cost_models.dataset import DATASET_VERSION, done_keys, load_rows, now, row_key
-from splitc.cost_models.features import KernelFeatures, parse_kinds
 from splitc.cost_models.fit import _step_fit, fit_learned, heldout_report  # noqa: F401 - re-export
+from splitc.cost_models.kernels import calls as _calls
+from splitc.cost_models.kernels import features as _features
+from splitc.cost_models.kernels import resolve as _target
+from splitc.cost_models.kernels import scheduled as _schedule
+from splitc.cost_models.kernels import vm_specs as _vm_specs
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.workloads import Workload, model_module, sweep_module, synthetic_models
 
@@ -119,107 +122,6 @@ class CalibrateConfig:
 _BUDGET_S = 0.06
 
 
-# -- kernels ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Call:
-    function: str
-    role: str
-    symbol: str
-    specs: tuple  # ((shape, dtype), ...) inputs then outputs
-    param_bytes: int
-    n_out: int
-
-
-def _spec(ty) -> tuple:
-    return tuple(int(d) for d in ty.shape), str(ty.dtype)
-
-
-def _nbytes(spec) -> int:
-    shape, dtype = spec
-    bits = int("".join(c for c in dtype if c.isdigit()) or 8)
-    return math.prod(shape) * max(bits // 8, 1)
-
-
-def _calls(sched, weights: frozenset) -> list[_Call]:
-    """Every ``call_tir`` of every Relax function of a scheduled module, with its role."""
-    import tvm
-    from tvm import relax
-
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    out = []
-    for gv, f in sched.functions.items():
-        if not isinstance(f, relax.Function) or not isinstance(f.body, relax.SeqExpr):
-            continue
-        fname = gv.name_hint
-        role = "update" if fname.endswith("_update") else "forward"
-        for blk in f.body.blocks:
-            for b in blk.bindings:
-                if role == "forward" and b.var.name.endswith(("_adjoint", "_adjoint1")):
-                    role = "backward"
-                v = b.value
-                if not (isinstance(v, relax.Call) and v.op == call_tir):
-                    continue
-                args = list(v.args[1].fields) if isinstance(v.args[1], relax.Tuple) else []
-                try:
-                    ins = tuple(_spec(a.ty) for a in args)
-                    ot = v.ty_args[0]
-                    outs = tuple(_spec(t) for t in (ot.fields if hasattr(ot, "fields") else [ot]))
-                except (TypeError, AttributeError):
-                    continue  # symbolic shapes: not timeable with fixed arrays
-                pb = sum(_nbytes(_spec(a.ty)) for a in args
-                         if isinstance(a, relax.Var) and a.name in weights)
-                if role == "update" and "float" in outs[0][1]:
-                    # the optimizer reads weights through TupleGetItem vars: the new weight
-                    # (the kernel's output) has the weight's size
-                    pb = _nbytes(outs[0])
-                out.append(_Call(fname, role, v.args[0].name_hint, ins + outs, pb, len(outs)))
-    return out
-
-
-def _features(c: _Call, flops: float, parallel: bool | None = None,
-              sched: tuple | None = None) -> KernelFeatures:
-    ins, outs = c.specs[:len(c.specs) - c.n_out], c.specs[len(c.specs) - c.n_out:]
-    dtype = outs[0][1] if outs else "float32"
-    return KernelFeatures(parse_kinds(c.symbol), float(flops), sum(map(_nbytes, ins)),
-                          sum(map(_nbytes, outs)), c.param_bytes, c.role,
-                          tuple(s for s, _ in ins), tuple(s for s, _ in outs), dtype, parallel,
-                          sched)
-
-
-def _vm_specs(func) -> list:
-    def one(ty):
-        if hasattr(ty, "fields"):
-            return [one(t) for t in ty.fields]
-        return _spec(ty)
-
-    return [one(p.ty) for p in func.params]
-
-
-def _target(text: str):
-    """``host`` (this CPU, what ``splitc compile`` builds for), ``llvm`` or any target text
-    ``passes/targets.py: resolve_target`` reads."""
-    from splitc.passes.targets import resolve_target
-
-    return resolve_target(text)
-
-
-def _schedule(mod, target, tuning_records=None):
-    """Legalized, fused and scheduled exactly as ``passes/build.py: build_side`` does for an
-    llvm target: its ``rewrite_for_cpu`` (RewriteGrads, strided conv2d_transpose phases), then
-    ``LegalizeOps`` and ``default_cpu_schedule``. Not ``lower_side`` + schedule: that fuses
-    twice (tiny_cnn: 51 kernel calls vs the build's 52)."""
-    from splitc.passes.build import rewrite_for_cpu
-    from splitc.passes.schedules import default_cpu_schedule
-    from splitc.passes.tune_knobs import knob_lookup
-    from tvm import relax
-
-    knobs = knob_lookup(tuning_records) if tuning_records is not None else None
-    with target:
-        return default_cpu_schedule(
-            relax.transform.LegalizeOps()(rewrite_for_cpu(mod)), target, tile_knobs=knobs
-        )
-
-
 def _schedules_label(cfg: CalibrateConfig) -> str:
     """What the timed kernels ran: the default schedules or a tuning directory's records."""
     return "default" if cfg.tuning_records is None else f"tuned ({cfg.tuning_records})"
@@ -251,7 +153,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     sched = _schedule(w.module, target, cfg.tuning_records)
     calls = _calls(sched, w.weights)
     prims = {gv.name_hint: f for gv, f in sched.functions.items() if isinstance(f, tirx.PrimFunc)}
-    groups: dict[tuple, list[_Call]] = defaultdict(list)
+    groups: dict[tuple, list] = defaultdict(list)
     for c in calls:
         groups[(c.function, c.role, c.symbol, c.specs)].append(c)
     # threads: the TVM runtime's pool here (1 on this 2-vCPU box, or TVM_NUM_THREADS);
@@ -403,6 +305,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                           "date": now()[:10], "notes": notes}, learned)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(prof.to_json(), indent=1) + "\n")
+    # no indentation: the trees are long flat lists (one number a line would triple the size)
+    out.write_text(json.dumps(prof.to_json(), separators=(",", ":")) + "\n")
     say(f"wrote {out}")
     return out

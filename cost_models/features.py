@@ -31,6 +31,7 @@ __all__ = [
     "ROLES",
     "KernelFeatures",
     "family_of",
+    "kernel_key",
     "op_kernels",
     "parallel_guess",
     "parse_kinds",
@@ -107,6 +108,21 @@ class KernelFeatures:
                    tuple(tuple(s) for s in d.get("out_shapes", ())), d.get("dtype", "float32"),
                    d.get("parallel"),
                    tuple(float(x) for x in d["sched"]) if d.get("sched") is not None else None)
+
+
+def kernel_key(k: KernelFeatures) -> str:
+    """Identity of a kernel for exact look-up: fused kinds, shapes, dtype and FLOPs. Two
+    kernels with the same key compute the same thing on the same sizes (the role is left out:
+    an update's ``multiply_subtract`` is the forward's over the same shapes).
+
+    >>> kernel_key(KernelFeatures(("add", "relu"), 512.0, 4096, 2048, 0, "forward",
+    ...                           ((8, 64), (8, 64)), ((8, 64),)))
+    'add+relu|8x64,8x64|8x64|float32|512'
+    """
+    shapes = ["x".join(map(str, s)) for s in k.in_shapes], ["x".join(map(str, s))
+                                                              for s in k.out_shapes]
+    return (f"{'+'.join(k.kinds)}|{','.join(shapes[0])}|{','.join(shapes[1])}|{k.dtype}"
+            f"|{round(k.flops)}")
 
 
 def parse_kinds(kernel_name: str) -> tuple[str, ...]:

@@ -58,7 +58,7 @@ def test_calibrate_input_errors(tmp_path):
 def test_kernel_roles_of_the_training_step(tiny_cnn_onnx):
     """The server-only split holds the whole step: forward, then backward, then SGD."""
     import tvm
-    from splitc.cost_models.calibrate import _calls
+    from splitc.cost_models.kernels import calls as _calls
     from splitc.passes.schedules import default_cpu_schedule
     from tvm import relax
 

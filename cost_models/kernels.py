@@ -1,0 +1,119 @@
+"""The kernels of a compiled training step, as calibration times them.
+
+``scheduled(mod, target)`` legalizes, fuses and schedules a Relax module exactly as
+``passes/build.py: build_side`` does for an llvm target; ``calls(sched, weights)`` lists every
+``call_tir`` of its Relax functions (one kernel launch each) with its role (forward,
+backward, update) and argument specs; ``features(call, ...)`` describes one as
+``KernelFeatures``. Split out of ``calibrate.py`` (measurement and the entry point). Imports
+``passes`` inside the functions only: calibration is the one place where measuring needs the
+compiler (see ``calibrate.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from splitc.cost_models.features import KernelFeatures, parse_kinds
+
+__all__ = ["Call", "calls", "features", "resolve", "scheduled", "vm_specs"]
+
+
+@dataclass(frozen=True)
+class Call:
+    function: str
+    role: str
+    symbol: str
+    specs: tuple  # ((shape, dtype), ...) inputs then outputs
+    param_bytes: int
+    n_out: int
+
+
+def _spec(ty) -> tuple:
+    return tuple(int(d) for d in ty.shape), str(ty.dtype)
+
+
+def _nbytes(spec) -> int:
+    shape, dtype = spec
+    bits = int("".join(c for c in dtype if c.isdigit()) or 8)
+    return math.prod(shape) * max(bits // 8, 1)
+
+
+def calls(sched, weights: frozenset) -> list[Call]:
+    """Every ``call_tir`` of every Relax function of a scheduled module, with its role."""
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    out = []
+    for gv, f in sched.functions.items():
+        if not isinstance(f, relax.Function) or not isinstance(f.body, relax.SeqExpr):
+            continue
+        fname = gv.name_hint
+        role = "update" if fname.endswith("_update") else "forward"
+        for blk in f.body.blocks:
+            for b in blk.bindings:
+                if role == "forward" and b.var.name.endswith(("_adjoint", "_adjoint1")):
+                    role = "backward"
+                v = b.value
+                if not (isinstance(v, relax.Call) and v.op == call_tir):
+                    continue
+                args = list(v.args[1].fields) if isinstance(v.args[1], relax.Tuple) else []
+                try:
+                    ins = tuple(_spec(a.ty) for a in args)
+                    ot = v.ty_args[0]
+                    outs = tuple(_spec(t) for t in (ot.fields if hasattr(ot, "fields") else [ot]))
+                except (TypeError, AttributeError):
+                    continue  # symbolic shapes: not timeable with fixed arrays
+                pb = sum(_nbytes(_spec(a.ty)) for a in args
+                         if isinstance(a, relax.Var) and a.name in weights)
+                if role == "update" and "float" in outs[0][1]:
+                    # the optimizer reads weights through TupleGetItem vars: the new weight
+                    # (the kernel's output) has the weight's size
+                    pb = _nbytes(outs[0])
+                out.append(Call(fname, role, v.args[0].name_hint, ins + outs, pb, len(outs)))
+    return out
+
+
+def features(c: Call, flops: float, parallel: bool | None = None,
+              sched: tuple | None = None) -> KernelFeatures:
+    ins, outs = c.specs[:len(c.specs) - c.n_out], c.specs[len(c.specs) - c.n_out:]
+    dtype = outs[0][1] if outs else "float32"
+    return KernelFeatures(parse_kinds(c.symbol), float(flops), sum(map(_nbytes, ins)),
+                          sum(map(_nbytes, outs)), c.param_bytes, c.role,
+                          tuple(s for s, _ in ins), tuple(s for s, _ in outs), dtype, parallel,
+                          sched)
+
+
+def vm_specs(func) -> list:
+    def one(ty):
+        if hasattr(ty, "fields"):
+            return [one(t) for t in ty.fields]
+        return _spec(ty)
+
+    return [one(p.ty) for p in func.params]
+
+
+def resolve(text: str):
+    """``host`` (this CPU, what ``splitc compile`` builds for), ``llvm`` or any target text
+    ``passes/targets.py: resolve_target`` reads."""
+    from splitc.passes.targets import resolve_target
+
+    return resolve_target(text)
+
+
+def scheduled(mod, target, tuning_records=None):
+    """Legalized, fused and scheduled exactly as ``passes/build.py: build_side`` does for an
+    llvm target: its ``rewrite_for_cpu`` (RewriteGrads, strided conv2d_transpose phases), then
+    ``LegalizeOps`` and ``default_cpu_schedule``. Not ``lower_side`` + schedule: that fuses
+    twice (tiny_cnn: 51 kernel calls vs the build's 52)."""
+    from splitc.passes.build import rewrite_for_cpu
+    from splitc.passes.schedules import default_cpu_schedule
+    from splitc.passes.tune_knobs import knob_lookup
+    from tvm import relax
+
+    knobs = knob_lookup(tuning_records) if tuning_records is not None else None
+    with target:
+        return default_cpu_schedule(
+            relax.transform.LegalizeOps()(rewrite_for_cpu(mod)), target, tile_knobs=knobs
+        )
