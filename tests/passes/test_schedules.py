@@ -291,3 +291,32 @@ def test_transpose_fused_with_a_reshape_is_cache_blocked():
     gn = np.random.default_rng(6).standard_normal((4, 32, 48)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(scheduled, TARGET), tvm.cpu())
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(gn)).numpy(), gn.reshape(128, 48).T)
+
+
+def test_elementwise_producer_is_inlined_into_a_per_channel_sum():
+    """sum over N, H, W of a * b reads each product once: the multiply is inlined (no
+    intermediate buffer), while a conv's padded input stays materialised (read 9 times)."""
+    bb = relax.BlockBuilder()
+    shape = (2, 32, 6, 6)
+    a = relax.Var("a", relax.TensorType(shape, "float32"))
+    b = relax.Var("b", relax.TensorType(shape, "float32"))
+    w = relax.Var("w", relax.TensorType((16, 32, 3, 3), "float32"))
+    with bb.function("main", [a, b, w]):
+        with bb.dataflow():
+            prod = bb.emit(relax.op.multiply(a, b))
+            s = bb.emit(relax.op.collapse_sum_to(prod, (1, 32, 1, 1)))
+            c = bb.emit(relax.op.nn.conv2d(relax.op.nn.relu(a), w, padding=1))
+            out = bb.emit_output(relax.Tuple([s, c]))
+        bb.emit_func_output(out)
+    mod = default_cpu_schedule(bb.get(), TARGET)
+    texts = {gv.name_hint: f.script() for gv, f in mod.functions.items() if gv.name_hint != "main"}
+    (sum_kernel,) = [t for n, t in texts.items() if "collapse_sum" in n]
+    assert "T_multiply" not in sum_kernel  # inlined into the reduction
+    (conv_kernel,) = [t for n, t in texts.items() if "conv2d" in n]
+    assert "pad_temp" in conv_kernel and 'T.sblock("pad_temp")' in conv_kernel
+    rng = np.random.default_rng(5)
+    args = [rng.standard_normal(s).astype("float32") for s in (shape, shape, (16, 32, 3, 3))]
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
+    got = vm["main"](*(tvm.runtime.tensor(x) for x in args))
+    want = (args[0] * args[1]).sum(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(got[0].numpy(), want, rtol=1e-5, atol=1e-5)
