@@ -4,8 +4,8 @@ Linear and per-family tree regressors in log space, on plain and on schedule-awa
 compared by leave-one-model-out error over the tested models (``heldout_report``; training-only
 workloads, the op sweep and synthetic models, are in every fit); the best plain and the best
 overall are refitted on every row (``fit_learned``), with the whole-step correction
-``step ~ step_scale x sum(kernels) + call_overhead x calls`` (``_step_fit``) and the per-role
-op-cost correction (``_op_scale``).
+``step ~ step_scale x sum(kernels) + call_overhead x calls`` (``_step_fit``) and the
+op-cost correction per role and family (``_op_fit``).
 """
 
 from __future__ import annotations
@@ -117,26 +117,40 @@ def _step_fit(kernels: list[dict], steps: list[dict]) -> tuple[float, float]:
     return float(scale), float(ovh_us * 1e-6)
 
 
-def _op_scale(kern: list[dict], ops_rows: list[dict], prof: DeviceProfile,
-              reg: Regressor) -> dict[str, float]:
-    """Per role (``"forward/*"``, ``"backward/*"``, ``"update/*"``): how much the kernels a
-    model really runs take, relative to what ``reg`` predicts for the op kernels the planner
-    sees (``features.op_kernels``), geometric mean over the calibrated models.
+def _nnls_rel(cols: list[dict], steps: list[float], n: list[int]) -> tuple[dict, float]:
+    """Coefficients per key of ``cols`` (predicted seconds per bucket, one dict per workload)
+    and per op kernel (``n``) so that sum(c x bucket) + overhead x n ~ the measured step, by
+    non-negative least squares on relative errors (a 0.1 ms model weighs as much as 40 ms)."""
+    from scipy.optimize import nnls
 
-    Why: TVM fuses an op's epilogue into the conv or matmul before it, the gradient pass adds
-    transposes, reshapes and reductions, and the op-level kernels are a guess at all that. On
-    47 models (host CPU, each test model held out) the sum of ``op_cost`` missed whole steps
-    by -6 to -51 % uncorrected (-82 % for a model with one pathological matmul kernel). A
-    factor per role and family instead of per role was worse on those models (mean |error|
-    28 vs 24 %, excluding that model): it fits the fusion pattern of the training models."""
+    keys = sorted({k for c in cols for k in c})
+    A = np.array([[c.get(k, 0.0) / s for k in keys] + [m * 1e-6 / s]
+                  for c, s, m in zip(cols, steps, n)])
+    coef, _ = nnls(A, np.ones(len(steps)))
+    return dict(zip(keys, coef[:-1])), float(coef[-1] * 1e-6)
+
+
+def _op_fit(steps: list[dict], ops_rows: list[dict], prof: DeviceProfile,
+            reg: Regressor) -> tuple[dict[str, float], float]:
+    """(``op_scale``, ``op_overhead``): how the op kernels the planner sees
+    (``features.op_kernels``, priced by ``reg``) add up to the measured training step:
+    ``step ~ sum over (role, family) of op_scale[role/family] x predicted + op_overhead x
+    (op kernels)``, fitted on every calibrated model's whole step (``_nnls_rel``); a
+    ``role/*`` factor (same fit, per role only) serves families without a factor.
+
+    Why against the step and not the kernels: TVM fuses an op's epilogue into the conv or
+    matmul before it, the gradient pass adds transposes and reductions, and the VM adds its
+    calls and allocations; the op kernels are a guess at all that. Held-out (each of 7 test
+    models left out of the fit, 40 synthetic models in it), the planner's summed op costs vs
+    the measured step: per-role factors fitted on kernel sums (geometric mean, the previous
+    model) 2 of 7 within +-10 %, mean |error| 25 %; per role and family against the step
+    3 of 7 (and one at +10.6 %), 16 %."""
     from splitc.cost_models.base import OpFeatures
 
-    meas: dict = defaultdict(lambda: defaultdict(float))
-    for r in kern:
-        meas[r["workload"]][r["role"]] += r["calls"] * r["seconds"]
-    logs: dict = defaultdict(list)
+    by_w = {s["workload"]: s for s in steps if s["seconds"] > 0}
+    fam_cols, role_cols, meas, n = [], [], [], []
     for o in ops_rows:
-        if o["workload"] not in meas:
+        if o["workload"] not in by_w:
             continue
         ks = [k for f in o["ops"] for role_ks in op_kernels(OpFeatures.from_json(f)).values()
               for k in role_ks]
@@ -144,13 +158,24 @@ def _op_scale(kern: list[dict], ops_rows: list[dict], prof: DeviceProfile,
             continue
         t = 10.0 ** reg.predict(np.array([vector(k, prof.peak("float32"), prof.mem_bandwidth)
                                           for k in ks]))
-        pred: dict = defaultdict(float)
+        fam: dict = defaultdict(float)
+        role: dict = defaultdict(float)
         for k, tk in zip(ks, t):
-            pred[k.role] += float(tk)
-        for role, p in pred.items():
-            if p > 0 and meas[o["workload"]][role] > 0:
-                logs[role].append(float(np.log(meas[o["workload"]][role] / p)))
-    return {f"{role}/*": float(np.exp(np.mean(v))) for role, v in logs.items()}
+            fam[f"{k.role}/{k.family}"] += float(tk)
+            role[f"{k.role}/*"] += float(tk)
+        fam_cols.append(fam)
+        role_cols.append(role)
+        meas.append(by_w[o["workload"]]["seconds"])
+        n.append(len(ks))
+    if not meas:
+        return {}, 0.0
+    per_role, _ = _nnls_rel(role_cols, meas, n)
+    per_fam, ovh = _nnls_rel(fam_cols, meas, n)
+    # a zero factor (NNLS at its bound) would make those ops free for the planner: the
+    # role's factor serves them instead
+    scale = {k: v for k, v in per_role.items() if v > 0}
+    scale.update({k: v for k, v in per_fam.items() if v > 0})
+    return {k: float(v) for k, v in sorted(scale.items())}, ovh
 
 
 def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_trees")
@@ -248,14 +273,18 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
     scored = [c for c in cands if c[0] in report]
     plain = [c for c in scored if not c[2]]
     default = [c for c in cands if c[1] == kinds[-1 if heldout else 0]]
-    best_plain = min(plain, key=lambda c: report[c[0]]["mape_pct"]) if plain else default[0]
-    best = min(scored, key=lambda c: report[c[0]]["mape_pct"]) if scored else default[-1]
+    # by the share within +-10 % (the issue's measure): on 379 held-out kernels plain linear
+    # had the lower MAPE (41.2 vs 42.3 %) but fewer kernels within +-10 % (44.1 vs 47.5 %),
+    # and its op costs missed whole steps by up to +93 % (trees: up to +53 %)
+    best_plain = max(plain, key=lambda c: report[c[0]]["within_10pct"]) if plain \
+        else default[0]
+    best = max(scored, key=lambda c: report[c[0]]["within_10pct"]) if scored else default[-1]
     ks, X, y = _xy(kern, prof)
     reg: Regressor = fit_regressor(best_plain[1], X, y)
     kreg = reg if not best[2] else fit_regressor(best[1], _xy(kern, prof, True)[1], y)
     steps = [r for r in rows if r["type"] == "step"]
     scale, ovh = _step_fit(kern, steps)
-    op_scale = _op_scale(kern, [r for r in rows if r["type"] == "ops"], prof, reg)
+    op_scale, op_ovh = _op_fit(steps, [r for r in rows if r["type"] == "ops"], prof, reg)
     sample = kern[0]
     return {"version": LEARNED_VERSION, "features": list(FEATURE_NAMES),
             "regressor": reg.to_json(), "regressor_name": best_plain[0],
@@ -263,7 +292,7 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
             "sched_features": list(SCHED_FEATURE_NAMES) if best[2] else [],
             "families": sorted({k.family for k in ks}),
             "all_families": list(FAMILIES), "step_scale": scale, "call_overhead": ovh,
-            "op_scale": op_scale,
+            "op_scale": op_scale, "op_overhead": op_ovh,
             # kernels measured here, priced by look-up (4 significant digits: the timing
             # noise is larger); keys ``features.kernel_key``
             "twins": {k: float(f"{v:.4g}") for k, v in sorted(twins(kern).items())},

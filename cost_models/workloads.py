@@ -32,7 +32,7 @@ class Workload:
     # training data only (the op sweep, synthetic models): never a held-out test model
     train_only: bool = False
     # the OpFeatures the planner prices for this model (every op, then the loss): what the
-    # fit compares op-level predictions with measured kernels on (fit.py: _op_scale)
+    # fit compares op-level predictions with measured steps on (fit.py: _op_fit)
     ops: tuple = ()
 
 

@@ -123,6 +123,22 @@ def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
     prof = load_profile(str(out))
     assert prof.provenance["status"] == "calibrated" and prof.name == "cal"
     assert prof.learned["dataset"]["kernels"] == 41
+    # the profile holds the fit and a digest of the rows, not the rows
+    from splitc.cost_models.features import KernelFeatures
+    from splitc.cost_models.fit import rows_digest
+
+    assert prof.learned["dataset"]["sha256"] == rows_digest(rows)
+    assert out.stat().st_size < 400_000 and '"seconds"' not in out.read_text()
+    # every measured kernel is priced at its fastest measured time (4 significant digits; a
+    # kernel may run in two roles), in the step: step_scale x time + call_overhead
+    from splitc.cost_models.features import kernel_key
+    from splitc.cost_models.fit import twins
+
+    m = LearnedModel(prof)
+    ks = [KernelFeatures.from_json(r["features"]) for r in kern]
+    best = twins(kern)
+    want = [m.step_scale * float(f"{best[kernel_key(k)]:.4g}") + m.call_overhead for k in ks]
+    assert m.kernel_times(ks) == pytest.approx(want, rel=1e-12)
     # roofline constants come from the base profile (the fallback for unseen families)
     assert prof.mem_bandwidth == load_profile("jetson-orin-nano").mem_bandwidth
     # resume: nothing is measured again, and the workload is not even compiled
@@ -220,31 +236,49 @@ def test_step_fit_exact():
     assert _step_fit(kern, []) == (1.0, 0.0)
 
 
-def test_op_scale_exact():
-    """Op kernels vs the kernels really run, per role: geometric mean over models."""
+def test_op_fit_exact():
+    """Op kernels vs the measured whole step, per role and family, plus a per-kernel term:
+    steps made from known factors give those factors back."""
     from splitc.cost_models.base import OpFeatures
-    from splitc.cost_models.features import FEATURE_NAMES
-    from splitc.cost_models.fit import _op_scale
+    from splitc.cost_models.features import FEATURE_NAMES, op_kernels, vector
+    from splitc.cost_models.fit import _op_fit
     from splitc.cost_models.learned import Regressor
 
+    prof = load_profile("local-cpu")
     n = len(FEATURE_NAMES)
-    # every op kernel predicted at 10^-6 s
-    reg = Regressor("linear", {"mean": [0.0] * n, "scale": [1.0] * n, "coef": [0.0] * n,
-                               "intercept": -6.0})
-    relu = OpFeatures("relax.nn.relu", 1024, 4096, 4096, 0, ((1024,),), ((1024,),)).to_json()
-    # relu's op kernels: one forward and one backward elementwise kernel, 1 us each
-    ops = [{"workload": w, "ops": [relu]} for w in ("w1", "w2")]
-    fam = {"family": "ewise"}
-    kern = [{"workload": "w1", "role": "forward", "features": fam, "calls": 1, "seconds": 2e-6},
-            {"workload": "w1", "role": "backward", "features": fam, "calls": 2,
-             "seconds": 0.25e-6},
-            {"workload": "w2", "role": "forward", "features": fam, "calls": 1, "seconds": 8e-6},
-            {"workload": "w2", "role": "backward", "features": fam, "calls": 1,
-             "seconds": 0.5e-6}]
-    s = _op_scale(kern, ops, load_profile("local-cpu"), reg)
-    # forward: ratios 2 and 8 -> geometric mean 4; backward: 2 x 0.25 = 0.5 and 0.5 -> 0.5;
-    # no update kernel predicted (relu owns no weight): no factor
-    assert s == pytest.approx({"forward/*": 4.0, "backward/*": 0.5})
+    # op kernels predicted at 1 ns per FLOP (log10 t = log_flops - 9): times differ by op, so
+    # the per-kernel overhead is not a multiple of the factors
+    coef = [0.0] * n
+    coef[FEATURE_NAMES.index("log_flops")] = 1.0
+    reg = Regressor("linear", {"mean": [0.0] * n, "scale": [1.0] * n, "coef": coef,
+                               "intercept": -9.0})
+
+    def relu(size, grad=True):
+        return OpFeatures("relax.nn.relu", size, 4 * size, 4 * size, 0, ((size,),),
+                          ((size,),), input_grad=grad)
+
+    mm = OpFeatures("relax.matmul", 2 * 64**3, 2 * 64 * 64 * 4, 64 * 64 * 4, 0,
+                    ((64, 64), (64, 64)), ((64, 64),))
+    # workloads: relu without a backward (first layer), relu, matmul, matmul without a
+    # backward, a larger relu without a backward: 5 independent equations for 4 factors + 1
+    models = {"w1": [relu(1024, False)], "w2": [relu(1024)], "w3": [mm],
+              "w4": [OpFeatures(**{**mm.to_json(), "input_grad": False})],
+              "w5": [relu(4096, False)]}
+    truth = {"forward/ewise": 3.0, "backward/ewise": 2.0, "forward/matmul": 5.0,
+             "backward/matmul": 4.0}
+    steps, ops = [], []
+    for w, fs in models.items():
+        ks = [k for f in fs for role in op_kernels(f).values() for k in role]
+        t = 10.0 ** reg.predict([vector(k, prof.peak("float32"), prof.mem_bandwidth)
+                                 for k in ks])
+        step = sum(truth[f"{k.role}/{k.family}"] * x for k, x in zip(ks, t)) + 0.5e-6 * len(ks)
+        steps.append({"workload": w, "seconds": step})
+        ops.append({"workload": w, "ops": [f.to_json() for f in fs]})
+    scale, ovh = _op_fit(steps, ops, prof, reg)
+    assert {k: scale[k] for k in truth} == pytest.approx(truth, rel=1e-6)
+    assert ovh == pytest.approx(0.5e-6, rel=1e-6)
+    assert set(scale) == set(truth) | {"forward/*", "backward/*"}  # per-role fallbacks
+    assert _op_fit([], ops, prof, reg) == ({}, 0.0)
 
 
 def test_recheck_times_twice_and_keeps_the_minimum(tmp_path, tiny_cnn_onnx):

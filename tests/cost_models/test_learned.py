@@ -129,7 +129,8 @@ def _learned_profile(families=("ewise",), version=LEARNED_VERSION, overhead=1e-6
     reg = fit_regressor("linear", X, y)
     learned = {"version": version, "features": list(FEATURE_NAMES), "regressor": reg.to_json(),
                "kernel_regressor": reg.to_json(), "sched_features": [],
-               "families": list(families), "call_overhead": overhead}
+               "families": list(families), "call_overhead": overhead,
+               "op_overhead": overhead}
     return DeviceProfile("cal", "cpu", {"float32": 1e11}, 1e10, 2e-6, PROV, learned)
 
 
@@ -142,7 +143,7 @@ def test_fallback_is_counted_and_named():
     # relu: 2 kernels (fwd, bwd); conv: fwd + 2 bwd conv kernels fall back, update is ewise
     assert (m.fallbacks, m.kernels) == (3, 6)
     assert m.name == "learned:cal(linear; roofline fallback 3/6 kernels)"
-    # the forward conv falls back to roofline + overhead, plus the VM call overhead:
+    # the forward conv falls back to roofline + overhead, plus the per-op-kernel overhead:
     # max(294912 / 1e11, 16896 / 1e10) + 2e-6 + 1e-6 = 2.94912e-6 + 3e-6
     assert c.forward == pytest.approx(294912 / 1e11 + 2e-6 + 1e-6)
 
@@ -280,7 +281,7 @@ def test_kernel_regressor_serves_kernels_with_schedule_features():
                                  "coef": [0.0] * len(FEATURE_NAMES), "intercept": -6.0})
     prof = dataclasses.replace(base, learned={
         **base.learned, "regressor": plain.to_json(), "kernel_regressor": const(-3.0).to_json(),
-        "sched_features": list(SCHED_FEATURE_NAMES), "call_overhead": 0.0})
+        "sched_features": list(SCHED_FEATURE_NAMES), "call_overhead": 0.0, "op_overhead": 0.0})
     m = LearnedModel(prof)
     k = KernelFeatures(("add",), 1024, 8192, 4096, 0, "forward", ((1024,), (1024,)),
                        ((1024,),))
@@ -290,12 +291,16 @@ def test_kernel_regressor_serves_kernels_with_schedule_features():
     # op costs (nothing scheduled yet) use the plain regressor
     relu = OpFeatures("relax.nn.relu", 1024, 4096, 4096, 0, ((1024,),), ((1024,),))
     assert m.op_cost(relu).forward == pytest.approx(1e-6)
-    # ... corrected by op_scale towards the fused kernels: family factor x role residual
+    # ... corrected towards the measured step: the family factor, else the role's, + the
+    # per-op-kernel overhead (no step_scale: both were fitted against whole steps)
     scaled = LearnedModel(dataclasses.replace(prof, learned={
-        **prof.learned, "op_scale": {"forward/ewise": 3.0, "forward/*": 0.5}}))
-    assert scaled.op_cost(relu).forward == pytest.approx(1.5e-6)
-    assert scaled.op_cost(relu).backward == pytest.approx(1e-6)
-    assert scaled.kernel_times([ks])[0] == pytest.approx(1e-3)  # real kernels: never scaled
+        **prof.learned, "op_scale": {"forward/ewise": 3.0, "forward/*": 0.5,
+                                     "backward/*": 2.0}, "op_overhead": 1e-7,
+        "step_scale": 10.0}))
+    assert scaled.op_cost(relu).forward == pytest.approx(3.1e-6)
+    assert scaled.op_cost(relu).backward == pytest.approx(2.1e-6)
+    # real kernels: step_scale, never op_scale
+    assert scaled.kernel_times([ks])[0] == pytest.approx(1e-2)
     with pytest.raises(InputError, match=r"fitted on other schedule features; recalibrate"):
         LearnedModel(dataclasses.replace(prof, learned={**prof.learned,
                                                         "sched_features": ["x"]}))
@@ -318,3 +323,28 @@ def test_family_trees_route_rows_by_family_and_roundtrip_json():
     back = Regressor.from_json(json.loads(json.dumps(reg.to_json())))
     np.testing.assert_array_equal(back.predict(X), reg.predict(X))
     assert np.abs(reg.predict(X)[:290] - y[:290]).max() < 0.1
+
+
+def test_twins_keep_the_fastest_time_and_price_only_real_kernels():
+    from splitc.cost_models.fit import twins
+
+    k = KernelFeatures(("add", "relu"), 512.0, 4096, 2048, 0, "forward", ((8, 64), (8, 64)),
+                       ((8, 64),))
+    other = dataclasses.replace(k, out_shapes=((64, 8),))
+    rows = [{"features": k.to_json(), "seconds": s} for s in (3e-6, 2e-6, 5e-6)]
+    rows.append({"features": other.to_json(), "seconds": 7e-6})
+    table = twins(rows)
+    # the same kernel measured three times (noise only adds time): the minimum; the role is
+    # not part of the identity (an update is the same kernel as a forward on the same sizes)
+    assert table == {"add+relu|8x64,8x64|8x64|float32|512": 2e-6,
+                     "add+relu|8x64,8x64|64x8|float32|512": 7e-6}
+    base = _learned_profile()
+    m = LearnedModel(dataclasses.replace(base, learned={
+        **base.learned, "twins": table, "step_scale": 2.0, "call_overhead": 1e-7}))
+    upd = dataclasses.replace(k, role="update")
+    # measured kernels: looked up, then placed in the step (2 x 2 us + 0.1 us)
+    np.testing.assert_allclose(m.kernel_times([k, upd]), [4.1e-6, 4.1e-6])
+    unseen = dataclasses.replace(k, flops=1024.0)
+    assert m.kernel_times([unseen])[0] != pytest.approx(4.1e-6)
+    # op kernels (the planner's, not fused kernels) are never looked up
+    assert m.kernel_times([k], op_level=True)[0] != pytest.approx(4.1e-6)
