@@ -53,6 +53,7 @@ from splitc import BuildError
 from splitc.passes.conv_transpose_phases import legalize_strided_conv_transposes
 from splitc.passes.conv_weight_grads import legalize_conv_weight_grads
 from splitc.passes.fast_math import vector_math
+from splitc.passes.max_pool_grads import legalize_max_pool_grads
 from splitc.passes.pointwise_convs import legalize_pointwise_convs
 from splitc.passes.rewrite_grads import rewrite_grads
 from splitc.passes.schedule_rules import _first_line, schedule_prim_func
@@ -133,7 +134,8 @@ def default_cpu_schedule(
     Strided ``conv2d_transpose`` calls (data gradients of strided convs) are legalized as
     dense phase convolutions (``passes/conv_transpose_phases.py``) and conv weight gradients
     as direct channels-last kernels (``passes/conv_weight_grads.py``) and 1x1 convs as GEMMs
-    over all pixels of the batch (``passes/pointwise_convs.py``) before the rest.
+    over all pixels of the batch (``passes/pointwise_convs.py``), max-pool gradients as
+    vectorisable reductions (``passes/max_pool_grads.py``) before the rest.
     ``fast_math=False`` keeps libm's ``expf``/``erff`` (exact to 1 ulp, scalar) instead of the
     polynomials of ``passes/fast_math.py`` (``exp``: 8e-8 relative, ``erf``: 4e-7 absolute).
     """
@@ -147,7 +149,7 @@ def default_cpu_schedule(
         mod = rewrite_grads(mod)[0]
     # pointwise first: legalize_strided_conv_transposes legalizes every conv2d_transpose
     mod = legalize_conv_weight_grads(legalize_pointwise_convs(mod))
-    mod = legalize_strided_conv_transposes(mod)
+    mod = legalize_max_pool_grads(legalize_strided_conv_transposes(mod))
     mod = lower_for_schedule(mod, target)
     updates = {}
     for gv, func in mod.functions.items():

@@ -1,0 +1,66 @@
+"""Max-pool backward as max + first argmax + gather (passes/max_pool_grads.py): equal to
+torch's autograd, including windows of tied zeros after a ReLU (the first maximum in
+row-major order gets the gradient), scheduled and unscheduled.
+
+Tolerance: a pixel gets at most 4 window gradients (3x3 windows, stride 2), summed in a
+different order than torch: 1e-6 absolute on unit-normal values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from splitc.passes.max_pool_grads import legalize_max_pool_grads
+from splitc.passes.schedules import default_cpu_schedule, host_llvm_target
+from tvm import relax
+
+
+def _module(xs, k, s, p, ceil_mode=False):
+    n, c, h, _ = xs
+    out = (h + 2 * p - k) // s + 1
+    bb = relax.BlockBuilder()
+    dy = relax.Var("dy", relax.TensorType((n, c, out, out), "float32"))
+    x = relax.Var("x", relax.TensorType(xs, "float32"))
+    with bb.function("main", [dy, x]):
+        with bb.dataflow():
+            g = relax.op.grad.max_pool2d_backward(
+                dy, x, [k, k], [s, s], [p, p, p, p], ceil_mode=ceil_mode
+            )
+            gv = bb.emit_output(bb.emit(g))
+        bb.emit_func_output(gv)
+    return bb.get(), (n, c, out, out)
+
+
+@pytest.mark.parametrize(
+    "xs,k,s,p",
+    [
+        ((2, 16, 12, 12), 3, 2, 1),  # ResNet's stem pool
+        ((1, 8, 9, 9), 3, 2, 1),  # odd input: the last window is clipped by the padding
+        ((1, 8, 8, 8), 2, 2, 0),  # disjoint windows
+        ((1, 8, 7, 7), 3, 1, 1),  # stride 1: a pixel is in up to 9 windows
+    ],
+)
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_max_pool_grad_equals_torch_with_ties(xs, k, s, p, scheduled):
+    mod, dys = _module(xs, k, s, p)
+    new = legalize_max_pool_grads(mod)
+    assert [gv.name_hint for gv in new.functions if gv.name_hint != "main"] == ["max_pool2d_grad"]
+    target = host_llvm_target() if scheduled else tvm.target.Target("llvm")
+    if scheduled:
+        new = default_cpu_schedule(new, target)
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal(xs), 0).astype("float32")  # half zeros: ties
+    x[0, 0, :4, :4] = 1.0  # a block of equal non-zero maxima
+    dy = rng.standard_normal(dys).astype("float32")
+    xt = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.max_pool2d(xt, k, s, p).backward(torch.from_numpy(dy))
+    vm = relax.VirtualMachine(tvm.compile(new, target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(dy), tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, xt.grad.numpy(), rtol=0, atol=1e-6)
+
+
+def test_ceil_mode_keeps_tvm_legalization():
+    mod, _ = _module((1, 8, 9, 9), 3, 2, 0, ceil_mode=True)
+    tvm.ir.assert_structural_equal(legalize_max_pool_grads(mod), mod)
