@@ -227,13 +227,23 @@ def test_step_fit_exact():
 
     # two workloads whose steps are exactly 1.5 x their kernels + 2 us per call:
     # w1: kernels 1 ms, 10 calls -> 1.5 + 0.02 = 1.52 ms; w2: 10 ms, 50 calls -> 15.1 ms
-    kern = [{"workload": "w1", "calls": 2, "seconds": 0.5e-3},
-            {"workload": "w2", "calls": 1, "seconds": 10e-3}]
+    from splitc.cost_models.features import KernelFeatures
+
+    def feats(n):
+        return KernelFeatures(("add",), n, 8 * n, 4 * n, 0, "forward", ((n,), (n,)),
+                              ((n,),)).to_json()
+
+    kern = [{"workload": "w1", "calls": 2, "seconds": 0.5e-3, "features": feats(1024)},
+            {"workload": "w2", "calls": 1, "seconds": 10e-3, "features": feats(4096)}]
     steps = [{"workload": "w1", "seconds": 1.52e-3, "n_calls": 10},
              {"workload": "w2", "seconds": 15.1e-3, "n_calls": 50}]
     scale, ovh = _step_fit(kern, steps)
     assert scale == pytest.approx(1.5) and ovh == pytest.approx(2e-6)
     assert _step_fit(kern, []) == (1.0, 0.0)
+    # the same kernel measured slower in a third workload counts at its fastest time
+    slow = {**kern[0], "workload": "w3", "seconds": 0.9e-3}
+    assert _step_fit(kern + [slow], steps + [{"workload": "w3", "seconds": 1.52e-3,
+                                              "n_calls": 10}]) == pytest.approx((1.5, 2e-6))
 
 
 def test_op_fit_exact():
