@@ -8,8 +8,8 @@
    (``recheck``: the noise floor), built for ``--target`` as ``splitc compile`` builds it.
 2. Held-out kernels: leave-one-model-out over the 7 test models (``cost_models/fit.py:
    heldout_report``): share of kernels within +-10 % and MAPE for the roofline prior, linear
-   and per-family trees on plain and on schedule-aware features, and the same kernels timed
-   again.
+   and per-family trees on plain and on schedule-aware features (a kernel measured in another
+   model is priced at that time: ``fit.py: twins``), and the same kernels timed again.
 3. Whole step, two ways, each with the model held out of the fit: the sum of the predicted
    kernels of its compiled step (+ VM call overhead), and the sum of the per-op
    ``LearnedModel.op_cost`` the planner sees, vs the measured compiled step (VM).
@@ -176,7 +176,8 @@ def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
     prof = load_profile(str(prof_path))
     acc = prof.learned["accuracy"]
     click.echo(f"held-out kernels: {acc['kernels']} from {len(acc['models'])} models "
-               f"(+ sweep and {synthetic} synthetic models in every fit)")
+               f"(+ sweep and {synthetic} synthetic models in every fit); "
+               f"{acc.get('looked_up', 0)} measured in another model, priced by look-up")
     for k, v in acc.items():
         if isinstance(v, dict) and "within_10pct" in v:
             big = (f" | kernels >= 10 us ({acc['kernels_ge_10us']}): "
