@@ -14,7 +14,8 @@
    kernels of its compiled step (+ VM call overhead), and the sum of the per-op
    ``LearnedModel.op_cost`` the planner sees, vs the measured compiled step (VM).
 4. Decisions: per-op "measured" costs are the measured kernel times attributed back to ops
-   (per role and family, in proportion to each op's roofline time; VM overhead per kernel);
+   (``cost_models/attribute.py``: per role and family, in proportion to each op's roofline
+   time; the step's time beyond its kernels spread evenly);
    device = those costs, server 10x faster; the mincut plan chosen with predicted costs is
    evaluated with the measured costs against the plan chosen with measured costs, at 10, 100
    and 1000 Mbps.
@@ -29,7 +30,6 @@ import dataclasses
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import click
@@ -102,39 +102,6 @@ def _models(out: Path) -> dict[str, Path]:
     return paths
 
 
-def _attribute(graph, kern_rows, step_row, prof):
-    """Measured per-op OpCost: kernel time per (role, family) bucket spread over the ops'
-    predicted kernels of that bucket in proportion to their roofline time."""
-    from splitc.cost_models.base import OpCost
-    from splitc.cost_models.features import op_kernels
-    from splitc.cost_models.roofline import RooflineModel
-
-    roof = RooflineModel(prof)
-    virt = []  # (op name or None for the loss, role, family, weight)
-    items = [(op.name, op.features) for op in graph.ops if op.features is not None]
-    for name, f in items:
-        for role, ks in op_kernels(f).items():
-            for k in ks:
-                w = roof.compute_time(int(k.flops), k.bytes_read + k.bytes_written) + \
-                    prof.kernel_overhead
-                virt.append((name, role, k.family, w))
-    total = defaultdict(float)
-    for r in kern_rows:
-        total[(r["role"], r["features"]["family"])] += r["calls"] * r["seconds"]
-    share = defaultdict(lambda: [0.0, 0.0, 0.0])
-    idx = {"forward": 0, "backward": 1, "update": 2}
-    for (role, fam), t in total.items():
-        group = [v for v in virt if v[1] == role and v[2] == fam] or \
-            [v for v in virt if v[1] == role] or virt
-        s = sum(v[3] for v in group)
-        for v in group:
-            share[v[0]][idx[v[1]]] += t * v[3] / s
-    overhead = max(step_row["seconds"] - sum(total.values()), 0.0) / max(len(virt), 1)
-    for v in virt:
-        share[v[0]][idx[v[1]]] += overhead
-    return {name: OpCost(*share[name]) for name, _ in items}
-
-
 def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
     from splitc.cost_models.base import OpCost
 
@@ -155,6 +122,7 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
               help="random small models timed as training data only")
 def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
     import torch
+    from splitc.cost_models.attribute import attribute
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
     from splitc.cost_models.learned import LearnedModel
     from splitc.cost_models.link import Link
@@ -224,7 +192,8 @@ def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
                    f"{roofsum * 1e3:8.3f} ({(roofsum / meas - 1) * 100:+6.1f}%)  {lm.name}")
         results["steps"][name] = {"measured": meas, "second_pass_vs_first": again,
                                   "kernel_sum": ksum, "op_sum": opsum, "roofline_op_sum": roofsum}
-        measured_ops = _attribute(g, kern, step, base)
+        measured_ops = attribute([(op.name, op.features) for op in g.ops
+                                  if op.features is not None], kern, step["seconds"], base)
         gm = _with_costs(g, measured_ops)
         gp = _with_costs(g, {op.name: op.device for op in g.ops})
         dec = {}
