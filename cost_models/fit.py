@@ -5,7 +5,7 @@ compared by leave-one-model-out error over the tested models (``heldout_report``
 workloads, the op sweep and synthetic models, are in every fit); the best plain and the best
 overall are refitted on every row (``fit_learned``), with the whole-step correction
 ``step ~ step_scale x sum(kernels) + call_overhead x calls`` (``_step_fit``) and the
-op-cost correction per role and family (``_op_fit``).
+op-cost correction per role (``_op_fit``).
 """
 
 from __future__ import annotations
@@ -138,21 +138,22 @@ def _op_fit(steps: list[dict], ops_rows: list[dict], prof: DeviceProfile,
             reg: Regressor) -> tuple[dict[str, float], float]:
     """(``op_scale``, ``op_overhead``): how the op kernels the planner sees
     (``features.op_kernels``, priced by ``reg``) add up to the measured training step:
-    ``step ~ sum over (role, family) of op_scale[role/family] x predicted + op_overhead x
-    (op kernels)``, fitted on every calibrated model's whole step (``_nnls_rel``); a
-    ``role/*`` factor (same fit, per role only) serves families without a factor.
+    ``step ~ sum over roles of op_scale[role/*] x predicted + op_overhead x (op kernels)``,
+    fitted on every calibrated model's whole step (``_nnls_rel``).
 
     Why against the step and not the kernels: TVM fuses an op's epilogue into the conv or
     matmul before it, the gradient pass adds transposes and reductions, and the VM adds its
     calls and allocations; the op kernels are a guess at all that. Held-out (each of 7 test
     models left out of the fit, 40 synthetic models in it), the planner's summed op costs vs
-    the measured step: per-role factors fitted on kernel sums (geometric mean, the previous
-    model) 2 of 7 within +-10 %, mean |error| 25 %; per role and family against the step
-    3 of 7 (and one at +10.6 %), 16 %."""
+    the measured step, on two calibrations of this CPU (mean |error|, models within +-10 %):
+    per-role factors fitted on kernel sums (geometric mean, session 2) 27 % (2 of 7) and 23 %
+    (2); per role against the step 16 % (3) and 16 % (2); per role and family against the step
+    16 % (4) and 32 % (1): its 13 factors follow the fusion patterns of the training models
+    (``forward/loss`` 3 to 72 from one held-out model to the next)."""
     from splitc.cost_models.base import OpFeatures
 
     by_w = {s["workload"]: s for s in steps if s["seconds"] > 0}
-    fam_cols, role_cols, meas, n = [], [], [], []
+    cols, meas, n = [], [], []
     for o in ops_rows:
         if o["workload"] not in by_w:
             continue
@@ -162,24 +163,17 @@ def _op_fit(steps: list[dict], ops_rows: list[dict], prof: DeviceProfile,
             continue
         t = 10.0 ** reg.predict(np.array([vector(k, prof.peak("float32"), prof.mem_bandwidth)
                                           for k in ks]))
-        fam: dict = defaultdict(float)
         role: dict = defaultdict(float)
         for k, tk in zip(ks, t):
-            fam[f"{k.role}/{k.family}"] += float(tk)
             role[f"{k.role}/*"] += float(tk)
-        fam_cols.append(fam)
-        role_cols.append(role)
+        cols.append(role)
         meas.append(by_w[o["workload"]]["seconds"])
         n.append(len(ks))
     if not meas:
         return {}, 0.0
-    per_role, _ = _nnls_rel(role_cols, meas, n)
-    per_fam, ovh = _nnls_rel(fam_cols, meas, n)
-    # a zero factor (NNLS at its bound) would make those ops free for the planner: the
-    # role's factor serves them instead
-    scale = {k: v for k, v in per_role.items() if v > 0}
-    scale.update({k: v for k, v in per_fam.items() if v > 0})
-    return {k: float(v) for k, v in sorted(scale.items())}, ovh
+    scale, ovh = _nnls_rel(cols, meas, n)
+    # a zero factor (NNLS at its bound) would make a whole role free for the planner: 1 then
+    return {k: float(v) if v > 0 else 1.0 for k, v in sorted(scale.items())}, ovh
 
 
 def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_trees")

@@ -18,9 +18,9 @@ is scheduled) and the best overall (``kernel_regressor``: kernels with schedule 
   >= 30 measured kernels, a depth-3 one for the rest: a conv and an elementwise kernel share
   little.
 
-Op costs: ``op_kernels`` turns an op into idealised kernels; ``op_scale`` (per role and
-family) and ``op_overhead`` (per op kernel), fitted by ``fit.py: _op_fit`` against measured
-whole steps, correct their sum towards the step TVM really runs.
+Op costs: ``op_kernels`` turns an op into idealised kernels; ``op_scale`` (per role) and
+``op_overhead`` (per op kernel), fitted by ``fit.py: _op_fit`` against measured whole steps,
+correct their sum towards the step TVM really runs.
 
 Kernels are timed alone (hot caches, no VM around them); inside the compiled step they run
 slower. So a kernel's time in a step is ``step_scale x predicted + call_overhead``, both fitted
@@ -270,7 +270,7 @@ class LearnedModel:
         self.families = frozenset(data["families"])
         self.call_overhead = float(data.get("call_overhead", 0.0))
         self.step_scale = float(data.get("step_scale", 1.0))
-        # op kernels -> the measured step, per "role/family", else "role/*" (fit.py: _op_fit)
+        # op kernels -> the measured step, per "role/*" (fit.py: _op_fit)
         self.op_scale = {k: float(v) for k, v in data.get("op_scale", {}).items()}
         self.op_overhead = float(data.get("op_overhead", 0.0))
         # kernels measured in calibration: their fastest time, by features.kernel_key
@@ -313,8 +313,7 @@ class LearnedModel:
                 t[i] = self.prior.compute_time(int(k.flops), k.bytes_read + k.bytes_written,
                                                k.dtype) + p.kernel_overhead
             elif op_level:
-                t[i] *= self.op_scale.get(f"{k.role}/{k.family}",
-                                          self.op_scale.get(f"{k.role}/*", 1.0))
+                t[i] *= self.op_scale.get(f"{k.role}/*", 1.0)
         if op_level:  # op_scale and op_overhead were fitted against whole steps
             return t + self.op_overhead
         return self.step_scale * t + self.call_overhead
