@@ -134,7 +134,9 @@ def _emit(bb, conv, kh: int, kw: int):
     def compute(x, dy):
         return weight_grad_te(x, dy, s, pad, kh, kw, dtype)
 
-    return bb.call_te(compute, conv.args[0], conv.args[1], primfunc_name_hint="conv_weight_grad")
+    # "conv2d_...": cost_models.features.parse_kinds files the kernel in the conv family
+    hint = "conv2d_weight_grad"
+    return bb.call_te(compute, conv.args[0], conv.args[1], primfunc_name_hint=hint)
 
 
 def legalize_conv_weight_grads(mod):

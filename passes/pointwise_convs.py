@@ -96,7 +96,8 @@ def _rewrite(bb, call):
         def conv(x, w):
             return pointwise_te(x, lambda o, i: w[o, i, 0, 0], c_out, s, dtype)
 
-        return bb.call_te(conv, *call.args, primfunc_name_hint="conv1x1_gemm")
+        # "conv2d_...": cost_models.features.parse_kinds files it in the conv family
+        return bb.call_te(conv, *call.args, primfunc_name_hint="conv2d_pixels")
     if (
         call.op.same_as(_CONV2D_T)
         and _common(call, "IOHW")
@@ -108,7 +109,7 @@ def _rewrite(bb, call):
         def conv_t(dy, w):
             return pointwise_te(dy, lambda o, i: w[i, o, 0, 0], c_out, 1, dtype)
 
-        return bb.call_te(conv_t, *call.args, primfunc_name_hint="conv1x1_transpose_gemm")
+        return bb.call_te(conv_t, *call.args, primfunc_name_hint="conv2d_transpose_pixels")
     return None
 
 

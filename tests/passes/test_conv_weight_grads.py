@@ -61,7 +61,7 @@ def test_weight_grad_equals_torch(xs, ws, stride, pad, scheduled):
     mod, gs = _grad_module(xs, ws, stride, pad)
     new = legalize_conv_weight_grads(mod)
     ops = _ops(new)
-    assert "conv_weight_grad" in ops and "relax.strided_slice" not in ops
+    assert "conv2d_weight_grad" in ops and "relax.strided_slice" not in ops
     assert ops.count("relax.nn.conv2d") == 1  # the forward conv alone
     target = host_llvm_target() if scheduled else tvm.target.Target("llvm")
     fallbacks = []
@@ -75,7 +75,7 @@ def test_weight_grad_equals_torch(xs, ws, stride, pad, scheduled):
         torch.from_numpy(x), ws, torch.from_numpy(g), stride=stride, padding=pad
     )
     np.testing.assert_allclose(out[1][0].numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
-    assert [f.kernel for f in fallbacks if "conv_weight_grad" in f.kernel] == []
+    assert [f.kernel for f in fallbacks if "conv2d_weight_grad" in f.kernel] == []
 
 
 @pytest.mark.parametrize(
@@ -109,7 +109,7 @@ def test_slice_with_a_second_user_keeps_the_window():
         bb.emit_func_output(both)
     new = legalize_conv_weight_grads(bb.get())
     ops = _ops(new, "main")
-    assert ops.count("conv_weight_grad") == 1 and ops.count("relax.strided_slice") == 1
+    assert ops.count("conv2d_weight_grad") == 1 and ops.count("relax.strided_slice") == 1
     rng = np.random.default_rng(1)
     xn = rng.standard_normal((2, 16, 8, 8), "float32")
     gn = rng.standard_normal((2, 8, 4, 4), "float32")

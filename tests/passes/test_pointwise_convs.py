@@ -45,9 +45,9 @@ def _called(mod) -> list[str]:
 @pytest.mark.parametrize(
     "xs,ws,stride,transpose,kernel",
     [
-        ((2, 16, 7, 7), (24, 16, 1, 1), 1, False, "conv1x1_gemm"),  # 98 pixels, padded to 112
-        ((2, 16, 8, 8), (8, 16, 1, 1), 2, False, "conv1x1_gemm"),  # every other pixel
-        ((2, 16, 5, 5), (16, 24, 1, 1), 1, True, "conv1x1_transpose_gemm"),  # a data gradient
+        ((2, 16, 7, 7), (24, 16, 1, 1), 1, False, "conv2d_pixels"),  # 98 pixels, padded to 112
+        ((2, 16, 8, 8), (8, 16, 1, 1), 2, False, "conv2d_pixels"),  # every other pixel
+        ((2, 16, 5, 5), (16, 24, 1, 1), 1, True, "conv2d_transpose_pixels"),  # a data gradient
     ],
 )
 @pytest.mark.parametrize("scheduled", [False, True])
@@ -86,4 +86,4 @@ def test_default_schedule_rewrites_data_gradients_before_the_phase_legalization(
     1x1 GEMM rewrite must run before it in default_cpu_schedule."""
     mod = default_cpu_schedule(_module((2, 16, 5, 5), (16, 24, 1, 1), transpose=True), "llvm")
     names = [gv.name_hint for gv in mod.functions]
-    assert any("conv1x1_transpose_gemm" in n for n in names), names
+    assert any("conv2d_transpose_pixels" in n for n in names), names
