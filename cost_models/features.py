@@ -53,8 +53,12 @@ _COMPOUND = ("conv1d_transpose", "conv2d_transpose", "conv3d_transpose", "collap
 _NOISE = {"fused", "tir", "te", "no", "without", "weight", "backward", "nn", "relax", "compute"}
 _FAMILY_KINDS = {
     "conv_t": {"conv1d_transpose", "conv2d_transpose", "conv3d_transpose"},
-    "conv": {"conv1d", "conv2d", "conv3d"},
-    "matmul": {"matmul", "dense", "batch_matmul", "einsum", "attention", "outer"},
+    # "conv" and "conv1x" (+ "gemm"): the tokens of passes/conv_weight_grads.py's
+    # ``conv_weight_grad`` and pointwise_convs.py's ``conv1x1_gemm`` / ``conv1x1_transpose_gemm``
+    # ("conv1x1" loses its trailing digit as a de-duplication suffix); without them those
+    # kernels, 18 % of the test models' step time, were "ewise" and "layout"
+    "conv": {"conv1d", "conv2d", "conv3d", "conv", "conv1x"},
+    "matmul": {"matmul", "dense", "batch_matmul", "einsum", "attention", "outer", "gemm"},
     "loss": {"nll_loss", "cross_entropy", "loss"},
     "softmax": {"softmax", "log_softmax"},
     "norm": {"layer_norm", "group_norm", "batch_norm", "rms_norm", "instance_norm"},
@@ -63,6 +67,7 @@ _FAMILY_KINDS = {
                "collapse_sum", "cumsum"},
     "layout": {"reshape", "transpose", "permute_dims", "expand_dims", "broadcast_to", "concat",
                "split", "strided_slice", "squeeze", "flatten", "batch_flatten", "take", "tile",
+               "concatenate",
                "repeat", "pad", "layout_transform", "astype", "copy", "stack", "flip"},
 }
 
@@ -133,6 +138,8 @@ def parse_kinds(kernel_name: str) -> tuple[str, ...]:
     ('conv2d_transpose', 'add', 'less', 'where')
     >>> parse_kinds("te_nll_loss_backward_no_weight")
     ('nll_loss',)
+    >>> [family_of(parse_kinds(n)) for n in ("fused_conv1x1_gemm1_add3", "conv_weight_grad1")]
+    ['conv', 'conv']
     """
     toks = [re.sub(r"(?<=[a-z])\d+$", "", t) for t in kernel_name.lower().split("_") if t]
     # conv2d keeps its "2d"; "conv2d1" -> "conv2d" since the regex only strips after a letter
