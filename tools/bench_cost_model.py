@@ -49,7 +49,8 @@ def _models(out: Path) -> dict[str, Path]:
         return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                              nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
                              nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)), (8, 3, 32, 32)
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(64, 10)), (8, 3, 32, 32)
 
     def mlp():
         return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
