@@ -15,9 +15,15 @@ a GEMM-shaped reduction (rows: output channels, lanes: input channels, contiguou
 over exactly the filter's positions. A 1x1 filter without padding copies only the pixels it
 reads (``xp[n, h, w, i] = x[n, i, s*h, s*w]``, a quarter of ``x`` at s=2).
 
+ResNet-50 b8, 1 thread, same run (TVM's window + slice -> this): 1x1 stride 2 132 -> 24 ms
+(7x7 out), 200 -> 29 (14x14), 230 -> 23 (28x28); 3x3 stride 2 73 -> 37 and 51 -> 31 ms; 1x1
+stride 1 40 -> 10, 17 -> 11, 15 -> 9 ms.
+
 Matched: a ``conv2d`` with those layouts, groups 1, ``strides`` 1 (the forward's dilation),
-and either no consumer slice (window == filter) or a ``strided_slice`` from 0 with step 1
-that is its only user. Anything else keeps TVM's legalization. ``passes/schedules.py`` and
+input channels a multiple of 8 (the vector lanes), a 1x1 window or a stride above 1 (a 3x3
+stride-1 gradient has no excess window and TVM's kernel is as fast), and either no consumer
+slice (window == filter) or a ``strided_slice`` from 0 with step 1 that is its only user.
+Anything else keeps TVM's legalization. ``passes/schedules.py`` and
 ``passes/build.py`` run it on llvm builds before ``LegalizeOps`` (after Gradient).
 """
 
