@@ -120,6 +120,7 @@ def default_cpu_schedule(
     tile_knobs: Callable[[str, tirx.PrimFunc], object | None] | None = None,
     rewrite_matmuls: bool = True,
     fast_math: bool = True,
+    conv_kernels: bool = True,
 ) -> IRModule:
     """Rewrite matmul gradients, legalize, fuse and schedule every kernel for an ``llvm`` target.
 
@@ -135,7 +136,8 @@ def default_cpu_schedule(
     dense phase convolutions (``passes/conv_transpose_phases.py``) and conv weight gradients
     as direct channels-last kernels (``passes/conv_weight_grads.py``) and 1x1 convs as GEMMs
     over all pixels of the batch (``passes/pointwise_convs.py``), max-pool gradients as
-    vectorisable reductions (``passes/max_pool_grads.py``) before the rest.
+    vectorisable reductions (``passes/max_pool_grads.py``) before the rest
+    (``conv_kernels=False``: the last three not, for before/after measurements).
     ``fast_math=False`` keeps libm's ``expf``/``erff`` (exact to 1 ulp, scalar) instead of the
     polynomials of ``passes/fast_math.py`` (``exp``: 8e-8 relative, ``erf``: 4e-7 absolute).
     """
@@ -148,8 +150,11 @@ def default_cpu_schedule(
     if rewrite_matmuls:
         mod = rewrite_grads(mod)[0]
     # pointwise first: legalize_strided_conv_transposes legalizes every conv2d_transpose
-    mod = legalize_conv_weight_grads(legalize_pointwise_convs(mod))
-    mod = legalize_max_pool_grads(legalize_strided_conv_transposes(mod))
+    if conv_kernels:
+        mod = legalize_conv_weight_grads(legalize_pointwise_convs(mod))
+    mod = legalize_strided_conv_transposes(mod)
+    if conv_kernels:
+        mod = legalize_max_pool_grads(mod)
     mod = lower_for_schedule(mod, target)
     updates = {}
     for gv, func in mod.functions.items():

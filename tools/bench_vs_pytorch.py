@@ -18,7 +18,9 @@ column checks that.
 With ``--threads 1`` the PyTorch step and the TVM builds are timed in turn (round robin), so
 load from other processes on a shared machine hits all of them alike; with more threads
 PyTorch is timed first (TVM's idle pool workers would slow PyTorch's OpenMP threads).
-``--ablate`` adds the schedules without ``RewriteGrads`` and the exp/erf polynomials.
+``--ablate`` adds the schedules without ``RewriteGrads``, the exp/erf polynomials and the
+conv / max-pool kernels of ``passes/conv_weight_grads.py``, ``pointwise_convs.py`` and
+``max_pool_grads.py``.
 """
 
 from __future__ import annotations
@@ -245,8 +247,9 @@ def kernel_profile(mod, target, func: str = "backbone_loss_adjoint", top: int = 
 
 
 # ------------------------------------------------------------------------------- CLI
-# --ablate: the schedule rules alone (no RewriteGrads, libm exp/erf); the transpose rule stays
-_BARE = {"rewrite_matmuls": False, "fast_math": False}
+# --ablate: the schedule rules alone (no RewriteGrads, libm exp/erf, TVM's own conv weight
+# gradient, 1x1 conv and max-pool backward legalizations); the transpose rule stays
+_BARE = {"rewrite_matmuls": False, "fast_math": False, "conv_kernels": False}
 
 
 @click.command()

@@ -87,3 +87,13 @@ def test_default_schedule_rewrites_data_gradients_before_the_phase_legalization(
     mod = default_cpu_schedule(_module((2, 16, 5, 5), (16, 24, 1, 1), transpose=True), "llvm")
     names = [gv.name_hint for gv in mod.functions]
     assert any("conv2d_transpose_pixels" in n for n in names), names
+
+
+def test_conv_kernels_off_keeps_tvm_conv():
+    """default_cpu_schedule(conv_kernels=False) (the benchmark's --ablate) leaves 1x1 convs to
+    TVM's own legalization."""
+    mod = _module((2, 16, 7, 7), (24, 16, 1, 1))
+    on = [gv.name_hint for gv in default_cpu_schedule(mod, "llvm").functions]
+    off = [gv.name_hint for gv in default_cpu_schedule(mod, "llvm", conv_kernels=False).functions]
+    assert any("conv2d_pixels" in n for n in on), on
+    assert not any("pixels" in n for n in off) and any("conv2d" in n for n in off), off
