@@ -53,10 +53,10 @@ _COMPOUND = ("conv1d_transpose", "conv2d_transpose", "conv3d_transpose", "collap
 _NOISE = {"fused", "tir", "te", "no", "without", "weight", "backward", "nn", "relax", "compute"}
 _FAMILY_KINDS = {
     "conv_t": {"conv1d_transpose", "conv2d_transpose", "conv3d_transpose"},
-    # "conv" and "conv1x" (+ "gemm"): the tokens of passes/conv_weight_grads.py's
-    # ``conv_weight_grad`` and pointwise_convs.py's ``conv1x1_gemm`` / ``conv1x1_transpose_gemm``
-    # ("conv1x1" loses its trailing digit as a de-duplication suffix); without them those
-    # kernels, 18 % of the test models' step time, were "ewise" and "layout"
+    # the CPU legalizations name their kernels conv2d_weight_grad (passes/conv_weight_grads.py)
+    # and conv2d_pixels / conv2d_transpose_pixels (pointwise_convs.py), which parse as conv and
+    # conv_t; "conv", "conv1x" and "gemm" keep the earlier names of this session's
+    # calibrations (conv_weight_grad, conv1x1_gemm) in the conv family rather than "ewise"
     "conv": {"conv1d", "conv2d", "conv3d", "conv", "conv1x"},
     "matmul": {"matmul", "dense", "batch_matmul", "einsum", "attention", "outer", "gemm"},
     "loss": {"nll_loss", "cross_entropy", "loss"},
