@@ -81,12 +81,11 @@ def main(models, repeats, threads, kernels, trials, out, image):
     import torch
     import tvm
     from splitc.cost_models.rpc import Runner
-    from splitc.passes.rewrite_grads import rewrite_grads
-    from splitc.passes.schedules import default_cpu_schedule, lower_for_schedule
+    from splitc.passes.build import lower_side
+    from splitc.passes.schedules import default_cpu_schedule
     from splitc.passes.targets import host_target
     from splitc.passes.tune_knobs import knob_lookup, load_knobs, tune_side_knobs
     from splitc.tools.bench_vs_pytorch import make_case, torch_times
-    from tvm import relax
 
     torch.set_num_threads(threads)
     tgt = host_target()
@@ -99,8 +98,9 @@ def main(models, repeats, threads, kernels, trials, out, image):
     for name, mod, params, opt_state, x, y, model, pt_train in cases:
         xn, yn = x.numpy(), y.numpy().astype("int64")
         db = Path(out) / name
-        with tgt:
-            low = lower_for_schedule(relax.transform.LegalizeOps()(rewrite_grads(mod)[0]), tgt)
+        # the kernels default_cpu_schedule builds (all of build.rewrite_for_cpu's rewrites), so
+        # the records, keyed by kernel structure, match them
+        low = lower_side(mod, tgt)
         runner = Runner("llvm")
         t0 = time.perf_counter()
         tune_side_knobs(
