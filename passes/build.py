@@ -205,15 +205,9 @@ def rewrite_for_cpu(sub: tvm.IRModule) -> tvm.IRModule:
     ``passes/pointwise_convs.py`` (1x1 convs as GEMMs over all pixels) and
     ``passes/max_pool_grads.py``; llvm builds only: the GPU build keeps the ops dlight's rules
     recognise."""
-    from splitc.passes.conv_transpose_phases import legalize_strided_conv_transposes
-    from splitc.passes.conv_weight_grads import legalize_conv_weight_grads
-    from splitc.passes.max_pool_grads import legalize_max_pool_grads
-    from splitc.passes.pointwise_convs import legalize_pointwise_convs
-    from splitc.passes.rewrite_grads import rewrite_grads
+    from splitc.passes.schedules import cpu_graph_rewrites
 
-    # pointwise first: legalize_strided_conv_transposes legalizes every conv2d_transpose
-    sub = legalize_conv_weight_grads(legalize_pointwise_convs(rewrite_grads(sub)[0]))
-    return legalize_max_pool_grads(legalize_strided_conv_transposes(sub))
+    return cpu_graph_rewrites(sub)
 
 
 def _why(e: Exception) -> str:

@@ -67,6 +67,7 @@ _SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
 __all__ = [
     "DefaultCPUSchedule",
     "KernelFallback",
+    "cpu_graph_rewrites",
     "default_cpu_schedule",
     "default_schedule",
     "host_llvm_target",
@@ -112,6 +113,24 @@ def lower_for_schedule(mod: IRModule, target: tvm.target.Target) -> IRModule:
         return seq(mod)
 
 
+def cpu_graph_rewrites(
+    mod: IRModule, *, rewrite_matmuls: bool = True, conv_kernels: bool = True
+) -> IRModule:
+    """The Relax-level rewrites of llvm builds, before ``LegalizeOps`` (``default_cpu_schedule``
+    and ``build.rewrite_for_cpu`` both run exactly this): ``rewrite_grads``, then
+    ``pointwise_convs`` (first: ``legalize_strided_conv_transposes`` legalizes every
+    ``conv2d_transpose``), ``conv_weight_grads``, ``conv_transpose_phases`` and
+    ``max_pool_grads``. The GPU build runs none of them: dlight's rules expect the plain ops."""
+    if rewrite_matmuls:
+        mod = rewrite_grads(mod)[0]
+    if conv_kernels:
+        mod = legalize_conv_weight_grads(legalize_pointwise_convs(mod))
+    mod = legalize_strided_conv_transposes(mod)
+    if conv_kernels:
+        mod = legalize_max_pool_grads(mod)
+    return mod
+
+
 def default_cpu_schedule(
     mod: IRModule,
     target,
@@ -147,14 +166,7 @@ def default_cpu_schedule(
             f"Schedules: default_cpu_schedule needs an llvm target, got "
             f"{target.kind.name}; call default_schedule for GPU targets"
         )
-    if rewrite_matmuls:
-        mod = rewrite_grads(mod)[0]
-    # pointwise first: legalize_strided_conv_transposes legalizes every conv2d_transpose
-    if conv_kernels:
-        mod = legalize_conv_weight_grads(legalize_pointwise_convs(mod))
-    mod = legalize_strided_conv_transposes(mod)
-    if conv_kernels:
-        mod = legalize_max_pool_grads(mod)
+    mod = cpu_graph_rewrites(mod, rewrite_matmuls=rewrite_matmuls, conv_kernels=conv_kernels)
     mod = lower_for_schedule(mod, target)
     updates = {}
     for gv, func in mod.functions.items():
