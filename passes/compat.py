@@ -19,7 +19,7 @@ __all__ = [
     "var_name",
     # types
     "expr_ty", "is_tensor_ty", "is_tuple_ty", "is_shape_ty", "is_prim_ty", "tensor_dtype",
-    "tensor_shape", "static_shape", "tensor_ty_of", "tuple_fields",
+    "tensor_shape", "static_shape", "has_static_shape", "tensor_ty_of", "tuple_fields",
     # ops
     "get_op", "call_op_name", "is_op_call",
     # functions
@@ -96,6 +96,13 @@ def static_shape(ty) -> tuple[int, ...] | None:
     if s is None or not all(isinstance(d, int) for d in s):
         return None
     return s
+
+
+def has_static_shape(expr) -> bool:
+    """Whether ``expr`` is a tensor whose every dim is known (the CPU legalizations match only
+    those)."""
+    ty = getattr(expr, "ty", None)
+    return is_tensor_ty(ty) and static_shape(ty) is not None
 
 
 def tensor_ty_of(expr: relax.Expr):

@@ -30,6 +30,7 @@ Anything else keeps TVM's legalization. ``passes/schedules.py`` and
 from __future__ import annotations
 
 import tvm
+from splitc.passes.compat import has_static_shape
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -95,13 +96,7 @@ def _is_weight_grad(call) -> bool:
     if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
         return False
     at = call.attrs
-    static = all(
-        isinstance(a.ty, relax.TensorType)
-        and a.ty.shape is not None
-        and all(isinstance(d, tvm.tirx.IntImm) for d in a.ty.shape.values)
-        for a in call.args
-    )
-    if not static:
+    if not all(has_static_shape(a) for a in call.args):
         return False
     ci, k = int(call.args[0].ty.shape.values[1]), int(call.ty.shape.values[2])
     return (
@@ -198,17 +193,8 @@ def _sliced_weight_grads(func) -> dict:
                 and isinstance(v.args[0], relax.Var)
                 and _is_weight_grad(bound.get(v.args[0]))
                 and uses.get(v.args[0], 0) == 1
-                and _static(v)
+                and has_static_shape(v)
                 and _slice_from_zero(v)
             ):
                 out[v] = bound[v.args[0]]
     return out
-
-
-def _static(call) -> bool:
-    ty = call.ty
-    return (
-        isinstance(ty, relax.TensorType)
-        and ty.shape is not None
-        and all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values)
-    )

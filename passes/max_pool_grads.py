@@ -22,6 +22,7 @@ on llvm builds before ``LegalizeOps``.
 from __future__ import annotations
 
 import tvm
+from splitc.passes.compat import has_static_shape
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -87,16 +88,10 @@ def max_pool_grad_te(dy, x, pool: list[int], strides: list[int], pad: list[int])
 
 def _matched(call) -> bool:
     at = call.attrs
-    static = all(
-        isinstance(a.ty, relax.TensorType)
-        and a.ty.shape is not None
-        and all(isinstance(d, tvm.tirx.IntImm) for d in a.ty.shape.values)
-        for a in call.args
-    )
     pool = [int(v) for v in at.pool_size]
     pad = [int(v) for v in at.padding]
     return (
-        static
+        all(has_static_shape(a) for a in call.args)
         and at.layout == "NCHW"
         and not bool(at.ceil_mode)
         and all(int(v) == 1 for v in at.dilation)

@@ -24,6 +24,7 @@ run it on llvm builds before ``LegalizeOps`` (after Gradient).
 from __future__ import annotations
 
 import tvm
+from splitc.passes.compat import has_static_shape
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -62,20 +63,11 @@ def pointwise_te(x, weight, c_out: int, stride: int, dtype: str):
     )
 
 
-def _static(expr) -> bool:
-    ty = getattr(expr, "ty", None)
-    return (
-        isinstance(ty, relax.TensorType)
-        and ty.shape is not None
-        and all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values)
-    )
-
-
 def _common(call, kernel_layout: str) -> bool:
     at = call.attrs
     return (
-        all(_static(a) for a in call.args)
-        and _static(call)
+        all(has_static_shape(a) for a in call.args)
+        and has_static_shape(call)
         and at.data_layout == "NCHW"
         and at.kernel_layout == kernel_layout
         and at.out_layout == "NCHW"
