@@ -253,7 +253,9 @@ class _FatbinPacker:
             ]
             r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
-                tail = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+                # the first error, not nvcc's last line ("Compilation terminated.")
+                lines = r.stderr.strip().splitlines() or ["?"]
+                tail = next((ln for ln in lines if " error" in ln), lines[-1])[:200]
                 raise BuildError(
                     f"Build: nvcc failed for {self.arch} ({tail}); check the CUDA "
                     "toolkit supports this arch"

@@ -1,6 +1,8 @@
 """DeviceHalf / ServerHalf (runtime/halves.py) over the TVM runtime and a verified split.tar.
 
-Only runtime APIs: ``tvm.runtime.load_module`` and ``tvm.relax.VirtualMachine``. Argument
+Only runtime APIs, ``tvm.runtime.load_module`` and ``tvm.runtime.vm.VirtualMachine`` (not
+``tvm.relax``, whose import needs the compiler library): a server or board needs only TVM's
+runtime (``TVM_USE_RUNTIME_LIB=1``, or a copy without ``libtvm_compiler.so``). Argument
 orders come from each side's manifest.json (written by passes/package.py):
 
 - ``device_forward(inputs..., params..., state...) -> (cut..., residuals..., new state...)``
@@ -29,7 +31,7 @@ class _Half:
 
     def __init__(self, pkg: SplitPackage, dev=None):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine
 
         self._tvm = tvm
         man = pkg.manifest(self.side)
@@ -42,7 +44,7 @@ class _Half:
         self._dir = tempfile.TemporaryDirectory(prefix=f"splitc-{self.side}-")
         lib_path = os.path.join(self._dir.name, "lib.so")
         Path(lib_path).write_bytes(pkg.library(self.side))
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(lib_path), self.dev)
+        self.vm = VirtualMachine(tvm.runtime.load_module(lib_path), self.dev)
         self.param_names = list(man["params"])
         self.state_names = list(man["state"])
         p = pkg.arrays(self.side, "params.npz")

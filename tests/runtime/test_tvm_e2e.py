@@ -102,3 +102,48 @@ def test_split_over_loopback_equals_unsplit(packages, start_server, tmp_path):
     np.testing.assert_allclose(res3.losses, res.losses[3:], rtol=1e-6)
     for k, v in _params(dev3, srv2).items():
         np.testing.assert_allclose(v, p_split[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+_RUNTIME_ONLY_SCRIPT = """
+import json, sys
+import numpy as np
+import tvm
+from splitc.runtime.tvm_halves import load_device_half, load_server_half
+
+dev, srv = load_device_half(sys.argv[1]), load_server_half(sys.argv[1])
+inp = np.load(sys.argv[2])
+loss, g = srv.step(dev.forward([inp["x"]]), inp["y"])
+dev.backward(g)
+np.savez(sys.argv[3], loss=loss, **(dev.state_dict() | srv.state_dict()))
+print(json.dumps({"runtime_only": bool(tvm.base._RUNTIME_ONLY),
+                  "relax": sorted(m for m in sys.modules if m.startswith("tvm.relax"))}))
+"""
+
+
+def test_halves_run_on_the_tvm_runtime_alone(packages, tmp_path):
+    """A server or board needs TVM's runtime only (no ``libtvm_compiler.so``, no
+    ``tvm.relax``): one split step in a process with TVM_USE_RUNTIME_LIB=1 equals the same step
+    here, where the compiler is loaded."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    dev, srv = _halves(packages["split"])
+    loader = _data(dev, srv)
+    x, y = loader.batch(0)
+    np.savez(tmp_path / "in.npz", x=x, y=y)
+    loss, g = srv.step(dev.forward([x]), y)
+    dev.backward(g)
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    r = subprocess.run(
+        [sys.executable, "-c", _RUNTIME_ONLY_SCRIPT, str(packages["split"]),
+         str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"runtime_only": True, "relax": []}
+    got = np.load(tmp_path / "out.npz")
+    assert float(got["loss"]) == loss
+    for k, v in (dev.state_dict() | srv.state_dict()).items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
