@@ -14,11 +14,12 @@
    runs: in ``*_adjoint`` functions the forward ends at the first binding whose var is an
    ``*_adjoint`` (``relax.transform.Gradient`` emits the whole forward first), ``*_update``
    kernels are the optimizer.
-3. Measurement (``cost_models/rpc.py``): the kernels are built into one library and timed
-   one by one with ``time_evaluator`` (warm-up call, up to ``repeats`` timings of >= 1 ms,
-   the minimum recorded; ``recheck`` times tested workloads twice); the whole step
-   (``server_step`` + ``server_update``, through flat wrappers since RPC cannot pass nested
-   tuples) is timed through the Relax VM, so ``step ~ step_scale x sum(kernels) +
+3. Measurement (``cost_models/rpc.py``, ``sampling.py``): the kernels are built into one
+   library, the whole step (``server_step`` + ``server_update``, through flat wrappers since
+   RPC cannot pass nested tuples) compiled for the Relax VM, and both are timed together in
+   rounds with ``time_evaluator`` (warm-up call, ``repeats`` timings of >= 1 ms spread over
+   >= ``rounds`` rounds, more rounds until one ran on a quiet machine, the minimum recorded;
+   ``recheck`` times tested workloads twice), so ``step ~ step_scale x sum(kernels) +
    call_overhead x calls`` can be fitted. Locally or on a board through TVM's RPC tracker (no
    authentication: trusted networks only, see ``cost_models/rpc.py``).
 4. Dataset (``dataset.py``): JSON lines, one row per (workload, function, role, kernel) with
@@ -63,6 +64,7 @@ from splitc.cost_models.kernels import resolve as _target
 from splitc.cost_models.kernels import scheduled as _schedule
 from splitc.cost_models.kernels import vm_specs as _vm_specs
 from splitc.cost_models.profiles import DeviceProfile
+from splitc.cost_models.sampling import Probe, time_rounds
 from splitc.cost_models.workloads import Workload, model_module, sweep_module, synthetic_models
 
 __all__ = [
@@ -94,8 +96,13 @@ class CalibrateConfig:
     rpc_key: str | None = None
     models: tuple[Path, ...] = ()  # ONNX files; empty -> default_models()
     batch_sizes: tuple[int, ...] = ()  # fills symbolic batch dims; empty -> model's own
-    # 30 timings of >= 1 ms each, the minimum recorded (rpc.py: Timing says why)
+    # 30 timings of >= 1 ms each over the rounds, the minimum recorded (rpc.py: Timing,
+    # sampling.py: time_rounds say why)
     repeats: int = 30
+    rounds: int = 3  # each kernel and the step sampled in >= 3 rounds, in turn
+    # more rounds (up to this) until one ran on a quiet machine (the probe within 5 % of its
+    # best before and after); == rounds: no probe, exactly `rounds` rounds
+    max_rounds: int = 8
     number: int = 1  # calls per timing, grown until one timing lasts min_repeat_ms
     min_repeat_ms: int = 1
     # time every kernel (and the step) of a tested (not training-only) workload a second time
@@ -120,8 +127,8 @@ class CalibrateConfig:
         return Path(self.dataset) if self.dataset else Path(self.output).with_suffix(".jsonl")
 
 
-# timing budget per kernel: 30 x 1 ms timings for the many microsecond kernels, >= 5 timings
-# of the few slow ones (rpc.py: Runner.time_kernels)
+# timing budget per kernel over all rounds: 30 x 1 ms timings for the many microsecond
+# kernels, >= 2 a round of the few slow ones (sampling.py: time_rounds)
 _BUDGET_S = 0.06
 
 
@@ -137,9 +144,12 @@ def _tvm_version() -> str:
 
 
 def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
-                     emit: Callable[[dict], None], say: Callable[[str], None]) -> None:
+                     emit: Callable[[dict], None], say: Callable[[str], None],
+                     probe: Probe | None = None) -> None:
     """Compile ``w`` as the build does, time its kernels (skipping keys in ``done``) and its
-    whole step, and ``emit`` one row per kernel and one ``step`` row."""
+    whole step in rounds (``sampling.py: time_rounds``; ``probe``, shared by every workload
+    of a calibration, decides when a round was quiet), and ``emit`` one row per kernel and
+    one ``step`` row."""
     import tvm
     from splitc.cost_models.tir_features import schedule_features
     from tvm import tirx
@@ -166,65 +176,78 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
             "tvm": _tvm_version(), "splitc": __version__,
             "repeats": cfg.repeats, "number": cfg.number, "min_repeat_ms": cfg.min_repeat_ms,
             "stat": "min", "threads": runner.threads, "schema": DATASET_VERSION,
+            "rounds": cfg.rounds, "max_rounds": cfg.max_rounds,
             "schedules": _schedules_label(cfg)}
     todo = [(k, cs) for k, cs in groups.items() if row_key(w.key, *k[:3]) not in done]
     # training-only workloads are not tested on: their noise floor is not needed (half the
     # timing time of a calibration with 40 synthetic models)
     recheck = cfg.recheck and not w.train_only
+    step = bool(w.step) and row_key(w.key, "step", "", "") not in done
     say(f"{w.key}: {len(groups)} kernels ({len(calls)} calls), {len(todo)} to measure")
+    lib = vm = None
     if todo:
         syms = sorted({k[2] for k, _ in todo})
         lib = tvm.tirx.build(tvm.IRModule({s: prims[s].with_attr("global_symbol", s)
                                            for s in syms}), target=target)
         lib = runner.load(lib, f"k{abs(hash(w.key)) % 10**8}")
         say(f"{w.key}: scheduled and built in {time.perf_counter() - t0:.1f} s")
-        tcalls = [(k[2], list(k[3])) for k, _ in todo]
-        ts = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms,
-                                 _BUDGET_S)
-        # again, after the whole first measurement: the noise floor of any fit
-        again = runner.time_kernels(lib, tcalls, cfg.repeats, cfg.number, cfg.min_repeat_ms,
-                                    _BUDGET_S) if recheck else [None] * len(todo)
-        rows = []
-        for i, (((fname, role, sym, specs), cs), t, t2) in enumerate(zip(todo, ts, again)):
-            try:
-                flops = float(estimate_tir_flops(tvm.IRModule({sym: prims[sym]})))
-            except Exception:  # noqa: BLE001 - opaque extern calls have no FLOP estimate
-                flops = 0.0
-            sf = schedule_features(prims[sym], target)
-            rows.append({"type": "kernel", "workload": w.key, "model": w.model,
-                         "function": fname, "role": role, "symbol": sym, "calls": len(cs),
-                         "features": _features(cs[0], flops, "T.parallel(" in prims[sym].script(),
-                                               sf).to_json(),
-                         "seconds": t.seconds, "median": t.median, "spread": t.spread,
-                         "date": now(), **prov})
-            if t2 is not None:
-                rows[-1].update(seconds=min(t.seconds, t2.seconds), seconds_first=t.seconds,
-                                seconds_again=t2.seconds, median_again=t2.median)
-            say(f"{w.key}: kernel {i + 1}/{len(todo)} {sym} {t.seconds * 1e6:.2f} us")
-        for r in rows:
-            emit(r)
+    specs = {}
+    if step:
+        # compiled before timing: the kernels and the step are sampled in the same rounds
+        vm = runner.vm(runner.load(tvm.compile(sched, target=target),
+                                   f"s{abs(hash(w.key)) % 10**8}"))
+        specs = {f: _vm_specs(sched[f]) for f in w.step}
+        say(f"{w.key}: step compiled ({time.perf_counter() - t0:.1f} s so far)")
+    tcalls = [(k[2], list(k[3])) for k, _ in todo]
+    if not tcalls and not specs:
+        emit({"type": "done", "workload": w.key, "model": w.model, "date": now(), **prov})
+        return
+
+    def timed(label: str):
+        t1 = time.perf_counter()
+        ks, fs, info = time_rounds(runner, lib, tcalls, vm, specs, cfg.repeats, cfg.number,
+                                   cfg.min_repeat_ms, _BUDGET_S, cfg.rounds, cfg.max_rounds,
+                                   probe, lambda m: say(f"{w.key}: {label} {m}"))
+        say(f"{w.key}: {label} {len(tcalls)} kernels and {len(specs)} VM functions in "
+            f"{info['rounds']} rounds, {time.perf_counter() - t1:.1f} s")
+        return ks, fs, info
+
+    ts, fs, info = timed("timing")
+    # again, after the whole first measurement: the noise floor of any fit
+    ts2, fs2, _ = timed("re-timing") if recheck else ([None] * len(todo), None, None)
+    rows = []
+    for (((fname, role, sym, specs_), cs), t, t2) in zip(todo, ts, ts2):
+        try:
+            flops = float(estimate_tir_flops(tvm.IRModule({sym: prims[sym]})))
+        except Exception:  # noqa: BLE001 - opaque extern calls have no FLOP estimate
+            flops = 0.0
+        sf = schedule_features(prims[sym], target)
+        rows.append({"type": "kernel", "workload": w.key, "model": w.model,
+                     "function": fname, "role": role, "symbol": sym, "calls": len(cs),
+                     "features": _features(cs[0], flops, "T.parallel(" in prims[sym].script(),
+                                           sf).to_json(),
+                     "seconds": t.seconds, "median": t.median, "spread": t.spread,
+                     "samples": t.repeats, "rounds_used": info["rounds"],
+                     "quiet": info["quiet"], "date": now(), **prov})
+        if t2 is not None:
+            rows[-1].update(seconds=min(t.seconds, t2.seconds), seconds_first=t.seconds,
+                            seconds_again=t2.seconds, median_again=t2.median)
+    for r in rows:
+        emit(r)
     if w.ops and row_key(w.key, "ops", "", "") not in done:
         emit({"type": "ops", "workload": w.key, "model": w.model,
               "ops": [f.to_json() for f in w.ops], "date": now(), **prov})
-    if w.step and row_key(w.key, "step", "", "") not in done:
-        t0 = time.perf_counter()
-        ex = tvm.compile(sched, target=target)
-        ex = runner.load(ex, f"s{abs(hash(w.key)) % 10**8}")
-        say(f"{w.key}: step compiled ({time.perf_counter() - t0:.1f} s so far)")
-        specs = {f: _vm_specs(sched[f]) for f in w.step}
-        # the whole step is what the plan is judged on: at least 15 timings (the machine is
-        # shared, single timings of a step spread up to 30x under load)
-        ts = runner.time_vm(ex, specs, max(cfg.repeats, 15), cfg.number, cfg.min_repeat_ms)
+    if step:
         n_calls = sum(1 for c in calls if c.function != "server_infer")
-        first = sum(t.seconds for t in ts.values())
+        first = sum(t.seconds for t in fs.values())
         row = {"type": "step", "workload": w.key, "model": w.model, "seconds": first,
-               "median": sum(t.median for t in ts.values()),
-               "functions": {k: t.seconds for k, t in ts.items()},
-               "spread": max(t.spread for t in ts.values()), "n_calls": n_calls,
-               "date": now(), **prov}
+               "median": sum(t.median for t in fs.values()),
+               "functions": {k: t.seconds for k, t in fs.items()},
+               "spread": max(t.spread for t in fs.values()), "n_calls": n_calls,
+               "rounds_used": info["rounds"], "quiet": info["quiet"],
+               "probe": info["probe"], "date": now(), **prov}
         if recheck:
-            again = sum(t.seconds for t in runner.time_vm(
-                ex, specs, max(cfg.repeats, 15), cfg.number, cfg.min_repeat_ms).values())
+            again = sum(t.seconds for t in fs2.values())
             row.update(seconds=min(first, again), seconds_first=first, seconds_again=again)
         emit(row)
         say(f"{w.key}: step {row['seconds'] * 1e3:.3f} ms")
@@ -240,6 +263,9 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     say = cfg.progress or (lambda msg: None)
     if cfg.repeats < 1 or cfg.number < 1:
         raise InputError("Calibrate: --repeats and --number must be >= 1")
+    if cfg.rounds < 1 or cfg.max_rounds < cfg.rounds:
+        raise InputError(f"Calibrate: rounds {cfg.rounds} and max_rounds {cfg.max_rounds} "
+                         "must satisfy 1 <= rounds <= max_rounds")
     models = tuple(Path(m) for m in (cfg.models or default_models()))
     for m in models:
         if not m.is_file():
@@ -269,6 +295,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         rows.append(row)
 
     try:
+        # one probe for the whole calibration: "quiet" is relative to its best reading
+        probe = Probe(runner, _target(cfg.target)) if cfg.max_rounds > cfg.rounds else None
         workloads = [("sweep", None)] if cfg.sweep else []
         workloads += [(m, b) for m in models for b in (cfg.batch_sizes or (None,))]
         syn = synthetic_models(ds.parent / "synthetic", cfg.synthetic) if cfg.synthetic else []
@@ -278,7 +306,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             try:
                 w = (sweep_module() if m == "sweep" else model_module(m, None, True)
                      if b == "synthetic" else model_module(m, b))
-                measure_workload(w, runner, cfg, done, emit, say)
+                measure_workload(w, runner, cfg, done, emit, say, probe)
             except SplitcError:
                 raise
             except Exception as e:  # noqa: BLE001 - TVM's legalizer raises AssertionError...

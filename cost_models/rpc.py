@@ -20,6 +20,7 @@ and spread reported), ``time_vm`` times whole Relax VM functions (the compiled t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -31,7 +32,7 @@ import tvm
 from splitc import InputError, SplitcError
 from tvm import relax
 
-__all__ = ["Runner", "Timing", "parse_tracker", "random_args"]
+__all__ = ["Runner", "Timing", "parse_tracker", "random_args", "timing"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def random_args(specs, dev, seed: int = 0) -> list:
     return [make(s) for s in specs]
 
 
-def _timing(results, number: int) -> Timing:
+def timing(results, number: int) -> Timing:
+    """Timing of raw per-call seconds: minimum (recorded), median, spread."""
     r = np.asarray(list(results), dtype=float)
     med = float(np.median(r))
     spread = float((r.max() - r.min()) / med) if med > 0 else 0.0
@@ -139,6 +141,34 @@ class Runner:
         self.remote = None
         self._tmp.cleanup()
 
+    def pinned(self):
+        """Context: the measuring thread pinned to the core it runs on (``microbench.one_core``)
+        when kernels run here on one thread, so no sample pays a migration to a cold core;
+        nothing on a board behind RPC or with a thread pool (its workers would inherit it)."""
+        from splitc.cost_models.microbench import one_core
+
+        if self.remote is None and self.threads == 1:
+            return one_core()
+        return contextlib.nullcontext()
+
+    def sample_kernel(self, lib, symbol: str, args, repeats: int, number: int,
+                      min_repeat_ms: int = 0) -> list[float]:
+        """``repeats`` samples (seconds per call) of one kernel, no warm-up."""
+        f = lib.time_evaluator(symbol, self.dev, number=number, repeat=repeats,
+                               min_repeat_ms=min_repeat_ms)
+        return [float(x) for x in f(*args).results]
+
+    def vm(self, lib):
+        """A Relax VM over a loaded ``Executable``."""
+        return relax.VirtualMachine(lib, self.dev)
+
+    def sample_vm(self, vm, name: str, args, repeats: int, number: int,
+                  min_repeat_ms: int = 0) -> list[float]:
+        """``repeats`` samples (seconds per call) of one VM function, no warm-up."""
+        f = vm.time_evaluator(name, self.dev, number=number, repeat=repeats,
+                              min_repeat_ms=min_repeat_ms)
+        return [float(x) for x in f(*args).results]
+
     def load(self, module, name: str):
         """A built module (``tvm.tirx.build`` result or Relax ``Executable``) on the board."""
         if self.remote is None:
@@ -164,7 +194,7 @@ class Runner:
             n = repeats if budget_s is None else min(repeats, max(5, int(budget_s / est)))
             f = lib.time_evaluator(symbol, self.dev, number=number, repeat=n,
                                    min_repeat_ms=min_repeat_ms)
-            out.append(_timing(f(*args).results, number))
+            out.append(timing(f(*args).results, number))
         return out
 
     def time_vm(self, lib, functions, repeats: int, number: int,
@@ -177,5 +207,5 @@ class Runner:
             vm[name](*args)  # warm-up
             f = vm.time_evaluator(name, self.dev, number=number, repeat=repeats,
                                   min_repeat_ms=min_repeat_ms)
-            out[name] = _timing(f(*args).results, number)
+            out[name] = timing(f(*args).results, number)
         return out

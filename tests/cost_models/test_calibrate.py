@@ -119,7 +119,8 @@ def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
              for r in kern}
     assert local["fused_conv2d_add"] == 1 and local["fused_multiply10_subtract2"] == 0
     assert step["seconds"] > 0 and all(r["seconds"] > 0 for r in kern)
-    assert any("kernel 41/41" in m for m in msgs)
+    assert any("timing 41 kernels and 2 VM functions in " in m for m in msgs)
+    assert any("round 3: 41 kernels, 2 VM functions, probe" in m for m in msgs)
     prof = load_profile(str(out))
     assert prof.provenance["status"] == "calibrated" and prof.name == "cal"
     assert prof.learned["dataset"]["kernels"] == 41
