@@ -19,10 +19,16 @@ ResNet-50 b8, 1 thread, same run (TVM's window + slice -> this): 1x1 stride 2 13
 (7x7 out), 200 -> 29 (14x14), 230 -> 23 (28x28); 3x3 stride 2 73 -> 37 and 51 -> 31 ms; 1x1
 stride 1 40 -> 10, 17 -> 11, 15 -> 9 ms.
 
+With fewer input channels than a vector (an RGB stem: 3) the lanes run over output channels
+instead, and the image is cut into row bands whose partial sums are added at the end
+(``weight_grad_cout_te``): ResNet-50's stem (7x7, stride 2, 3 -> 64 channels, 8x3x224x224)
+57.0 -> 29.7 ms against TVM's window + slice (1 thread, same run, medians of 11).
+
 Matched: a ``conv2d`` with those layouts, groups 1, ``strides`` 1 (the forward's dilation),
-input channels a multiple of 8 (the vector lanes), a 1x1 window or a stride above 1 (a 3x3
-stride-1 gradient has no excess window and TVM's kernel is as fast), and either no consumer
-slice (window == filter) or a ``strided_slice`` from 0 with step 1 that is its only user.
+input channels a multiple of 8 (the vector lanes) or else output channels a multiple of 8, a
+stride above 1 or (with input-channel lanes) a 1x1 window (a 3x3 stride-1 gradient has no
+excess window and TVM's kernel is as fast), and either no consumer slice (window == filter) or
+a ``strided_slice`` from 0 with step 1 that is its only user.
 Anything else keeps TVM's legalization. ``passes/schedules.py`` and
 ``passes/build.py`` run it on llvm builds before ``LegalizeOps`` (after Gradient).
 """
@@ -34,12 +40,18 @@ from splitc.passes.compat import has_static_shape
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-__all__ = ["legalize_conv_weight_grads", "weight_grad_te"]
+__all__ = ["legalize_conv_weight_grads", "weight_grad_cout_te", "weight_grad_te"]
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _SLICE = tvm.ir.Op.get("relax.strided_slice")
 # The kernel's vector lanes run over input channels: 8 (AVX2) fills a vector, 3 does not.
 _MIN_LANES = 8
+# weight_grad_cout_te: rows of dy per partial sum, so that one task's channels-last band of dy
+# (rows x gw x 32 lanes x 4 bytes) fits in half of Zen4's 1 MiB L2 while the 3 x 7 filter rows
+# pass over it, and a batch of 8 gives 8 x 4 tasks instead of 8. ResNet-50 stem (112 rows),
+# 1 thread, one loaded run, min of 25: one band 25.9 ms, 28-row bands 25.3, 8-row bands 29.0.
+_BAND_BYTES = 1 << 19
+_TILE_LANES = 32  # schedule_tiling's lane tile: 2 AVX-512 vectors of float32
 
 
 def weight_grad_te(x, dy, stride: int, pad: list[int], kh: int, kw: int, dtype: str):
@@ -77,6 +89,56 @@ def weight_grad_te(x, dy, stride: int, pad: list[int], kh: int, kw: int, dtype: 
     return te.compute((co, ci, kh, kw), lambda o, i, a, b: dwt[o, a, b, i], name="dw")
 
 
+def weight_grad_cout_te(
+    x, dy, stride: int, pad: list[int], kh: int, kw: int, dtype: str, band_bytes: int = _BAND_BYTES
+):
+    """``weight_grad_te`` with the lanes on output channels, for inputs with fewer channels
+        than a vector (3 for an RGB image):
+
+            dyt[n, h, w, o]        = dy[n, o, h, w]                (one channels-last copy)
+            part[n, r, i, a, b, o] = sum_{h in band r, w} dyt[n, h, w, o] * x_pad[n, i, a+s*h, b+s*w]
+            dw[o, i, a, b]         = sum_{n, r} part[n, r, i, a, b, o]
+
+        The register tile is filter columns (rows) x output channels (lanes): each ``x_pad`` load is
+        one broadcast for a whole vector of output channels. The bands (``_BAND_BYTES``) give the
+        tile rule one task per image and band, each re-reading an L2-resident slice of dy (bands of
+    at most ``band_bytes``, whole rows)."""
+    n, ci, h, w = (int(d) for d in x.shape)
+    _, co, gh, gw = (int(d) for d in dy.shape)
+    s, (pt, pl) = stride, pad[:2]
+    hp, wp = h + pt + pad[2], w + pl + pad[3]
+
+    def padded(nn, i, hh, ww):
+        inside = te.all(hh >= pt, hh < pt + h, ww >= pl, ww < pl + w)
+        return te.if_then_else(inside, x[nn, i, hh - pt, ww - pl], te.const(0, x.dtype))
+
+    xp = te.compute((n, ci, hp, wp), padded, name="x_pad")
+    dyt = te.compute((n, gh, gw, co), lambda nn, hh, ww, o: dy[nn, o, hh, ww], name="dy_nhwc")
+    row_bytes = gw * min(co, _TILE_LANES) * 4  # one task's lanes of one row of dyt
+    band = max(
+        d for d in range(1, gh + 1) if gh % d == 0 and d * row_bytes <= max(band_bytes, row_bytes)
+    )
+    bands = gh // band
+    rh = te.reduce_axis((0, band), "rh")
+    rw = te.reduce_axis((0, gw), "rw")
+    part = te.compute(
+        (n, bands, ci, kh, kw, co),
+        lambda nn, r, i, a, b, o: te.sum(
+            dyt[nn, r * band + rh, rw, o].astype(dtype)
+            * xp[nn, i, a + s * (r * band + rh), b + s * rw].astype(dtype),
+            axis=[rh, rw],
+        ),
+        name="dw_part",
+    )
+    rn = te.reduce_axis((0, n), "rn")
+    rr = te.reduce_axis((0, bands), "rr")
+    return te.compute(
+        (co, ci, kh, kw),
+        lambda o, i, a, b: te.sum(part[rn, rr, i, a, b, o], axis=[rn, rr]),
+        name="dw",
+    )
+
+
 def _ints(expr) -> list[int] | None:
     """Ints of a Relax tuple of PrimValues / a ShapeExpr, else None."""
     fields = getattr(expr, "fields", None) or getattr(expr, "values", None)
@@ -92,6 +154,13 @@ def _ints(expr) -> list[int] | None:
     return out
 
 
+def _cout_lanes(call) -> bool:
+    """Too few input channels for a vector (3 of an RGB input: lanes over them took the 7x7
+    stem from 60 to 1196 ms): ``weight_grad_cout_te``, lanes over output channels."""
+    ci, co = (int(call.args[k].ty.shape.values[1]) for k in (0, 1))
+    return ci % _MIN_LANES != 0 and co % _MIN_LANES == 0
+
+
 def _is_weight_grad(call) -> bool:
     if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
         return False
@@ -100,12 +169,12 @@ def _is_weight_grad(call) -> bool:
         return False
     ci, k = int(call.args[0].ty.shape.values[1]), int(call.ty.shape.values[2])
     return (
-        # lanes are input channels: 3 (an RGB input) fills no vector (7x7 stem: 60 -> 1196 ms)
-        ci % _MIN_LANES == 0
-        # a 3x3 stride-1 gradient has no excess window and TVM's own kernel, tiled by
-        # schedule_axes' outer lanes, is as fast (ResNet-50 b8: 20.7 vs 20.8 ms at 14x14,
-        # 23.8 vs 27.7 ms at 56x56)
-        and (k == 1 or int(at.dilation[0]) > 1)
+        # a stride-1 gradient has no excess window and TVM's own kernel is as fast: tiled by
+        # schedule_axes' outer lanes at 3x3 (ResNet-50 b8: 20.7 vs 20.8 ms at 14x14, 23.8 vs
+        # 27.7 ms at 56x56), by rfactor for 3 input channels (small ResNet's stem, 32x3x32x32:
+        # 0.88 ms, 1.59 ms with output-channel lanes)
+        (k == 1 and ci % _MIN_LANES == 0 or int(at.dilation[0]) > 1)
+        and (ci % _MIN_LANES == 0 or _cout_lanes(call))
         and at.data_layout == "CNHW"
         and at.kernel_layout == "IOHW"
         and at.out_layout == "CNHW"
@@ -132,8 +201,10 @@ def _emit(bb, conv, kh: int, kw: int):
     s = int(at.dilation[0])
     dtype = conv.ty.dtype
 
+    te_fn = weight_grad_cout_te if _cout_lanes(conv) else weight_grad_te
+
     def compute(x, dy):
-        return weight_grad_te(x, dy, s, pad, kh, kw, dtype)
+        return te_fn(x, dy, s, pad, kh, kw, dtype)
 
     # "conv2d_...": cost_models.features.parse_kinds files the kernel in the conv family
     hint = "conv2d_weight_grad"

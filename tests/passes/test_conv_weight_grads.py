@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from splitc.passes.conv_weight_grads import legalize_conv_weight_grads, weight_grad_te
+from splitc.passes.conv_weight_grads import (
+    legalize_conv_weight_grads,
+    weight_grad_cout_te,
+    weight_grad_te,
+)
 from splitc.passes.schedules import default_cpu_schedule, host_llvm_target
 from tvm import relax, te
 
@@ -52,6 +56,7 @@ CASES = [  # x shape, w shape, stride, pad
     ((2, 16, 8, 8), (8, 16, 3, 3), 2, 1),  # 4x4 window sliced to 3x3
     ((2, 16, 9, 9), (8, 16, 3, 3), 2, 1),  # odd input: the window is the filter, no slice
     ((2, 16, 6, 6), (32, 16, 1, 1), 1, 0),  # 1x1 stride 1
+    ((2, 3, 16, 16), (16, 3, 7, 7), 2, 3),  # RGB stem: 8x8 window sliced to 7x7, co lanes
 ]
 
 
@@ -81,7 +86,8 @@ def test_weight_grad_equals_torch(xs, ws, stride, pad, scheduled):
 @pytest.mark.parametrize(
     "xs,ws,stride,pad",
     [
-        ((2, 3, 8, 8), (16, 3, 1, 1), 2, 0),  # 3 input channels fill no vector lanes
+        ((2, 3, 8, 8), (12, 3, 1, 1), 2, 0),  # 3 in, 12 out channels: neither fills lanes
+        ((2, 3, 8, 8), (16, 3, 3, 3), 1, 1),  # 3 input channels, stride 1: TVM's rfactor
         ((2, 16, 8, 8), (8, 16, 3, 3), 1, 1),  # 3x3 stride 1: TVM's kernel is as fast
     ],
 )
@@ -118,6 +124,26 @@ def test_slice_with_a_second_user_keeps_the_window():
     # window position (a, b) of the 2x2: sum_{n,h,w} g[n,o,h,w] x[n,i,a+2h,b+2w]
     want = np.einsum("nohw,nihw->oi", gn, xn[:, :, ::2, ::2])
     np.testing.assert_allclose(out[0].numpy()[:, :, 0, 0], want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("band_bytes,bands", [(1 << 19, 1), (512, 2), (1, 4)])
+def test_weight_grad_cout_te_bands_add_up(band_bytes, bands):
+    """Partial sums over bands of dy rows add up to torch's gradient: a row of dy is 4 pixels
+    x 16 lanes x 4 bytes = 256 bytes, so 512 bytes give 2-row bands and 1 byte 1-row bands."""
+    xs, ws, gs = (2, 3, 7, 7), (16, 3, 3, 3), (2, 16, 4, 4)  # 7x7, pad 1, stride 2 -> 4x4
+    x, dy = te.placeholder(xs, name="x"), te.placeholder(gs, name="dy")
+    dw = weight_grad_cout_te(x, dy, 2, [1, 1, 1, 1], 3, 3, "float32", band_bytes=band_bytes)
+    (part,) = [t for t in dw.op.input_tensors if t.op.name == "dw_part"]
+    assert int(part.shape[1]) == bands
+    lib = tvm.compile(tvm.IRModule({"main": te.create_prim_func([x, dy, dw])}), "llvm")
+    rng = np.random.default_rng(2)
+    xn, gn = (rng.standard_normal(s).astype("float32") for s in (xs, gs))
+    out = tvm.runtime.tensor(np.zeros(ws, "float32"))
+    lib["main"](tvm.runtime.tensor(xn), tvm.runtime.tensor(gn), out)
+    want = torch.nn.grad.conv2d_weight(
+        torch.from_numpy(xn), ws, torch.from_numpy(gn), stride=2, padding=1
+    )
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_weight_grad_te_one_by_one_reads_only_the_strided_pixels():
