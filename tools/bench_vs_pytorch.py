@@ -117,7 +117,14 @@ def train_module(model, x_shape, classes: int):
         path = os.path.join(d, "model.onnx")
         onnx.save(onnx.load_from_string(buf.getvalue()), path)
         mod, info = load_onnx(path)
-    params = [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in info.params.values()]
+    if info.buffers:  # running statistics are constants in eval mode: never trained, as in
+        # PyTorch (SGD on them would also add a reduction per batch norm to the step)
+        mod = relax.transform.BindParams("main", {k: info.params[k] for k in info.buffers})(mod)
+    params = [
+        np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+        for k, v in info.params.items()
+        if k not in info.buffers
+    ]
     func = mod["main"]
     for key in ("params", "num_input"):
         if func.attrs is not None and key in func.attrs:
