@@ -28,14 +28,14 @@ def _find_vector_axis(info: _Block, lanes: int):
     if not out_idx:
         return None
     last = out_idx[-1]
-    # No whole-vector tile along the output rows: weight-gradient windows (1-4 wide) and
-    # 28/56-wide images (1.75 vectors a row: 28x28 3x3 conv 296 -> 35 ms, 56x56 292 -> 49 ms
-    # with channel lanes, one loaded-machine run). 7/14-wide rows keep one partial vector
-    # (1x1 conv 14x14: 24.7 ms that way, 34.0 ms with channel lanes).
-    short = all(
-        not last.same_as(iv.var) or (e % lanes and (e <= 4 or e > lanes))
-        for iv, e in zip(info.iters, info.extents)
-    )
+    # No whole-vector tile along the output rows: weight-gradient windows (1-4 wide), 28/56-wide
+    # images (1.75 vectors a row: 28x28 3x3 conv 296 -> 35 ms, 56x56 292 -> 49 ms with channel
+    # lanes, one loaded-machine run) and 7/14-wide ones (ResNet-50 b8, 512 channels, 1 thread,
+    # medians of 9 and 21 in one run each, row lanes -> channel lanes: 3x3 conv at 7x7 46.6 ->
+    # 36.2 ms, its data gradient 50.8 -> 36.9, at 14x14 19.9 -> 18.7 and 20.5 -> 19.7; the
+    # stride-2 data gradient's 7x7 phases 144 -> 65 ms, 14x14 phases 60.4 -> 37.2). 1x1 convs
+    # at 7/14 do not get here: they are pixel GEMMs (passes/pointwise_convs.py).
+    short = all(not last.same_as(iv.var) or e % lanes for iv, e in zip(info.iters, info.extents))
     found = _outer_lane(info, lanes) if short and _OUTER_LANES else None
     if found is not None:
         return found  # a channel fills the vector where a 3- or 4-wide output row cannot

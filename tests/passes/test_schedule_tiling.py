@@ -333,11 +333,15 @@ def test_channel_lanes_with_k_panels_accumulate_in_a_local_tile():
     _close(_run(_tiled(func, knobs), *inputs), _run(func, *inputs), 2 * 16 * 16)
 
 
-@pytest.mark.parametrize(("hw", "channel_lanes"), [(28, True), (14, False), (32, False)])
-def test_rows_of_no_whole_vectors_take_channel_lanes(hw, channel_lanes):
-    # 28 = 1.75 vectors: output channels become the lanes (weights packed [c, kh, kw, f]);
-    # 14 keeps one partial vector along the row; 32 = 2 whole vectors along the row
-    func = _conv(1, 8, 16, hw, 1)
+@pytest.mark.parametrize(
+    ("n", "hw", "channel_lanes"),
+    [(1, 28, True), (1, 14, True), (8, 7, True), (1, 7, False), (1, 32, False), (1, 16, False)],
+)
+def test_rows_of_no_whole_vectors_take_channel_lanes(n, hw, channel_lanes):
+    # 28 = 1.75 vectors, 14 = 0.875, 7 = 0.44: output channels become the lanes (weights packed
+    # [c, kh, kw, f]) and rows an image axis of at least 8 (the batch of 8 at 7x7; one 7x7
+    # image has none: it keeps a partial vector along the row); 32 and 16 are whole vectors
+    func = _conv(n, 8, 16, hw, 1)
     new, problems = schedule_prim_func(func, TARGET)
     assert problems == []
     if LANES == 16:
