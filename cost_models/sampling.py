@@ -17,6 +17,15 @@ until a quiet round (steps: every pair within 5 % in 83 % vs 17-50 %, worst 8.8 
 uniformly slower, 1.38x in the median over 13 s, with every sample slow, so the minimum of
 consecutive samples cannot remove it (another tenant's load on the host: the VM shows no SMT
 siblings). The probe saw the same: 1.0-1.3x of its best, in phases of seconds.
+
+Arguments are allocated afresh every round (same values, new addresses): a kernel's time
+depends on where its buffers lie (cache sets, 4K aliasing), and the VM runs it on whatever
+addresses its allocator hands out. Same run, 373 kernels of the 7 test models, 3 passes:
+within +-10 % of the re-timing 89-94 % of kernels with one allocation per pass, 96-99 %
+with one per round (>= 10 us: 85-95 % vs 98 %); the step gets all its samples every round,
+since it is cheap (1-2 ms) and what the plan is judged on. Before this module (30
+consecutive samples, kernels then step, one allocation, no pinning), in one run of the same
+kernels: 78-86 % of kernels, steps up to 59 % apart; with it, 1.6-1.7x the timing time.
 """
 
 from __future__ import annotations
@@ -77,11 +86,14 @@ def time_rounds(runner, lib, calls, vm, functions: dict, repeats: int, number: i
     ones: ``budget_s`` a kernel over all rounds, >= 2 a round), each VM function
     ``max(repeats, 15) / rounds`` (>= 5). Returns the kernels' and functions' Timings over
     all rounds and ``{"rounds": used, "quiet": a quiet round ran, "probe": readings}``."""
-    args = [random_args(specs, runner.dev, seed=i) for i, (_, specs) in enumerate(calls)]
-    vargs = {f: random_args(s, runner.dev, seed=100 + i)
-             for i, (f, s) in enumerate((functions or {}).items())}
+    def fresh():  # the same values at new addresses (see the docstring)
+        return ([random_args(specs, runner.dev, seed=i) for i, (_, specs) in enumerate(calls)],
+                {f: random_args(s, runner.dev, seed=100 + i)
+                 for i, (f, s) in enumerate((functions or {}).items())})
+
+    args, vargs = fresh()
     per = max(1, repeats // rounds)
-    vper = max(5, max(repeats, 15) // rounds)
+    vper = max(repeats, 15)
     samples: list[list[float]] = [[] for _ in calls]
     vsamples: dict[str, list[float]] = {f: [] for f in vargs}
     est: list[float] = []
@@ -96,6 +108,8 @@ def time_rounds(runner, lib, calls, vm, functions: dict, repeats: int, number: i
         readings = [before]
         used, quiet = 0, False
         while used < rounds or (probe and not quiet and used < max_rounds):
+            if used:
+                args, vargs = fresh()  # allocated while the old ones still hold their memory
             for i, ((sym, _), a) in enumerate(zip(calls, args)):
                 n = min(per, max(2, int(budget_s / rounds / est[i])))
                 samples[i] += runner.sample_kernel(lib, sym, a, n, number, min_repeat_ms)

@@ -20,8 +20,9 @@
    evaluated with the measured costs against the plan chosen with measured costs, at 10, 100
    and 1000 Mbps.
 
-Timings on a shared machine are noisy: kernels are the minimum of up to 30 timings of >= 1 ms
-(``cost_models/rpc.py: Timing``).
+Timings on a shared machine are noisy: kernels and the whole step are the minimum of timings
+of >= 1 ms taken in >= 3 rounds, pinned to one core, until a round ran on a quiet machine
+(``cost_models/sampling.py: time_rounds``).
 """
 
 from __future__ import annotations

@@ -45,14 +45,15 @@ VM = {"step": lambda: None}
 
 
 def test_rounds_interleave_kernels_and_step_and_keep_the_minimum(no_arrays):
-    # 2 samples a round (repeats 6 / 3 rounds); the step gets max(6, 15) / 3 = 5 a round
+    # 2 samples a round (repeats 6 / 3 rounds); the step, cheap and what the plan is judged
+    # on, gets max(6, 15) = 15 every round
     r = FakeRunner({"a": [5, 4, 3, 9, 1.5, 8], "b": [2, 2, 7, 7, 0.5, 9],
-                    "step": [10, 11, 12, 13, 14, 9, 9, 9, 9, 9, 20, 20, 20, 20, 20]})
+                    "step": [10] * 15 + [11] * 14 + [9] + [20] * 15})
     ks, fs, info = time_rounds(r, LIB, [("a", []), ("b", [])], VM, {"step": []}, repeats=6,
                                number=1, min_repeat_ms=1, budget_s=1e9, rounds=3, max_rounds=3)
     assert [t.seconds for t in ks] == [1.5, 0.5] and fs["step"].seconds == 9
-    assert [t.repeats for t in ks] == [6, 6] and fs["step"].repeats == 15
-    one_round = [("a", 2), ("b", 2), ("step", 5)]
+    assert [t.repeats for t in ks] == [6, 6] and fs["step"].repeats == 45
+    one_round = [("a", 2), ("b", 2), ("step", 15)]
     assert r.log == ["pin", *one_round * 3, "unpin"]  # in turn, never one kernel's run
     assert info == {"rounds": 3, "quiet": None, "probe": [1.0, 1.0, 1.0, 1.0]}
 
@@ -74,6 +75,16 @@ def test_rounds_stop_at_max_rounds_on_a_busy_machine(no_arrays):
                              min_repeat_ms=1, budget_s=1e9, rounds=2, max_rounds=4,
                              probe=lambda: QUIET + 0.1)
     assert info["rounds"] == 4 and info["quiet"] is False
+
+
+def test_kernel_arguments_are_allocated_afresh_every_round(monkeypatch):
+    made = []
+    monkeypatch.setattr(sampling, "random_args", lambda specs, dev, seed=0: made.append(seed)
+                        or [])
+    r = FakeRunner({"a": [1.0] * 9, "b": [1.0] * 9})
+    time_rounds(r, LIB, [("a", []), ("b", [])], None, {}, repeats=9, number=1,
+                min_repeat_ms=1, budget_s=1e9, rounds=3, max_rounds=3)
+    assert made == [0, 1] * 3  # the same values (seeds) each round, at new addresses
 
 
 def test_slow_kernels_get_fewer_samples_but_two_a_round(monkeypatch, no_arrays):
