@@ -1,4 +1,4 @@
-"""Max-pool backward as max + first argmax + gather (passes/max_pool_grads.py): equal to
+"""Max-pool backward as max + first argmax + phase planes (passes/max_pool_grads.py): equal to
 torch's autograd, including windows of tied zeros after a ReLU (the first maximum in
 row-major order gets the gradient), scheduled and unscheduled.
 
@@ -40,6 +40,9 @@ def _module(xs, k, s, p, ceil_mode=False):
         ((1, 8, 9, 9), 3, 2, 1),  # odd input: the last window is clipped by the padding
         ((1, 8, 8, 8), 2, 2, 0),  # disjoint windows
         ((1, 8, 7, 7), 3, 1, 1),  # stride 1: a pixel is in up to 9 windows
+        ((1, 8, 10, 10), 3, 2, 0),  # no padding: the last row and column are in no window
+        ((1, 8, 11, 11), 3, 3, 1),  # stride 3: 3x3 phases, each covered by one window
+        ((1, 8, 9, 9), 2, 2, 1),  # even pool, padded: rows of phase 0 start at window 1
     ],
 )
 @pytest.mark.parametrize("scheduled", [False, True])
