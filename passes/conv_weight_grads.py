@@ -26,9 +26,10 @@ instead, and the image is cut into row bands whose partial sums are added at the
 
 Matched: a ``conv2d`` with those layouts, groups 1, ``strides`` 1 (the forward's dilation),
 input channels a multiple of 8 (the vector lanes) or else output channels a multiple of 8, a
-stride above 1 or (with input-channel lanes) a 1x1 window (a 3x3 stride-1 gradient has no
-excess window and TVM's kernel is as fast), and either no consumer slice (window == filter) or
-a ``strided_slice`` from 0 with step 1 that is its only user.
+stride above 1 or (with input-channel lanes) a 1x1 window or a map narrower than 8 (a 3x3
+stride-1 gradient has no excess window and TVM's kernel is as fast at 14x14 and above), and
+either no consumer slice (window == filter) or a ``strided_slice`` from 0 with step 1 that is
+its only user.
 Anything else keeps TVM's legalization. ``passes/schedules.py`` and
 ``passes/build.py`` run it on llvm builds before ``LegalizeOps`` (after Gradient).
 """
@@ -168,12 +169,21 @@ def _is_weight_grad(call) -> bool:
     if not all(has_static_shape(a) for a in call.args):
         return False
     ci, k = int(call.args[0].ty.shape.values[1]), int(call.ty.shape.values[2])
+    gw = int(call.args[1].ty.shape.values[3])
     return (
         # a stride-1 gradient has no excess window and TVM's own kernel is as fast: tiled by
         # schedule_axes' outer lanes at 3x3 (ResNet-50 b8: 20.7 vs 20.8 ms at 14x14, 23.8 vs
         # 27.7 ms at 56x56), by rfactor for 3 input channels (small ResNet's stem, 32x3x32x32:
-        # 0.88 ms, 1.59 ms with output-channel lanes)
-        (k == 1 and ci % _MIN_LANES == 0 or int(at.dilation[0]) > 1)
+        # 0.88 ms, 1.59 ms with output-channel lanes), except on maps narrower than 8: 512
+        # channels at 7x7, 1 thread, medians of 11 (TVM -> this): batch 8 66.2 -> 59.1 ms,
+        # batch 32 446 -> 376 ms (at 14x14: 53.1 and 53.3 ms)
+        (
+            k == 1
+            and ci % _MIN_LANES == 0
+            or int(at.dilation[0]) > 1
+            or gw < 8
+            and ci % _MIN_LANES == 0
+        )
         and (ci % _MIN_LANES == 0 or _cout_lanes(call))
         and at.data_layout == "CNHW"
         and at.kernel_layout == "IOHW"

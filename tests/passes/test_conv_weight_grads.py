@@ -56,6 +56,7 @@ CASES = [  # x shape, w shape, stride, pad
     ((2, 16, 8, 8), (8, 16, 3, 3), 2, 1),  # 4x4 window sliced to 3x3
     ((2, 16, 9, 9), (8, 16, 3, 3), 2, 1),  # odd input: the window is the filter, no slice
     ((2, 16, 6, 6), (32, 16, 1, 1), 1, 0),  # 1x1 stride 1
+    ((2, 16, 7, 7), (8, 16, 3, 3), 1, 1),  # 3x3 stride 1 on a 7x7 map
     ((2, 3, 16, 16), (16, 3, 7, 7), 2, 3),  # RGB stem: 8x8 window sliced to 7x7, co lanes
 ]
 
@@ -88,7 +89,7 @@ def test_weight_grad_equals_torch(xs, ws, stride, pad, scheduled):
     [
         ((2, 3, 8, 8), (12, 3, 1, 1), 2, 0),  # 3 in, 12 out channels: neither fills lanes
         ((2, 3, 8, 8), (16, 3, 3, 3), 1, 1),  # 3 input channels, stride 1: TVM's rfactor
-        ((2, 16, 8, 8), (8, 16, 3, 3), 1, 1),  # 3x3 stride 1: TVM's kernel is as fast
+        ((2, 16, 8, 8), (8, 16, 3, 3), 1, 1),  # 3x3 stride 1, 8 wide: TVM's kernel
     ],
 )
 def test_unmatched_weight_grads_keep_tvm_legalization(xs, ws, stride, pad):
