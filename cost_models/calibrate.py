@@ -62,6 +62,7 @@ from splitc.cost_models.kernels import calls as _calls
 from splitc.cost_models.kernels import features as _features
 from splitc.cost_models.kernels import resolve as _target
 from splitc.cost_models.kernels import scheduled as _schedule
+from splitc.cost_models.kernels import vm_builtins as _vm_builtins
 from splitc.cost_models.kernels import vm_specs as _vm_specs
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.sampling import Probe, time_rounds
@@ -194,8 +195,9 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     specs = {}
     if step:
         # compiled before timing: the kernels and the step are sampled in the same rounds
-        vm = runner.vm(runner.load(tvm.compile(sched, target=target),
-                                   f"s{abs(hash(w.key)) % 10**8}"))
+        ex = tvm.compile(sched, target=target)
+        vm_work = _vm_builtins(ex)
+        vm = runner.vm(runner.load(ex, f"s{abs(hash(w.key)) % 10**8}"))
         specs = {f: _vm_specs(sched[f]) for f in w.step}
         say(f"{w.key}: step compiled ({time.perf_counter() - t0:.1f} s so far)")
     tcalls = [(k[2], list(k[3])) for k, _ in todo]
@@ -244,6 +246,8 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
                "median": sum(t.median for t in fs.values()),
                "functions": {k: t.seconds for k, t in fs.items()},
                "spread": max(t.spread for t in fs.values()), "n_calls": n_calls,
+               # VM work around the kernels, every function but inference (kernels.py)
+               "vm_builtins": sum(n for f, n in vm_work.items() if "infer" not in f),
                "rounds_used": info["rounds"], "quiet": info["quiet"],
                "probe": info["probe"], "date": now(), **prov}
         if recheck:

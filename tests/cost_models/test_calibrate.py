@@ -103,6 +103,9 @@ def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
     # gradient's transpose into its matmul): 52 kernel calls (forward 18, backward 25, SGD 9:
     # 8 weights + the step counter), 41 distinct kernels
     assert step["n_calls"] == 52 and len(kern) == 41 and sum(r["calls"] for r in kern) == 52
+    # and 393 VM builtin calls around them (argument checks and shape matches per tensor in
+    # each of the 5 functions, allocations and releases per kernel; apache-tvm 0.27)
+    assert step["vm_builtins"] == 393
     # the planner's view of the model (every op, then the loss) is in the dataset too
     (ops,) = [r for r in rows if r["type"] == "ops"]
     assert [o["op"] for o in ops["ops"]][-1] == "loss.cross-entropy"
