@@ -309,6 +309,15 @@ def _cuda_modules(mod) -> list:
     return out
 
 
+@tvm.transform.module_pass(opt_level=0, name="GPUWeightGrads")
+def _GPU_WEIGHT_GRADS(mod, _ctx):
+    """``passes/gpu_weight_grads.py``: conv weight gradients with the reduction split across
+    thread blocks (dlight tiles outputs only)."""
+    from splitc.passes.gpu_weight_grads import legalize_gpu_weight_grads
+
+    return legalize_gpu_weight_grads(mod)
+
+
 def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """TVM's CUDA pipeline with dlight rules that cannot abort the build.
 
@@ -352,6 +361,7 @@ def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     legalize = cp.legalize_passes(target)[:-1]  # all but TVM's ApplyDefaultSchedule
     return tvm.transform.Sequential(
         cp.library_dispatch_passes(target)
+        + [_GPU_WEIGHT_GRADS]
         + legalize
         + [dl.ApplyDefaultSchedule(*[_Safe(r) for r in rules])]
         + cp.dataflow_lower_passes(target)

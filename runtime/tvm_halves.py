@@ -23,7 +23,34 @@ from splitc import TransportError
 from splitc.runtime.halves import CutSpec
 from splitc.runtime.package import SplitPackage, read_package
 
-__all__ = ["TVMDeviceHalf", "TVMServerHalf", "load_device_half", "load_server_half"]
+__all__ = [
+    "TVMDeviceHalf",
+    "TVMServerHalf",
+    "load_device_half",
+    "load_server_half",
+    "tvm_device",
+]
+
+
+def tvm_device(kind: str, index: int = 0):
+    """TVM's device for a half's target kind. With TVM's runtime alone, CUDA's device API
+    (``libtvm_runtime_cuda.so``) is not loaded by ``import tvm``: its backend hook imports
+    compiler modules first and fails, so it is loaded here."""
+    import tvm
+
+    if kind != "cuda":
+        return tvm.cpu(index)
+    libs = tvm.base._LOADED_LIBS
+    if "tvm_runtime_cuda" not in libs:
+        from tvm_ffi.libinfo import load_lib_ctypes
+
+        libs["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm",
+            target_name="tvm_runtime_cuda",
+            extra_lib_paths=[Path(libs["tvm_runtime"]._name).resolve().parent],
+            mode="RTLD_LOCAL",
+        )
+    return tvm.cuda(index)
 
 
 class _Half:
@@ -39,7 +66,7 @@ class _Half:
         self.plan_id = pkg.plan_id
         self.cut: tuple[CutSpec, ...] = pkg.cut
         kind = man["target"].get("kind", "llvm") if isinstance(man["target"], dict) else "llvm"
-        self.dev = dev or (tvm.cuda(0) if kind == "cuda" else tvm.cpu(0))
+        self.dev = dev or tvm_device(kind)
         # load_module wants a path: keep the library in a private temp dir for the process
         self._dir = tempfile.TemporaryDirectory(prefix=f"splitc-{self.side}-")
         lib_path = os.path.join(self._dir.name, "lib.so")
