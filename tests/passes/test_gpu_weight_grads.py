@@ -41,7 +41,7 @@ def test_weight_grad_equals_torch(xs, ws, stride, pad):
     mod, gs = conv_grad_module(xs, ws, stride, pad)
     new = legalize_gpu_weight_grads(mod)
     ops = call_names(new)
-    assert "conv2d_wgrad" in ops and "relax.strided_slice" not in ops
+    assert "conv2d_wgrad_gemm" in ops and "relax.strided_slice" not in ops
     assert ops.count("relax.nn.conv2d") == 1  # the forward conv alone
     vm = relax.VirtualMachine(tvm.compile(new, "llvm"), tvm.cpu())
     rng = np.random.default_rng(0)
