@@ -26,6 +26,12 @@ with one per round (>= 10 us: 85-95 % vs 98 %); the step gets all its samples ev
 since it is cheap (1-2 ms) and what the plan is judged on. Before this module (30
 consecutive samples, kernels then step, one allocation, no pinning), in one run of the same
 kernels: 78-86 % of kernels, steps up to 59 % apart; with it, 1.6-1.7x the timing time.
+
+Limits: under sustained load (load average 4-5, the probe 1.3-1.6x its best for minutes) no
+round is quiet within 8 and agreement falls again: a whole calibration's re-timing gave 78 %
+of kernels (95.5 % of those >= 10 us), tiny_cnn's kernels alone 49 % in one such phase.
+Dividing each round by its probe reading was tried and made it worse (29-48 %): the
+slowdown is not the same for every kernel.
 """
 
 from __future__ import annotations
