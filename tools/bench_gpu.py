@@ -17,8 +17,8 @@ without ``libtvm_compiler.so`` or ``TVM_USE_RUNTIME_LIB=1``): builds each PyTorc
 - checks correctness in strict float32 (TF32 off): first loss and every parameter after one
   SGD step, TVM vs PyTorch, as relative L2 errors;
 - times the train step (forward + loss + backward + SGD, synchronised) and the forward,
-  medians, TVM and PyTorch in turn; PyTorch twice: strict float32 and its defaults (cuDNN may
-  use TF32 for convolutions; TVM's kernels are plain float32).
+  medians, TVM and PyTorch in turn (round robin); PyTorch twice: strict float32 and its
+  defaults (cuDNN may use TF32 for convolutions; TVM's kernels are plain float32).
 
     python -m splitc.tools.bench_gpu build --models small_resnet,encoder --arch sm_90 -o DIR
     python -m splitc.tools.bench_gpu run DIR --repeats 20
@@ -186,17 +186,20 @@ def split_steps(tar: str, inputs: dict | None, steps: int, server_dev=None) -> d
 
 
 # ------------------------------------------------------------------------------- run
-def _median_gpu(fn, sync, repeats: int, warmup: int = 3) -> float:
+def _interleaved(fns: dict, sync, repeats: int, warmup: int = 3) -> dict:
+    """Median seconds per name, the functions timed in turn (each synchronised)."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync()
-    ts = []
+    ts: dict = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -300,18 +303,37 @@ def run_case(
         with torch.no_grad():
             model(x)
 
-    res["tvm_step_s"] = _median_gpu(tvm_step, sync, repeats)
-    res["pt_step_fp32_s"] = _median_gpu(pt_step, sync, repeats)
-    res["tvm_fwd_s"] = _median_gpu(tvm_fwd, sync, repeats)
-    res["pt_fwd_fp32_s"] = _median_gpu(pt_fwd, sync, repeats)
+    def tf32(on: bool, fn):
+        def run():
+            torch.backends.cudnn.allow_tf32 = on  # on: PyTorch's default (matmul TF32 stays off)
+            return fn()
+
+        return run
+
+    # round robin, so that drift of the shared host (eager PyTorch is launch-bound on small
+    # models: its b8 ResNet-50 step read 19 and 29 ms in two runs) hits every variant alike
+    steps = _interleaved(
+        {"tvm": tvm_step, "pt_fp32": tf32(False, pt_step), "pt_default": tf32(True, pt_step)},
+        sync,
+        repeats,
+    )
+    fwds = _interleaved(
+        {"tvm": tvm_fwd, "pt_fp32": tf32(False, pt_fwd), "pt_default": tf32(True, pt_fwd)},
+        sync,
+        repeats,
+    )
+    for k, key in (
+        ("tvm", "tvm_{}_s"),
+        ("pt_fp32", "pt_{}_fp32_s"),
+        ("pt_default", "pt_{}_default_s"),
+    ):
+        res[key.format("step")], res[key.format("fwd")] = steps[k], fwds[k]
     if profile_top:
+        torch.backends.cudnn.allow_tf32 = False
         every = top_kernels(tvm_step, None)
         res["tvm_kernels_all"] = every  # for calibration: every kernel of the step
         res["tvm_kernels"] = every[:profile_top]
         res["pt_kernels"] = top_kernels(pt_step, profile_top)
-    torch.backends.cudnn.allow_tf32 = True  # PyTorch's defaults (matmul TF32 stays off)
-    res["pt_step_default_s"] = _median_gpu(pt_step, sync, repeats)
-    res["pt_fwd_default_s"] = _median_gpu(pt_fwd, sync, repeats)
     return res
 
 
