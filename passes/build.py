@@ -87,12 +87,16 @@ class BuiltSide:
     # both empty when no tuning records were given (every kernel then has a default schedule)
     tuned: tuple[str, ...] = ()
     default: tuple[str, ...] = ()
+    # kernels a schedule rule could not handle: built correct but slower (KernelFallback)
+    fallbacks: tuple = ()
 
 
-def _cpu_schedule(mod: tvm.IRModule, target: tvm.target.Target, tile_knobs=None) -> tvm.IRModule:
+def _cpu_schedule(
+    mod: tvm.IRModule, target: tvm.target.Target, tile_knobs=None, on_fallback=None
+) -> tvm.IRModule:
     from splitc.passes.schedules import default_cpu_schedule
 
-    return default_cpu_schedule(mod, target, tile_knobs=tile_knobs)
+    return default_cpu_schedule(mod, target, on_fallback, tile_knobs=tile_knobs)
 
 
 def build_side(
@@ -134,6 +138,7 @@ def build_side(
     t0 = time.perf_counter()
     tuned: tuple[str, ...] = ()
     default: tuple[str, ...] = ()
+    fallbacks: list = []  # KernelFallback of every kernel a schedule rule could not handle
     try:
         with _env(TVM_CUDA_COMPILE_MODE="nvcc"), tgt:
             knobs, knob_tuned = None, []
@@ -157,12 +162,13 @@ def build_side(
                 ):
                     sub, tuned, default = apply_records(lower_side(sub, tgt), tgt, tuning_records)
             if gpu:
-                ex = tvm.compile(sub, target=tgt, relax_pipeline=_gpu_pipeline(tgt))
+                pipeline = _gpu_pipeline(tgt, fallbacks.append)
+                ex = tvm.compile(sub, target=tgt, relax_pipeline=pipeline)
             else:
                 # RewriteGrads works on relax.matmul: before legalization (a no-op after
                 # apply_records, whose lower_side already ran it)
                 sub = relax.transform.LegalizeOps()(rewrite_for_cpu(sub))
-                sub = _cpu_schedule(sub, tgt, knobs)
+                sub = _cpu_schedule(sub, tgt, knobs, fallbacks.append)
                 if knobs is not None:
                     names = [
                         gv.name_hint
@@ -184,7 +190,9 @@ def build_side(
             f"({_why(e)}); check the target and toolchain"
         ) from None
     secs = time.perf_counter() - t0
-    return BuiltSide(side, _export(tgt), out_path, secs, cuda, cc, tuned, default)
+    return BuiltSide(
+        side, _export(tgt), out_path, secs, cuda, cc, tuned, default, tuple(fallbacks)
+    )
 
 
 def lower_side(sub: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -318,13 +326,14 @@ def _GPU_WEIGHT_GRADS(mod, _ctx):
     return legalize_gpu_weight_grads(mod)
 
 
-def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def _gpu_pipeline(target: tvm.target.Target, on_fallback=None) -> tvm.transform.Pass:
     """TVM's CUDA pipeline with dlight rules that cannot abort the build.
 
     In 0.27 ``dl.gpu.Reduction`` asserts on some backward kernels (``detect_dominant_read`` on
     the fused nll_loss backward) and makes schedules that lowering rejects for others; such a
     rule now falls through to the next one, ending with ``Fallback``, instead of failing the
-    whole compile.
+    whole compile. ``on_fallback(KernelFallback)`` is called once per kernel on which a rule
+    failed, naming the rule that scheduled it instead and the failures.
     """
     from tvm import s_tir
     from tvm.relax.backend.cuda import pipeline as cp
@@ -336,21 +345,6 @@ def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     check = tvm.transform.Sequential(
         [s_tir.transform.CanonicalizeLoop(), s_tir.transform.LowerCrossThreadReduction()]
     )
-
-    class _Safe(dl.ScheduleRule):
-        def __init__(self, rule):
-            self.rule = rule
-
-        def apply(self, func, target, tunable):
-            try:
-                space = self.rule.apply(func, target, tunable)
-                if space is not None:
-                    for sch in space if isinstance(space, list) else [space]:
-                        check(sch.mod)
-                return space
-            except Exception:  # noqa: BLE001 - try the next rule
-                return None
-
     rules = [
         dl.gpu.Matmul(),
         dl.gpu.GEMV(),
@@ -358,12 +352,50 @@ def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         dl.gpu.GeneralReduction(),
         dl.gpu.Fallback(),
     ]
+
+    def schedule(func, tgt, name):
+        failed = []
+        for rule in rules:
+            try:
+                space = rule.apply(func, tgt, False)
+                if space is None:
+                    continue
+                space = space if isinstance(space, list) else [space]
+                for sch in space:
+                    check(sch.mod)
+            except Exception as e:  # noqa: BLE001 - try the next rule
+                failed.append(f"{type(rule).__name__}: {_why(e)}")
+                continue
+            if failed and on_fallback is not None:
+                from splitc.passes.schedules import KernelFallback
+
+                on_fallback(KernelFallback(name, type(rule).__name__, "; ".join(failed)))
+            return space[0].mod["main"].with_attr("tirx.is_scheduled", True)
+        return None
+
+    @tvm.transform.module_pass(opt_level=0, name="SplitcGPUSchedule")
+    def apply_rules(mod, _ctx):
+        """dlight's ApplyDefaultSchedule, kernel by kernel, with the failures reported."""
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc) or (
+                func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+            ):
+                continue
+            tgt = func.attrs["target"] if func.attrs and "target" in func.attrs else target
+            new = schedule(func, tgt, gv.name_hint)
+            if new is not None:
+                updates[gv] = new
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
     legalize = cp.legalize_passes(target)[:-1]  # all but TVM's ApplyDefaultSchedule
     return tvm.transform.Sequential(
         cp.library_dispatch_passes(target)
         + [_GPU_WEIGHT_GRADS]
         + legalize
-        + [dl.ApplyDefaultSchedule(*[_Safe(r) for r in rules])]
+        + [apply_rules]
         + cp.dataflow_lower_passes(target)
         + cp.finalize_passes(target)
     )

@@ -129,6 +129,10 @@ def compile_split(
                 "tuning_records": str(tuning_records) if tuning_records is not None else None,
                 "tuned": list(b.tuned),
                 "default": list(b.default),
+                # kernels a schedule rule could not handle: correct, slower (issue 6)
+                "fallbacks": [
+                    {"kernel": f.kernel, "rule": f.rule, "reason": f.reason} for f in b.fallbacks
+                ],
             }
             for s, b in builts.items()
         }
@@ -167,6 +171,7 @@ def compile_split(
                 "cross_compiler": built.cross_compiler,
                 "tuned_kernels": len(built.tuned),
                 "default_kernels": len(built.default),
+                "fallback_kernels": len(built.fallbacks),
             }
     plan_json = core | {
         "versions": {"splitc": splitc.__version__, "tvm": _tvm_version(), "cuda": cuda},

@@ -91,9 +91,14 @@ def compile(output, device_target, server_target, lr, cross_compiler, tuning_rec
         click.echo(json.dumps(summary, indent=1, default=str))
     else:
         click.echo(f"wrote {output} (plan {summary.get('plan_id', '?')})")
+        for side, info in summary.get("sides", {}).items():
+            n = info.get("fallback_kernels", 0)
+            if n and not quiet:
+                click.echo(f"note: {n} {side} kernels not fully scheduled (correct, slower); "
+                           "plan.json schedules.fallbacks says which and why", err=True)
 
 
-BENCHES = ("partition", "compile", "transport", "vs_pytorch", "tuned", "cost_model")
+BENCHES = ("partition", "compile", "transport", "vs_pytorch", "tuned", "cost_model", "gpu")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -112,6 +117,7 @@ def bench(ctx, name, args):
     vs_pytorch  compiled training step vs PyTorch eager on this CPU
     tuned       knob-tuned vs default-scheduled step vs PyTorch eager, tuning time
     cost_model  learned vs roofline cost model accuracy on held-out models
+    gpu         compiled CUDA training step vs PyTorch on the same GPU (build here, run there)
     """
     import importlib
 

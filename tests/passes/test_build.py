@@ -162,6 +162,12 @@ def test_jetson_device_and_sm90_server_libraries(tmp_path):
     assert b"#ifdef __CUDACC_RTC__" not in dev
     assert pkg.plan["versions"]["cuda"] == summary["cuda"] == cuda_version()
     assert pkg.manifest("device")["target"]["host"]["mcpu"] == "cortex-a78ae"
+    # the max-pool backward that dlight's reduction rules cannot lower is reported, not fatal
+    falls = [f for s in ("device", "server") for f in pkg.plan["schedules"][s]["fallbacks"]]
+    pool = [f for f in falls if "max_pool2d_backward" in f["kernel"]]
+    assert pool and all(f["rule"] == "Fallback" for f in pool)
+    assert "No matched reducer" in pool[0]["reason"]
+    assert sum(summary["sides"][s]["fallback_kernels"] for s in summary["sides"]) == len(falls)
 
 
 # -- split.tar ----------------------------------------------------------------------------------
