@@ -287,13 +287,19 @@ class _Rewriter(PyExprMutator):
         self.set_var_remap(binding.var, new_var)
 
 
-def rewrite_grads(mod: IRModule) -> tuple[IRModule, int]:
-    """(rewritten module, number of matmuls folded); functions without a fold are unchanged."""
+def rewrite_grads(mod: IRModule, weight_grads_only: bool = False) -> tuple[IRModule, int]:
+    """(rewritten module, number of matmuls folded); functions without a fold are unchanged.
+
+    ``weight_grads_only``: only the weight-gradient folds (plain Relax reshape, transpose and
+    2-D matmul, which dlight's GPU matmul rule schedules), not the TE reductions of the
+    other folds (GPU builds)."""
     total = 0
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, relax.Function):
             continue
         plan = _Planner(func).run()
+        if weight_grads_only:
+            plan = {v: f for v, f in plan.items() if isinstance(f, _WeightGrad)}
         if not plan:
             continue
         rw = _Rewriter(mod, plan)
