@@ -41,7 +41,12 @@ from splitc.passes.compat import has_static_shape
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-__all__ = ["legalize_conv_weight_grads", "weight_grad_cout_te", "weight_grad_te"]
+__all__ = [
+    "legalize_conv_weight_grads",
+    "replace_weight_grads",
+    "weight_grad_cout_te",
+    "weight_grad_te",
+]
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _SLICE = tvm.ir.Op.get("relax.strided_slice")
@@ -224,6 +229,14 @@ def _emit(bb, conv, kh: int, kw: int):
 def legalize_conv_weight_grads(mod):
     """``mod`` with every matched weight-gradient conv (and its slice) as the direct kernel
     above; the rest stays Relax for the normal pipeline."""
+    return replace_weight_grads(mod, _is_weight_grad, _emit)
+
+
+def replace_weight_grads(mod, matches, emit):
+    """``mod`` with every weight-gradient conv that ``matches(call)`` (with its slice: a
+    ``strided_slice`` from 0, step 1, that is its only user) replaced by ``emit(builder, conv,
+    kh, kw)``, the filter's ``kh x kw`` read off the slice (or the conv when unsliced). Shared
+    by this pass and ``passes/gpu_weight_grads.py``."""
 
     @mutator
     class _M(PyExprMutator):
@@ -235,23 +248,23 @@ def legalize_conv_weight_grads(mod):
             conv = self.sliced.get(call)
             if conv is not None:
                 shape = [int(d) for d in call.ty.shape.values]
-                return _emit(self.builder_, conv, shape[2], shape[3])
-            if _is_weight_grad(call) and not any(c.same_as(call) for c in self.sliced.values()):
+                return emit(self.builder_, conv, shape[2], shape[3])
+            if matches(call) and not any(c.same_as(call) for c in self.sliced.values()):
                 shape = [int(d) for d in call.ty.shape.values]
-                return _emit(self.builder_, call, shape[2], shape[3])
+                return emit(self.builder_, call, shape[2], shape[3])
             return super().visit_call_(call)  # a sliced conv: dead after its slice, DCE'd
 
     m = _M(mod)
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
-            m.sliced = _sliced_weight_grads(func)
+            m.sliced = _sliced_weight_grads(func, matches)
             m.builder_.update_func(gv, m.visit_expr(func))
     return relax.transform.DeadCodeElimination()(m.builder_.get())
 
 
-def _sliced_weight_grads(func) -> dict:
+def _sliced_weight_grads(func, matches) -> dict:
     """{strided_slice call: weight-gradient conv call} for each slice from 0, step 1, of a
-    matched conv that has no other user."""
+    conv that ``matches`` and has no other user."""
     bound, uses = {}, {}
 
     def visit(e):
@@ -272,7 +285,7 @@ def _sliced_weight_grads(func) -> dict:
                 isinstance(v, relax.Call)
                 and v.op.same_as(_SLICE)
                 and isinstance(v.args[0], relax.Var)
-                and _is_weight_grad(bound.get(v.args[0]))
+                and matches(bound.get(v.args[0]))
                 and uses.get(v.args[0], 0) == 1
                 and has_static_shape(v)
                 and _slice_from_zero(v)

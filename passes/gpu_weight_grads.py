@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import tvm
 from splitc.passes.compat import has_static_shape
-from splitc.passes.conv_weight_grads import _slice_from_zero
+from splitc.passes.conv_weight_grads import replace_weight_grads
 from tvm import relax, te
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 __all__ = ["choose_split", "im2col_te", "legalize_gpu_weight_grads"]
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-_SLICE = tvm.ir.Op.get("relax.strided_slice")
 # Thread blocks to aim for: two waves of an H100's 132 SMs (an Orin has 8 or 16, so any
 # split that fills an H100 fills it too).
 _BLOCKS = 264
@@ -181,59 +179,5 @@ def _emit(bb, conv, kh: int, kw: int):
 
 
 def legalize_gpu_weight_grads(mod):
-    """``mod`` with every matched weight-gradient conv (and its slice) as the split kernel."""
-
-    @mutator
-    class _M(PyExprMutator):
-        def __init__(self, m):
-            super().__init__(m)
-            self.sliced: dict = {}  # strided_slice call -> its weight-gradient conv call
-
-        def visit_call_(self, call):
-            conv = self.sliced.get(call)
-            if conv is not None:
-                shape = [int(d) for d in call.ty.shape.values]
-                return _emit(self.builder_, conv, shape[2], shape[3])
-            if _is_weight_grad(call) and not any(c.same_as(call) for c in self.sliced.values()):
-                shape = [int(d) for d in call.ty.shape.values]
-                return _emit(self.builder_, call, shape[2], shape[3])
-            return super().visit_call_(call)  # a sliced conv: dead after its slice, DCE'd
-
-    m = _M(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            m.sliced = _sliced(func)
-            m.builder_.update_func(gv, m.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(m.builder_.get())
-
-
-def _sliced(func) -> dict:
-    """{strided_slice call: weight-gradient conv call} for each slice from 0, step 1, of a
-    matched conv that has no other user."""
-    bound, uses = {}, {}
-
-    def visit(e):
-        if isinstance(e, relax.Call):
-            for a in e.args:
-                if isinstance(a, relax.Var):
-                    uses[a] = uses.get(a, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, visit)
-    out = {}
-    for block in getattr(func.body, "blocks", []):
-        for b in block.bindings:
-            if not isinstance(b, relax.VarBinding):
-                continue
-            bound[b.var] = b.value
-            v = b.value
-            if (
-                isinstance(v, relax.Call)
-                and v.op.same_as(_SLICE)
-                and isinstance(v.args[0], relax.Var)
-                and _is_weight_grad(bound.get(v.args[0]))
-                and uses.get(v.args[0], 0) == 1
-                and has_static_shape(v)
-                and _slice_from_zero(v)
-            ):
-                out[v] = bound[v.args[0]]
-    return out
+    """``mod`` with every matched weight-gradient conv (and its slice) as the kernels above."""
+    return replace_weight_grads(mod, _is_weight_grad, _emit)

@@ -89,16 +89,11 @@ def _median(fn, repeats: int) -> float:
 
 
 # ------------------------------------------------------------------------------- TVM
-def train_module(model, x_shape, classes: int):
-    """(IRModule with backbone / backbone_loss_adjoint / optimizer, params, optimizer state)."""
+def export_onnx(model, x_shape, path: str) -> str:
+    """``model`` in eval mode as ONNX at ``path`` (opset 17, input "x", no constant folding,
+    so weights keep their state_dict names); returns ``path``."""
     import onnx
     import torch
-    from splitc.passes.frontend import load_onnx
-    from splitc.passes.training import DecomposeForTraining
-    from tvm import IRModule, relax
-    from tvm.relax.training import SetupTrainer
-    from tvm.relax.training.loss import CrossEntropyLoss
-    from tvm.relax.training.optimizer import SGD
 
     model.eval()
     buf = io.BytesIO()
@@ -113,9 +108,21 @@ def train_module(model, x_shape, classes: int):
             input_names=["x"],
             do_constant_folding=False,
         )
+    onnx.save(onnx.load_from_string(buf.getvalue()), path)
+    return path
+
+
+def train_module(model, x_shape, classes: int):
+    """(IRModule with backbone / backbone_loss_adjoint / optimizer, params, optimizer state)."""
+    from splitc.passes.frontend import load_onnx
+    from splitc.passes.training import DecomposeForTraining
+    from tvm import IRModule, relax
+    from tvm.relax.training import SetupTrainer
+    from tvm.relax.training.loss import CrossEntropyLoss
+    from tvm.relax.training.optimizer import SGD
+
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "model.onnx")
-        onnx.save(onnx.load_from_string(buf.getvalue()), path)
+        path = export_onnx(model, x_shape, os.path.join(d, "model.onnx"))
         mod, info = load_onnx(path)
     if info.buffers:  # running statistics are constants in eval mode: never trained, as in
         # PyTorch (SGD on them would also add a reduction per batch norm to the step)

@@ -19,45 +19,28 @@ never saw can expect).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import statistics
 import tempfile
 import time
-import warnings
 
 import click
 
 
 def op_features(name: str, image: int = 224) -> list:
     """The planner's OpFeatures of every op of a ``bench_gpu`` model (same ONNX export)."""
-    import onnx
-    import torch
     from splitc.cost_models.profiles import load_profile
     from splitc.cost_models.roofline import RooflineModel
     from splitc.passes.pipeline import PlanConfig, annotate_model
     from splitc.tools.bench_gpu import _model
+    from splitc.tools.bench_vs_pytorch import export_onnx
 
     model, shape, _ = _model(name, image)
-    model.eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(shape),),
-            buf,
-            dynamo=False,
-            opset_version=17,
-            input_names=["x"],
-            do_constant_folding=False,
-        )
+    prior = RooflineModel(load_profile("h100"))  # features do not depend on the profile
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "model.onnx")
-        onnx.save(onnx.load_from_string(buf.getvalue()), path)
-        prior = RooflineModel(load_profile("h100"))  # features do not depend on the profile
+        path = export_onnx(model, shape, os.path.join(d, "model.onnx"))
         _, _, graph = annotate_model(PlanConfig(model=path), (prior, prior, "h100", "h100"))
     return [op.features for op in graph.ops if op.features is not None]
 

@@ -7,6 +7,9 @@ different order than torch's: 1e-4 absolute on values of size ~10 is a few ulps 
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -19,37 +22,9 @@ from splitc.passes.conv_weight_grads import (
 from splitc.passes.schedules import default_cpu_schedule, host_llvm_target
 from tvm import relax, te
 
-
-def _grad_module(xs, ws, stride, pad):
-    """main_adjoint(x, w, g): gradients of sum(conv2d(x, w) * g), as relax's Gradient writes
-    them (the weight gradient a CNHW conv2d, sliced when its window is larger than w)."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(xs, "float32"))
-    w = relax.Var("w", relax.TensorType(ws, "float32"))
-    n, _, h, _ = xs
-    gh = (h + 2 * pad - ws[2]) // stride + 1
-    g = relax.Var("g", relax.TensorType((n, ws[0], gh, gh), "float32"))
-    with bb.function("main", [x, w, g]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=pad))
-            loss = bb.emit_output(bb.emit(relax.op.sum(relax.op.multiply(y, g))))
-        bb.emit_func_output(loss)
-    mod = relax.transform.Gradient("main", require_grads=[w])(bb.get())
-    return mod, (n, ws[0], gh, gh)
-
-
-def _ops(mod, func: str = "main_adjoint") -> list[str]:
-    """Op names of ``func``'s calls; a call_tir counts as its PrimFunc's name."""
-    names = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-            is_tir = e.op.name == "relax.call_tir"
-            names.append(e.args[0].name_hint if is_tir else e.op.name)
-
-    relax.analysis.post_order_visit(mod[func].body, visit)
-    return names
-
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "helpers"))
+from relax_grads import call_names as _ops
+from relax_grads import conv_grad_module as _grad_module
 
 CASES = [  # x shape, w shape, stride, pad
     ((2, 16, 8, 8), (24, 16, 1, 1), 2, 0),  # 2x2 window sliced to 1x1
