@@ -190,9 +190,7 @@ def build_side(
             f"({_why(e)}); check the target and toolchain"
         ) from None
     secs = time.perf_counter() - t0
-    return BuiltSide(
-        side, _export(tgt), out_path, secs, cuda, cc, tuned, default, tuple(fallbacks)
-    )
+    return BuiltSide(side, _export(tgt), out_path, secs, cuda, cc, tuned, default, tuple(fallbacks))
 
 
 def lower_side(sub: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -319,8 +317,8 @@ def _cuda_modules(mod) -> list:
 
 @tvm.transform.module_pass(opt_level=0, name="GPUWeightGrads")
 def _GPU_WEIGHT_GRADS(mod, _ctx):
-    """``passes/gpu_weight_grads.py``: conv weight gradients with the reduction split across
-    thread blocks (dlight tiles outputs only)."""
+    """``passes/gpu_weight_grads.py``: conv weight gradients as an im2col gather and one
+    batched GEMM of partial sums (dlight tiles only the outputs of TVM's form)."""
     from splitc.passes.gpu_weight_grads import legalize_gpu_weight_grads
 
     return legalize_gpu_weight_grads(mod)
@@ -346,6 +344,7 @@ def _gpu_pipeline(target: tvm.target.Target, on_fallback=None) -> tvm.transform.
     whole compile. ``on_fallback(KernelFallback)`` is called once per kernel on which a rule
     failed, naming the rule that scheduled it instead and the failures.
     """
+    from splitc.passes.schedules import _SCHEDULED_ATTRS, KernelFallback
     from tvm import s_tir
     from tvm.relax.backend.cuda import pipeline as cp
     from tvm.s_tir import dlight as dl
@@ -378,8 +377,6 @@ def _gpu_pipeline(target: tvm.target.Target, on_fallback=None) -> tvm.transform.
                 failed.append(f"{type(rule).__name__}: {_why(e)}")
                 continue
             if failed and on_fallback is not None:
-                from splitc.passes.schedules import KernelFallback
-
                 on_fallback(KernelFallback(name, type(rule).__name__, "; ".join(failed)))
             return space[0].mod["main"].with_attr("tirx.is_scheduled", True)
         return None
@@ -390,9 +387,10 @@ def _gpu_pipeline(target: tvm.target.Target, on_fallback=None) -> tvm.transform.
         updates = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc) or (
-                func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+                func.attrs is not None
+                and any(k in func.attrs and bool(func.attrs[k]) for k in _SCHEDULED_ATTRS)
             ):
-                continue
+                continue  # tuned (MetaSchedule records): keep it
             tgt = func.attrs["target"] if func.attrs and "target" in func.attrs else target
             new = schedule(func, tgt, gv.name_hint)
             if new is not None:
