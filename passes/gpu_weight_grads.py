@@ -20,7 +20,8 @@ TFLOP/s in fp32 on the H100. The chunks (``nb`` images by ``band`` rows of dy) s
 reduction so that the partial sums give the GPU enough thread blocks (``_BLOCKS``) while each
 stays at least ``_MIN_K`` long and all of them under ``_PART_BYTES``. The gather costs one
 write and one read of ``I*kh*kw x N*H*W`` floats (236 MB for ResNet-50's stem at batch 32,
-~0.15 ms of HBM3).
+~0.15 ms of HBM3); a gradient whose gather would exceed ``_COLS_BYTES`` (1 GiB) keeps TVM's
+form.
 
 Matched: a ``conv2d`` with those layouts, static shapes, groups 1, ``strides`` 1 (the
 forward's dilation) and equal dilations, alone or under a ``strided_slice`` from 0 with step 1
@@ -47,6 +48,9 @@ _TILE_M, _TILE_N = 32, 64
 _MIN_K = 256
 # The partial sums are written once and read once by the final sum: 64 MiB is ~40 us of HBM3.
 _PART_BYTES = 64 << 20
+# Largest im2col buffer: ResNet-50's stem at batch 32 needs 236 MB; a weight gradient that
+# would need more than this keeps TVM's form (slower, no extra memory) instead.
+_COLS_BYTES = 1 << 30
 
 
 def _divisors(n: int) -> list[int]:
@@ -154,7 +158,16 @@ def _is_weight_grad(call) -> bool:
         and int(at.groups) == 1
         and all(int(v) == 1 for v in at.strides)
         and int(at.dilation[0]) == int(at.dilation[1])
+        and _cols_bytes(call) <= _COLS_BYTES
     )
+
+
+def _cols_bytes(call) -> int:
+    """Bytes of the im2col buffer, at most: the conv's window bounds the filter."""
+    n, ci = (int(d) for d in call.args[0].ty.shape.values[:2])
+    gh, gw = (int(d) for d in call.args[1].ty.shape.values[2:])
+    wh, ww = (int(d) for d in call.ty.shape.values[2:])
+    return n * ci * wh * ww * gh * gw * 4
 
 
 def _emit(bb, conv, kh: int, kw: int):

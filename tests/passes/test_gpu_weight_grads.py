@@ -78,3 +78,13 @@ def test_split_choice(shape, want):
     got = choose_split(*shape)
     assert got == want
     assert (n // got[0]) * (gh // got[1]) * co * ck * 4 <= _PART_BYTES
+
+
+def test_gather_larger_than_the_limit_keeps_tvm_form(monkeypatch):
+    import splitc.passes.gpu_weight_grads as G
+
+    mod, _ = conv_grad_module((2, 16, 8, 8), (8, 16, 3, 3), 1, 1)
+    monkeypatch.setattr(G, "_COLS_BYTES", 2 * 16 * 9 * 8 * 8 * 4 - 1)  # one byte too few
+    tvm.ir.assert_structural_equal(legalize_gpu_weight_grads(mod), mod)
+    monkeypatch.setattr(G, "_COLS_BYTES", 2 * 16 * 9 * 8 * 8 * 4)
+    assert "conv2d_wgrad_gemm" in call_names(legalize_gpu_weight_grads(mod))
