@@ -14,7 +14,8 @@ BUNDLED = ["a100", "h100", "jetson-agx-orin", "jetson-orin-nano"]
 
 
 def test_list_profiles():
-    assert list_profiles() == sorted(BUNDLED + ["local-cpu"])
+    # h100-tvm: the H100 calibrated on compiled steps (tools/fit_gpu_profile.py)
+    assert list_profiles() == sorted(BUNDLED + ["h100-tvm", "local-cpu"])
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -44,8 +45,8 @@ def test_published_numbers():
 
 def test_unknown_profile_lists_names():
     with pytest.raises(InputError, match=re.escape(
-            "Profile: unknown profile 'tpu-v9'; use one of a100, h100, jetson-agx-orin, "
-            "jetson-orin-nano, local-cpu or a path to a profile .json file")):
+            "Profile: unknown profile 'tpu-v9'; use one of a100, h100, h100-tvm, "
+            "jetson-agx-orin, jetson-orin-nano, local-cpu or a path to a profile .json file")):
         load_profile("tpu-v9")
 
 
