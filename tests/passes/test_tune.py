@@ -66,7 +66,10 @@ def test_split_ir_in_package_round_trips(default_tar, cnn):
     for side in ("device", "server"):
         tvm.ir.assert_structural_equal(side_module(smod, side), side_module(back, side))
     sched = json.loads(_members(default_tar)["plan.json"])["schedules"]
+    falls = sched["server"].pop("fallbacks")
     assert sched["server"] == {"tuning_records": None, "tuned": [], "default": []}
+    # kernels the rules could not schedule fully are listed with the rule and the reason
+    assert all(set(f) == {"kernel", "rule", "reason"} and f["reason"] for f in falls)
 
 
 def test_split_ir_with_non_finite_constants_parses():
