@@ -77,7 +77,8 @@ def _model(name: str, image: int):
 def build_case(name: str, arch: str, out_dir: str, image: int = 224) -> dict:
     """Compile ``name``'s training step for CUDA ``arch``; returns its manifest entry."""
     import tvm
-    from splitc.passes.build import _env, _FatbinPacker, _gpu_pipeline, resolve_target
+    from splitc.passes.build import _env, resolve_target
+    from splitc.passes.build_gpu import FatbinPacker, gpu_pipeline
     from splitc.passes.compat import var_name
     from splitc.tools.bench_vs_pytorch import train_module
 
@@ -98,10 +99,8 @@ def build_case(name: str, arch: str, out_dir: str, image: int = 224) -> dict:
     else:
         tgt = resolve_target(f"cuda -arch={arch}")
         with _env(TVM_CUDA_COMPILE_MODE="nvcc"), tgt:
-            ex = tvm.compile(mod, target=tgt, relax_pipeline=_gpu_pipeline(tgt))
-            ex.export_library(
-                os.path.join(out_dir, f"{name}.so"), fpack_imports=_FatbinPacker(arch)
-            )
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=gpu_pipeline(tgt))
+            ex.export_library(os.path.join(out_dir, f"{name}.so"), fpack_imports=FatbinPacker(arch))
     return {
         "name": name,
         "input": list(shape),

@@ -1,4 +1,4 @@
-"""The Relax rewrites of the GPU build (passes/build.py: _gpu_pipeline), checked on llvm where
+"""The Relax rewrites of the GPU build (passes/build_gpu.py: gpu_pipeline), checked on llvm where
 the TE is target-independent: RewriteGrads' weight-gradient folds alone give the same step
 as no fold (the GPU runs of tools/bench_gpu.py check every parameter against PyTorch)."""
 
