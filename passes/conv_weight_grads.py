@@ -42,6 +42,7 @@ from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 __all__ = [
+    "is_weight_grad_conv",
     "legalize_conv_weight_grads",
     "replace_weight_grads",
     "weight_grad_cout_te",
@@ -167,12 +168,30 @@ def _cout_lanes(call) -> bool:
     return ci % _MIN_LANES != 0 and co % _MIN_LANES == 0
 
 
-def _is_weight_grad(call) -> bool:
+def is_weight_grad_conv(call) -> bool:
+    """A static-shaped ``conv2d`` in the form Gradient gives a weight gradient: CNHW data,
+    IOHW kernel, CNHW out, groups 1, strides 1 (the forward's dilation), equal dilations (the
+    forward's stride). Both weight-gradient passes (this one, ``gpu_weight_grads``) start
+    from it."""
     if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
         return False
     at = call.attrs
-    if not all(has_static_shape(a) for a in call.args):
+    return (
+        all(has_static_shape(a) for a in call.args)
+        and has_static_shape(call)
+        and at.data_layout == "CNHW"
+        and at.kernel_layout == "IOHW"
+        and at.out_layout == "CNHW"
+        and int(at.groups) == 1
+        and all(int(v) == 1 for v in at.strides)
+        and int(at.dilation[0]) == int(at.dilation[1])
+    )
+
+
+def _is_weight_grad(call) -> bool:
+    if not is_weight_grad_conv(call):
         return False
+    at = call.attrs
     ci, k = int(call.args[0].ty.shape.values[1]), int(call.ty.shape.values[2])
     gw = int(call.args[1].ty.shape.values[3])
     return (
@@ -190,12 +209,6 @@ def _is_weight_grad(call) -> bool:
             and ci % _MIN_LANES == 0
         )
         and (ci % _MIN_LANES == 0 or _cout_lanes(call))
-        and at.data_layout == "CNHW"
-        and at.kernel_layout == "IOHW"
-        and at.out_layout == "CNHW"
-        and int(at.groups) == 1
-        and all(int(v) == 1 for v in at.strides)
-        and int(at.dilation[0]) == int(at.dilation[1])
     )
 
 

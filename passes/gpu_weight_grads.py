@@ -31,14 +31,11 @@ llvm builds use ``passes/conv_weight_grads.py`` instead.
 
 from __future__ import annotations
 
-import tvm
-from splitc.passes.compat import has_static_shape
-from splitc.passes.conv_weight_grads import replace_weight_grads
-from tvm import relax, te
+from splitc.passes.conv_weight_grads import is_weight_grad_conv, replace_weight_grads
+from tvm import te
 
 __all__ = ["choose_split", "im2col_te", "legalize_gpu_weight_grads"]
 
-_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 # Thread blocks to aim for: two waves of an H100's 132 SMs (an Orin has 8 or 16, so any
 # split that fills an H100 fills it too).
 _BLOCKS = 264
@@ -146,20 +143,7 @@ def sum_partials_te(part, ci: int, kh: int, kw: int):
 
 
 def _is_weight_grad(call) -> bool:
-    if not isinstance(call, relax.Call) or not call.op.same_as(_CONV2D):
-        return False
-    at = call.attrs
-    return (
-        all(has_static_shape(a) for a in call.args)
-        and has_static_shape(call)
-        and at.data_layout == "CNHW"
-        and at.kernel_layout == "IOHW"
-        and at.out_layout == "CNHW"
-        and int(at.groups) == 1
-        and all(int(v) == 1 for v in at.strides)
-        and int(at.dilation[0]) == int(at.dilation[1])
-        and _cols_bytes(call) <= _COLS_BYTES
-    )
+    return is_weight_grad_conv(call) and _cols_bytes(call) <= _COLS_BYTES
 
 
 def _cols_bytes(call) -> int:
