@@ -2,6 +2,9 @@
 and unscheduled, with pixel counts that are not whole vectors (2 x 7 x 7 = 98 -> 112), and
 only the matched convs rewritten.
 
+Stride-1 convs with whole vectors of pixels per image (4 x 8 = 32) skip the pixel copy: a
+per-image GEMM on a zero-copy view of the input.
+
 Tolerance: float32 sums of at most 16 products of unit normals: 1e-5 relative, 1e-5 absolute.
 """
 
@@ -48,12 +51,19 @@ def _called(mod) -> list[str]:
         ((2, 16, 7, 7), (24, 16, 1, 1), 1, False, "conv2d_pixels"),  # 98 pixels, padded to 112
         ((2, 16, 8, 8), (8, 16, 1, 1), 2, False, "conv2d_pixels"),  # every other pixel
         ((2, 16, 5, 5), (16, 24, 1, 1), 1, True, "conv2d_transpose_pixels"),  # a data gradient
+        # 4 x 8 = 32 pixels per image, whole vectors: per-image GEMM on a (n, c, h*w) view
+        ((2, 16, 4, 8), (24, 16, 1, 1), 1, False, "conv2d_pixels"),
+        ((2, 24, 8, 8), (24, 16, 1, 1), 1, True, "conv2d_transpose_pixels"),
     ],
 )
 @pytest.mark.parametrize("scheduled", [False, True])
 def test_pointwise_conv_equals_torch(xs, ws, stride, transpose, kernel, scheduled):
     new = legalize_pointwise_convs(_module(xs, ws, stride, transpose=transpose))
-    assert _called(new) == [kernel, "relax.nn.relu"]
+    # the view's optional dtype and offset arguments are null values
+    view = (
+        ["relax.null_value", "relax.memory.view"] if stride == 1 and xs[2] * xs[3] % 16 == 0 else []
+    )
+    assert _called(new) == [*view, kernel, "relax.nn.relu"]
     target = host_llvm_target() if scheduled else tvm.target.Target("llvm")
     fallbacks = []
     if scheduled:
