@@ -19,6 +19,11 @@ ResNet-50 b8, 1 thread, same run (TVM's window + slice -> this): 1x1 stride 2 13
 (7x7 out), 200 -> 29 (14x14), 230 -> 23 (28x28); 3x3 stride 2 73 -> 37 and 51 -> 31 ms; 1x1
 stride 1 40 -> 10, 17 -> 11, 15 -> 9 ms.
 
+A 1x1 stride-1 gradient with fewer output than input channels on a map of 28x28 or more
+(ResNet-50's reducing 1x1 convs) is a GEMM with lanes over output channels instead
+(``weight_grad_pointwise_te``): the smaller dy is packed, x is read in place (see
+``_pointwise_cout`` for times).
+
 With fewer input channels than a vector (an RGB stem: 3) the lanes run over output channels
 instead, and the image is cut into row bands whose partial sums are added at the end
 (``weight_grad_cout_te``): ResNet-50's stem (7x7, stride 2, 3 -> 64 channels, 8x3x224x224)
@@ -46,6 +51,7 @@ __all__ = [
     "legalize_conv_weight_grads",
     "replace_weight_grads",
     "weight_grad_cout_te",
+    "weight_grad_pointwise_te",
     "weight_grad_te",
 ]
 
@@ -58,6 +64,8 @@ _MIN_LANES = 8
 # pass over it, and a batch of 8 gives 8 x 4 tasks instead of 8. ResNet-50 stem (112 rows),
 # 1 thread, one loaded run, min of 25: one band 25.9 ms, 28-row bands 25.3, 8-row bands 29.0.
 _BAND_BYTES = 1 << 19
+# _pointwise_cout: maps of at least 28x28 (measured there; even at 14x14, slower at 7x7)
+_POINTWISE_MIN_PIXELS = 28 * 28
 _TILE_LANES = 32  # schedule_tiling's lane tile: 2 AVX-512 vectors of float32
 
 
@@ -143,6 +151,46 @@ def weight_grad_cout_te(
         (co, ci, kh, kw),
         lambda o, i, a, b: te.sum(part[rn, rr, i, a, b, o], axis=[rn, rr]),
         name="dw",
+    )
+
+
+def weight_grad_pointwise_te(x, dy, dtype: str):
+    """A 1x1 stride-1 unpadded weight gradient as a GEMM with lanes over output channels:
+
+        dwt[i, o]      = sum_{n,h,w} x[n, i, h, w] * dy[n, o, h, w]
+        dw[o, i, 0, 0] = dwt[i, o]
+
+    The tile rule packs dy (the operand with fewer channels) with ``o`` innermost and reads x
+    as broadcasts in its own layout, instead of a channels-last copy of the larger x."""
+    n, ci, h, w = (int(d) for d in x.shape)
+    co = int(dy.shape[1])
+    rn, rh, rw = (te.reduce_axis((0, e), nm) for e, nm in ((n, "rn"), (h, "rh"), (w, "rw")))
+    dwt = te.compute(
+        (ci, co),
+        lambda i, o: te.sum(
+            x[rn, i, rh, rw].astype(dtype) * dy[rn, o, rh, rw].astype(dtype), axis=[rn, rh, rw]
+        ),
+        name="dwt",
+    )
+    return te.compute((co, ci, 1, 1), lambda o, i, a, b: dwt[i, o], name="dw")
+
+
+def _pointwise_cout(conv, kh: int, kw: int) -> bool:
+    """``weight_grad_pointwise_te`` for 1x1 stride-1 unpadded gradients with fewer output than
+    input channels on maps of 28x28 and up. ResNet-50 b8, 1 thread, min of 5 rounds, one
+    loaded run (channels-last x -> this): 256 -> 64 at 56x56 20.7 -> 9.0 ms, 256 -> 128 52.8
+    -> 39.3, 512 -> 128 at 28x28 11.8 -> 8.1, 512 -> 256 22.9 -> 20.2; at 14x14 even (20.3 vs
+    20.9 ms), at 7x7 slower (9.2 vs 12.2 ms)."""
+    ci, co = (int(conv.args[k].ty.shape.values[1]) for k in (0, 1))
+    h, w = (int(v) for v in conv.args[0].ty.shape.values[2:])
+    at = conv.attrs
+    return (
+        (kh, kw) == (1, 1)
+        and int(at.dilation[0]) == 1
+        and not any(int(v) for v in at.padding)
+        and co < ci
+        and co % _MIN_LANES == 0
+        and h * w >= _POINTWISE_MIN_PIXELS
     )
 
 
@@ -232,6 +280,8 @@ def _emit(bb, conv, kh: int, kw: int):
     te_fn = weight_grad_cout_te if _cout_lanes(conv) else weight_grad_te
 
     def compute(x, dy):
+        if _pointwise_cout(conv, kh, kw):
+            return weight_grad_pointwise_te(x, dy, dtype)
         return te_fn(x, dy, s, pad, kh, kw, dtype)
 
     # "conv2d_...": cost_models.features.parse_kinds files the kernel in the conv family

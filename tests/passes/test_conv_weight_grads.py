@@ -1,7 +1,7 @@
 """Conv weight gradients as direct channels-last kernels (passes/conv_weight_grads.py): equal
 to torch's conv2d_weight, scheduled and unscheduled, and only the matched convs rewritten.
 
-Tolerance: float32 sums of N x gh x gw (<= 2 x 8 x 8 = 128) products of unit normals, in a
+Tolerance: float32 sums of N x gh x gw (<= 2 x 8 x 8 = 128; 784 for the 28x28 case) products of unit normals, in a
 different order than torch's: 1e-4 absolute on values of size ~10 is a few ulps per product.
 """
 
@@ -33,7 +33,22 @@ CASES = [  # x shape, w shape, stride, pad
     ((2, 16, 6, 6), (32, 16, 1, 1), 1, 0),  # 1x1 stride 1
     ((2, 16, 7, 7), (8, 16, 3, 3), 1, 1),  # 3x3 stride 1 on a 7x7 map
     ((2, 3, 16, 16), (16, 3, 7, 7), 2, 3),  # RGB stem: 8x8 window sliced to 7x7, co lanes
+    ((1, 16, 28, 28), (8, 16, 1, 1), 1, 0),  # 1x1 stride 1, 16 -> 8 at 28x28: dwt[i, o]
 ]
+
+
+@pytest.mark.parametrize(
+    "xs,ws,pointwise",
+    [
+        ((1, 16, 28, 28), (8, 16, 1, 1), True),
+        ((1, 16, 14, 14), (8, 16, 1, 1), False),  # below 28x28
+        ((1, 8, 28, 28), (16, 8, 1, 1), False),  # more output than input channels
+    ],
+)
+def test_pointwise_form_only_for_reducing_convs_on_large_maps(xs, ws, pointwise):
+    new = legalize_conv_weight_grads(_grad_module(xs, ws, 1, 0)[0])
+    (kernel,) = [f for gv, f in new.functions.items() if "weight_grad" in gv.name_hint]
+    assert ('sblock("dwt")' in kernel.script()) == pointwise
 
 
 @pytest.mark.parametrize("xs,ws,stride,pad", CASES)
