@@ -70,6 +70,19 @@ class _Decompose(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, training: bool):
         super().__init__(mod)
         self.training = training
+        self.binding = "lv"  # name of the var whose binding is being rewritten
+
+    def visit_var_binding_(self, binding) -> None:
+        self.binding = binding.var.name
+        return super().visit_var_binding_(binding)
+
+    def _emit(self, expr: relax.Expr) -> relax.Var:
+        """Emit ``expr`` (its nested calls first), each binding named ``<binding>__d``: the
+        pieces of a decomposed op name the op they came from (``passes/provenance.py``)."""
+        if isinstance(expr, relax.Call):
+            args = [self._emit(a) if isinstance(a, relax.Call) else a for a in expr.args]
+            expr = relax.Call(expr.op, args, expr.attrs, expr.ty_args)
+        return self.builder_.emit(expr, name_hint=f"{self.binding}__d")
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -80,13 +93,13 @@ class _Decompose(PyExprMutator):
         if call.op == _CLIP:
             x, lo, hi = call.args
             dt = _dtype(x)
-            return R.minimum(R.maximum(x, _const(lo.value, dt)), _const(hi.value, dt))
+            return self._emit(R.minimum(R.maximum(x, _const(lo.value, dt)), _const(hi.value, dt)))
         return call
 
     def _bcast(self, v: relax.Expr, ndim: int, axis: int, channels: int) -> relax.Expr:
         shape = [1] * ndim
         shape[axis] = channels
-        return self.builder_.emit(R.reshape(v, shape))
+        return self._emit(R.reshape(v, shape))
 
     def _batch_norm(self, call: relax.Call) -> relax.Expr:
         x, gamma, beta, rmean, rvar = call.args
@@ -99,8 +112,8 @@ class _Decompose(PyExprMutator):
         if training:
             axes = [i for i in range(len(shp)) if i != axis]
             n = math.prod(shp[i] for i in axes)
-            mean = self.builder_.emit(R.mean(x, axes, keepdims=True))
-            var = self.builder_.emit(R.variance(x, axes, keepdims=True))
+            mean = self._emit(R.mean(x, axes, keepdims=True))
+            var = self._emit(R.variance(x, axes, keepdims=True))
             m = float(a.momentum)
             # ONNX semantics (see module docstring) with PyTorch's unbiased variance: n/(n-1).
             new_mean = R.add(
@@ -122,7 +135,7 @@ class _Decompose(PyExprMutator):
         if a.center:
             y = R.add(y, self._bcast(beta, len(shp), axis, c))
         return relax.Tuple(
-            [self.builder_.emit(y), self.builder_.emit(new_mean), self.builder_.emit(new_var)]
+            [self._emit(y), self._emit(new_mean), self._emit(new_var)]
         )
 
     def _layer_norm(self, call: relax.Call) -> relax.Expr:
@@ -131,15 +144,15 @@ class _Decompose(PyExprMutator):
         nd = len(_shape(x))
         axes = [int(i) % nd for i in a.axes]
         dt = _dtype(x)
-        mean = self.builder_.emit(R.mean(x, axes, keepdims=True))
-        var = self.builder_.emit(R.variance(x, axes, keepdims=True))
+        mean = self._emit(R.mean(x, axes, keepdims=True))
+        var = self._emit(R.variance(x, axes, keepdims=True))
         y = R.divide(R.subtract(x, mean), R.sqrt(R.add(var, _const(float(a.epsilon), dt))))
         # gamma/beta have the shape of the normalised trailing axes: they broadcast as is.
         if a.scale:
             y = R.multiply(y, gamma)
         if a.center:
             y = R.add(y, beta)
-        return y
+        return self._emit(y)
 
 
 @tvm.transform.module_pass(opt_level=0, name="DecomposeForTraining")

@@ -54,3 +54,55 @@ def test_nothing_measured_costs_nothing():
     got = attribute([("x", OpFeatures("relax.nn.relu", 0, 0, 0, 0, input_grad=False))], [],
                     None, PROF)
     assert got["x"].training == 0.0
+
+
+def _site(function, symbol, *parts):
+    return {"function": function, "symbol": symbol, "parts": [list(p) for p in parts]}
+
+
+def _krow(function, symbol, calls, seconds, role="forward", family="ewise"):
+    return {"function": function, "symbol": symbol, "calls": calls, "seconds": seconds,
+            "role": role, "features": {"family": family}}
+
+
+def test_per_binding_costs_follow_the_traced_parts_exactly():
+    ops = [("fc", _dense()), ("act1", _relu(1024)), ("act2", _relu(3072))]
+    f = "server_loss_adjoint"
+    # roofline weights (1e11 FLOP/s, 1e10 B/s): fc 524288 FLOPs -> 5.24288 us; act1 8192 B
+    # -> 0.8192 us; a zero-FLOP, zero-byte part gets the floor 1e-3 of its site's largest
+    sites = [_site(f, "fused_matmul_relu", ("fc", "forward", 2 * 64**3, 0),
+                   ("act1", "forward", 0, 8192)),
+             _site(f, "relu1", ("act2", "forward", 0, 24576)),
+             _site(f, "relu1", ("act2", "backward", 0, 24576)),  # same kernel, 2 calls
+             _site(f, "log_softmax", ("<loss>", "forward", 100, 80)),
+             _site("server_update", "fused_mul_sub", ("fc", "update", 0, 49152),
+                   (None, "update", 0, 0))]
+    kern = [_krow(f, "fused_matmul_relu", 1, 60e-6), _krow(f, "relu1", 2, 5e-6),
+            _krow(f, "log_softmax", 1, 2e-6), _krow("server_update", "fused_mul_sub", 1, 4e-6)]
+    # kernels: 60 + 10 + 2 + 4 = 76 us; the step measured 86 us: 2 us more per call (5 calls)
+    got = attribute(ops, kern, 86e-6, PROF, sites=sites)
+    assert sum(c.training for c in got.values()) == pytest.approx(86e-6, rel=1e-12)
+    w_fc, w_act1 = 2 * 64**3 / 1e11, 8192 / 1e10
+    assert got["act1"].forward == pytest.approx(62e-6 * w_act1 / (w_fc + w_act1), rel=1e-9)
+    assert got["act2"].forward == pytest.approx(7e-6, rel=1e-9)
+    assert got["act2"].backward == pytest.approx(7e-6, rel=1e-9)
+    assert got["<loss>"].forward == pytest.approx(4e-6, rel=1e-9)
+    # the update kernel: 6 us, 1/1001 of it to the step counter (no op), which is spread
+    # over the ops in proportion to what they have
+    counter = 6e-6 / 1001
+    fc_own = 62e-6 * w_fc / (w_fc + w_act1) + 6e-6 - counter
+    owned = 86e-6 - 4e-6 - counter  # everything but the loss and the counter
+    assert got["fc"].update == pytest.approx(6e-6 - counter + counter * fc_own / owned,
+                                             rel=1e-9)
+
+
+def test_per_binding_falls_back_to_buckets_for_kernels_without_a_site():
+    ops = [("fc", _dense()), ("act1", _relu(1024))]
+    sites = [_site("f", "relu", ("act1", "forward", 0, 8192))]
+    kern = [_krow("f", "relu", 1, 3e-6), _krow("f", "matmul", 1, 40e-6, family="matmul")]
+    got = attribute(ops, kern, 45e-6, PROF, sites=sites)
+    # 2 us beyond the kernels, 1 us per call: the traced relu's to act1, the bucketed
+    # matmul's (forward/matmul: fc's only) to fc
+    assert got["act1"].forward == pytest.approx(4e-6, rel=1e-9)
+    assert got["fc"].forward == pytest.approx(41e-6, rel=1e-9)
+    assert "<loss>" not in got
