@@ -82,7 +82,8 @@ class Trace:
     def sites(self, source: tvm.IRModule, scheduled: tvm.IRModule, graph) -> list[Site]:
         """One Site per ``call_tir`` of every Relax function of ``scheduled``, the module the
         traced build made from ``source``, in function and program order. ``graph``: the
-        OpGraph of the model (of the module before or after ``tag_ops``)."""
+        OpGraph of the model, of the module before or after ``tag_ops`` (owners are named
+        without the tag either way)."""
         if self.before_fuse is None or self.before_fuse_tir is None:
             raise RuntimeError("Provenance: the traced build ran no FuseOps/FuseTIR; build "
                                "the module inside trace()")
@@ -210,15 +211,18 @@ def _graph_name(name: str, tagged: bool) -> str | None:
 def _owners(fname: str, f: relax.Function, graph) -> dict:
     """Owner (op name, LOSS or None) and role of every binding var of one function of the
     module the build started from (its names are the training passes' own, unchanged)."""
-    names = {op.name: op.name for op in graph.ops}
+    def plain(name: str) -> str:  # op and tensor names of a graph of the tagged module
+        return name.removeprefix(TAG)
+
+    names = {plain(op.name): plain(op.name) for op in graph.ops}
     for op in graph.ops:
         for t in (*op.outputs, *op.weight_prep):
-            names.setdefault(t, op.name)
+            names.setdefault(plain(t), plain(op.name))
     by_param = {}  # the optimizer names parameters as split_halves.ident, dots as "_"
     for op in graph.ops:
         for p in op.params:
-            by_param.setdefault(_c_name(ident(p)), op.name)
-    model_out = {t.name for t in graph.tensors.values() if t.is_output}
+            by_param.setdefault(_c_name(ident(p)), plain(op.name))
+    model_out = {plain(t.name) for t in graph.tensors.values() if t.is_output}
     binds = _bindings(f)
     tagged = any(b.var.name.startswith(TAG) for b in binds)
     unique = binding_names(f)  # AnnotateCosts' names: the forward copy of main gets main's

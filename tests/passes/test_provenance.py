@@ -18,9 +18,10 @@ from splitc.passes.targets import host_target
 DEMO = Path(__file__).resolve().parents[2] / "tools" / "models" / "demo_cnn.onnx"
 
 
-def _traced(path, batch=None, tag=True):
+def _traced(path, batch=None, tag=True, tagged_graph=False):
     """The server-only training step of a model (as calibration builds it), its OpGraph
-    (untagged names) and the Sites of its scheduled kernels."""
+    (untagged names) and the Sites of its scheduled kernels (traced with the graph of the
+    tagged module when ``tagged_graph``)."""
     mod, info = load_onnx(path, None, batch)
     roof = RooflineModel(load_profile("local-cpu"))
     graph = annotate_costs(mod, roof, roof, name=info.name, buffers=info.buffers)
@@ -33,7 +34,7 @@ def _traced(path, batch=None, tag=True):
                          if gv.name_hint in ("server_loss_adjoint", "server_update")})
     with trace() as t:
         sched = scheduled(step, host_target())
-    return graph, sched, t.sites(step, sched, graph)
+    return graph, sched, t.sites(step, sched, g2 if tagged_graph else graph)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,9 @@ def test_tagging_leaves_the_kernels_as_they_were(tiny_cnn_onnx):
         _, _, sites = _traced(tiny_cnn_onnx, tag=tag)
         kernels.append([(s.function, s.symbol, [p.flops for p in s.parts]) for s in sites])
     assert kernels[0] == kernels[1]
+
+
+def test_the_tagged_modules_graph_gives_the_same_owners(tiny_cnn_onnx):
+    _, _, plain = _traced(tiny_cnn_onnx)
+    _, _, tagged = _traced(tiny_cnn_onnx, tagged_graph=True)
+    assert tagged == plain
