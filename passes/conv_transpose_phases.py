@@ -13,7 +13,8 @@ output phase (a, b):
 a dense correlation of dy with a sub-kernel; the result is one PrimFunc (s*s reduction
 blocks, each register-tiled by the default rules, and an injective interleave). Small ResNet
 stride-2 data gradient (32x64x16x16 -> 32x32x32x32, 3x3): 12.5 -> 4.6 ms; 1x1: 2.9 -> 1.0 ms
-(1 thread). Groups, dilation, other layouts and output sizes not divisible by s keep TVM's
+(1 thread). A 1x1 kernel is one dense phase: the GEMM of ``pointwise_convs.pixel_gemm`` (on a
+view of dy when its images are whole vectors of pixels). Groups, dilation, other layouts and output sizes not divisible by s keep TVM's
 legalization.
 
 ``legalize_strided_conv_transposes(mod)`` legalizes only those calls (the rest stays Relax, so
@@ -23,8 +24,8 @@ RewriteGrads still sees ``relax.matmul``); ``passes/build.py`` and
 
 from __future__ import annotations
 
-from splitc.passes.pointwise_convs import pointwise_te
-from tvm import te, topi
+from splitc.passes.pointwise_convs import pixel_gemm
+from tvm import te, tirx, topi
 from tvm.relax.transform.legalize_ops.nn import _nn_conv2d_transpose
 
 __all__ = ["legalize_conv2d_transpose", "legalize_strided_conv_transposes"]
@@ -71,13 +72,17 @@ def legalize_conv2d_transpose(bb, call):
         return _nn_conv2d_transpose(bb, call)
     hq, wq = ho // s, wo // s
     dtype = call.ty.dtype
+    dy_arg, gemm = call.args[0], None
+    if kh == kw == 1 and not any(pad):
+        # one dense phase (0, 0), a 1x1 conv of dy: the GEMM of pointwise_convs (ResNet-50 b8,
+        # 1 thread, same run: 2048 -> 1024 channels from 7x7 137 -> 22 ms, 1024 -> 512 from
+        # 14x14 27.7 -> 24.1 ms, 512 -> 256 from 28x28 27.8 -> 24.3 ms; there, on a view of
+        # dy without the pixel copy, 60.2 -> 25.2 ms with its residual add, one loaded run)
+        dy_arg, gemm = pixel_gemm(bb, dy_arg, lambda wt, o, i: wt[i, o, 0, 0], co, 1, dtype)
 
     def compute(dy, wt):
-        if kh == kw == 1 and not any(pad):
-            # one dense phase (0, 0), a 1x1 conv of dy: the pixel GEMM of pointwise_convs
-            # (ResNet-50 b8, 1 thread, same run: 2048 -> 1024 channels from 7x7 137 -> 22 ms,
-            # 1024 -> 512 from 14x14 27.7 -> 24.1 ms, 512 -> 256 from 28x28 27.8 -> 24.3 ms)
-            y = pointwise_te(dy, lambda o, i: wt[i, o, 0, 0], co, 1, dtype)
+        if gemm is not None:
+            y = gemm(dy, wt)
             phases = {(a, b): y if a == b == 0 else None for a in range(s) for b in range(s)}
             return _interleave(phases, n, co, ho, wo, s, dtype)
         phases = {}
@@ -100,9 +105,7 @@ def legalize_conv2d_transpose(bb, call):
                 phases[a, b] = te.compute((n, co, hq, wq), body, name=f"phase{a}{b}")
         return _interleave(phases, n, co, ho, wo, s, dtype)
 
-    return bb.call_te(
-        compute, call.args[0], call.args[1], primfunc_name_hint="conv2d_transpose_phases"
-    )
+    return bb.call_te(compute, dy_arg, call.args[1], primfunc_name_hint="conv2d_transpose_phases")
 
 
 def _interleave(phases, n, co, ho, wo, s, dtype):
@@ -113,7 +116,10 @@ def _interleave(phases, n, co, ho, wo, s, dtype):
         for (a, b), y in phases.items():
             if y is None:
                 continue
-            val = te.if_then_else(te.all(i % s == a, j % s == b), y[nn, cc, i // s, j // s], val)
+            # Select, not if_then_else: every phase's read is in bounds, and under a fused
+            # ReLU-backward Select LLVM scalarised the branch (512 -> 256 channels from 28x28,
+            # b8, 1 thread, same run: 51.3 -> 22.0 ms)
+            val = tirx.Select(te.all(i % s == a, j % s == b), y[nn, cc, i // s, j // s], val)
         return val
 
     return te.compute((n, co, ho, wo), pick, name="interleave")

@@ -32,7 +32,7 @@ from splitc.passes.compat import has_static_shape
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-__all__ = ["image_gemm_te", "legalize_pointwise_convs", "pointwise_te"]
+__all__ = ["image_gemm_te", "legalize_pointwise_convs", "pixel_gemm", "pointwise_te"]
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _CONV2D_T = tvm.ir.Op.get("relax.nn.conv2d_transpose")
@@ -87,24 +87,30 @@ def _image_lanes(x, stride: int) -> bool:
     return stride == 1 and (h * w) % _PIXEL_BLOCK == 0
 
 
-def _emit(bb, x, wt, pick, c_out: int, stride: int, dtype: str, name: str):
-    """The kernel for ``x`` (NCHW) and weight ``wt`` (``pick(wt, o, i)`` its element): the
-    per-image GEMM on a zero-copy (n, c, h*w) view of x when ``_image_lanes`` (the pixel copy
-    is a full pass over x: 64 -> 256 channels at 56x56, b8, 17.9 -> 15.1 ms, 256 -> 64
-    16.7 -> 10.0 ms, with a batch-norm epilogue, 1 thread, min of 5), else the pixel GEMM."""
+def pixel_gemm(bb, x, pick, c_out: int, stride: int, dtype: str):
+    """(argument, TE function ``f(arg, wt)`` -> (n, c_out, gh, gw)) of the 1x1 conv of ``x``
+    (NCHW) with the weight element ``pick(wt, o, i)``: the per-image GEMM on a zero-copy
+    (n, c, h*w) view of x (emitted here) when ``_image_lanes`` (the pixel copy is a full pass
+    over x: 64 -> 256 channels at 56x56, b8, 17.9 -> 15.1 ms, 256 -> 64 16.7 -> 10.0 ms, with a
+    batch-norm epilogue, 1 thread, min of 5), else x itself and the pixel GEMM."""
     if _image_lanes(x, stride):
         n, ci, h, w = (int(d) for d in x.ty.shape.values)
-        x = bb.emit(relax.op.memory.view(x, relax.ShapeExpr([n, ci, h * w])))
+        view = bb.emit(relax.op.memory.view(x, relax.ShapeExpr([n, ci, h * w])))
 
-        def f(x3, wt):
+        def image(x3, wt):
             return image_gemm_te(x3, lambda o, i: pick(wt, o, i), c_out, h, w, dtype)
 
-    else:
+        return view, image
 
-        def f(x, wt):
-            return pointwise_te(x, lambda o, i: pick(wt, o, i), c_out, stride, dtype)
+    def pixels(x, wt):
+        return pointwise_te(x, lambda o, i: pick(wt, o, i), c_out, stride, dtype)
 
-    return bb.call_te(f, x, wt, primfunc_name_hint=name)
+    return x, pixels
+
+
+def _emit(bb, x, wt, pick, c_out: int, stride: int, dtype: str, name: str):
+    arg, f = pixel_gemm(bb, x, pick, c_out, stride, dtype)
+    return bb.call_te(f, arg, wt, primfunc_name_hint=name)
 
 
 def _common(call, kernel_layout: str) -> bool:

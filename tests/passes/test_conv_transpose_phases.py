@@ -34,7 +34,8 @@ def _run(mod, args):
     "n,ci,co,h,k,s,p,op",
     [
         (2, 8, 4, 5, 3, 2, 1, 1),  # the data gradient of a 3x3 stride-2 pad-1 conv
-        (2, 8, 16, 4, 1, 2, 0, 1),  # 1x1 stride-2 shortcut
+        (2, 8, 16, 4, 1, 2, 0, 1),  # 1x1 stride-2 shortcut, 16 pixels: GEMM on a view of dy
+        (2, 8, 16, 5, 1, 2, 0, 1),  # 25 pixels: the padded pixel GEMM
         (1, 3, 5, 3, 4, 2, 1, 0),  # even kernel
         (1, 4, 4, 3, 3, 3, 1, 2),  # stride 3
         (1, 4, 4, 5, 3, 2, 1, 0),  # odd output (2h-1): TVM's own legalization
