@@ -114,6 +114,8 @@ class CalibrateConfig:
     # random small models (workloads.py: synthetic_models, needs torch) timed as training
     # data only; exported under the dataset's folder
     synthetic: int = 0
+    # random models of realistic size (workloads.py: _SIZES["large"]), training data only
+    synthetic_large: int = 0
     dataset: Path | None = None  # JSON lines; default: output with suffix .jsonl
     resume: bool = True
     name: str | None = None  # profile name; default: output file stem
@@ -304,6 +306,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         workloads = [("sweep", None)] if cfg.sweep else []
         workloads += [(m, b) for m in models for b in (cfg.batch_sizes or (None,))]
         syn = synthetic_models(ds.parent / "synthetic", cfg.synthetic) if cfg.synthetic else []
+        if cfg.synthetic_large:
+            syn += synthetic_models(ds.parent / "synthetic", cfg.synthetic_large, size="large")
         workloads += [(m, "synthetic") for m in syn]
         for i, (m, b) in enumerate(workloads):
             say(f"workload {i + 1}/{len(workloads)}: {m if m == 'sweep' else Path(m).name}")

@@ -178,9 +178,13 @@ def family_of(kinds) -> str:
     return next((f for f in FAMILIES if f in fams), "ewise")
 
 
-def _k(kind: str, role: str, flops: float, br: int, bw: int, pb: int, f: OpFeatures):
-    return KernelFeatures((kind,), float(flops), int(br), int(bw), int(pb), role, f.in_shapes,
-                          f.out_shapes, f.dtype)
+def _k(kind: str, role: str, flops: float, br: int, bw: int, pb: int, f: OpFeatures,
+       shapes: tuple | None = None):
+    """One op kernel; ``shapes`` = (input shapes, output shapes) when they are not the op's
+    own (gradient and update kernels)."""
+    ins, outs = shapes if shapes is not None else (f.in_shapes, f.out_shapes)
+    return KernelFeatures((kind,), float(flops), int(br), int(bw), int(pb), role, tuple(ins),
+                          tuple(outs), f.dtype)
 
 
 def op_kernels(f: OpFeatures, optimizer_bytes: int = 3, optimizer_flops: int = 2
@@ -214,21 +218,31 @@ def op_kernels(f: OpFeatures, optimizer_bytes: int = 3, optimizer_flops: int = 2
                _k("exp", "backward", fl, 2 * br, br, 0, f)]
     else:
         fwd = [_k(kind, "forward", fl, br, bw, pb, f)]
+        # gradient kernels get the shapes they run on, not the forward's: the trees read
+        # output elements and FLOPs per output (``vector``), and a weight gradient writes the
+        # weight (mlp's 784x512 from 32x784 and 32x512, FLOPs per output 64 vs 1568)
+        x, w = (f.in_shapes + ((), ()))[:2]
+        dy = f.out_shapes[:1]
         if fam in ("conv", "matmul"):
             if f.input_grad:
                 bkind = "conv2d_transpose" if fam == "conv" else kind
-                bwd.append(_k(bkind, "backward", fl, bw + pb, act_in, pb, f))
+                bwd.append(_k(bkind, "backward", fl, bw + pb, act_in, pb, f,
+                              (dy + (w,), (x,))))
             if f.has_params:
-                bwd.append(_k(kind, "backward", fl, bw + act_in, pb, 0, f))
+                bwd.append(_k(kind, "backward", fl, bw + act_in, pb, 0, f, ((x,) + dy, (w,))))
         elif fam == "reduce" and needs:
-            bwd = [_k("broadcast_to", "backward", 0, bw, act_in, 0, f)]
+            bwd = [_k("broadcast_to", "backward", 0, bw, act_in, 0, f, (dy, (x,)))]
         elif needs:
-            bwd = [_k(kind, "backward", fl, br + bw, act_in or bw, 0, f)]
+            bwd = [_k(kind, "backward", fl, br + bw, act_in or bw, 0, f,
+                      (dy + f.in_shapes, f.in_shapes[:1] or dy))]
     upd = []
     if f.has_params and pb:
         elems = pb // 4 if f.dtype == "float32" else pb // 2
+        # one kernel over all the op's weights, as (elems,): the real update runs one per
+        # weight tensor; the shape carries the size the trees read
         upd = [KernelFeatures(("multiply", "subtract"), float(optimizer_flops * elems),
-                              (optimizer_bytes - 1) * pb, pb, pb, "update", (), (), f.dtype)]
+                              (optimizer_bytes - 1) * pb, pb, pb, "update",
+                              ((elems,), (elems,)), ((elems,),), f.dtype)]
     return {"forward": fwd, "backward": bwd, "update": upd}
 
 

@@ -188,6 +188,7 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
     out: dict = {"models": models, "kernels": 0}
     preds: dict[str, list] = defaultdict(list)
     meas, again, step_rep = [], [], defaultdict(dict)
+    owner, looked = [], []  # per held-out kernel: its model, priced by look-up?
     cands = _candidates(kinds, kern)
     for m in models:
         train = [r for r in kern if r["model"] != m]
@@ -204,6 +205,8 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
         seen = {k.family for k in ks_tr}
         table = twins(train)
         out["looked_up"] = out.get("looked_up", 0) + sum(kernel_key(k) in table for k in ks)
+        owner += [m] * len(ks)
+        looked += [kernel_key(k) in table for k in ks]
         roof = _roofline(ks, prof)
         cand = {"roofline": roof}
         for name, kind, sched in cands:
@@ -230,12 +233,20 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
     meas = np.asarray(meas)
     big = meas >= 1e-5  # kernels of 10 us or more: below, timer resolution and noise dominate
     out["kernels_ge_10us"] = int(big.sum())
+    owner, looked = np.asarray(owner), np.asarray(looked, bool)
+    # where the misses are: by kernel size, by how a kernel was priced, by model
+    groups = {"lt_2us": meas < 2e-6, "2_to_10us": (meas >= 2e-6) & ~big, "ge_10us": big,
+              "looked_up": looked, "predicted": ~looked}
+    groups.update({f"model={m}": owner == m for m in models})
+    out["group_kernels"] = {g: int(sel.sum()) for g, sel in groups.items()}
     for name, p in preds.items():
         p = np.asarray(p)
         out[name] = {"within_10pct": within(p, meas), "mape_pct": mape(p, meas)}
         if big.any():
             out[name].update(within_10pct_ge_10us=within(p[big], meas[big]),
                              mape_pct_ge_10us=mape(p[big], meas[big]))
+        out[name]["groups"] = {g: within(p[sel], meas[sel]) for g, sel in groups.items()
+                               if sel.any()}
     again = np.asarray(again, float).reshape(-1, 2)
     if len(again) and not np.isnan(again).any():
         # the two timing passes of the same kernels (calibrate's recheck) against each other:

@@ -1,10 +1,11 @@
 """Benchmark of the learned cost model on this CPU: held-out accuracy, whole steps, decisions.
 
     TVM_NUM_THREADS=1 python -m splitc.tools.bench_cost_model --out /tmp/costbench \
-        [--target host] [--synthetic 40]
+        [--target host] [--synthetic 40] [--synthetic-large 12] [--big]
 
 1. Calibrates (resumably, dataset in OUT/bench.jsonl) on the op sweep, ``--synthetic`` random
-   small models (training data only) and the 7 test models below, every kernel timed twice
+   small and ``--synthetic-large`` realistic-size models (training data only) and the 7 test
+   models below (+ ``BIG_MODELS`` with ``--big``), every kernel timed twice
    (``recheck``: the noise floor), built for ``--target`` as ``splitc compile`` builds it.
 2. Held-out kernels: leave-one-model-out over the 7 test models (``cost_models/fit.py:
    heldout_report``): share of kernels within +-10 % and MAPE for the roofline prior, linear
@@ -35,9 +36,14 @@ from pathlib import Path
 
 import click
 
+# realistic-size test models (tools/bench_models.py), held out like the others; session 4
+# tested on the 7 small ones only (tiny_cnn's whole step: 0.052 ms)
+BIG_MODELS = ("small_resnet", "encoder")
 
-def _models(out: Path) -> dict[str, Path]:
-    """Test models (tests/helpers/models.py) plus medium ones defined here."""
+
+def _models(out: Path, big: bool = False) -> dict[str, Path]:
+    """Test models (tests/helpers/models.py) plus medium ones defined here, plus
+    ``BIG_MODELS`` when ``big``."""
     import torch
     from torch import nn
 
@@ -85,9 +91,16 @@ def _models(out: Path) -> dict[str, Path]:
 
         return T(), (4, 32, 128)
 
+    def bench_model(name):
+        from splitc.tools.bench_models import build_model
+
+        return lambda: build_model(name)[:2]
+
     out.mkdir(parents=True, exist_ok=True)
-    for name, make in (("cnn_small", cnn), ("mlp", mlp), ("wide_cnn", wide_cnn),
-                       ("transformer_small", transformer)):
+    makers = [("cnn_small", cnn), ("mlp", mlp), ("wide_cnn", wide_cnn),
+              ("transformer_small", transformer)]
+    makers += [(n, bench_model(n)) for n in (BIG_MODELS if big else ())]
+    for name, make in makers:
         p = out / f"{name}.onnx"
         if not p.exists():
             torch.manual_seed(0)
@@ -102,6 +115,25 @@ def _models(out: Path) -> dict[str, Path]:
                               training=mode)
         paths[name] = p
     return paths
+
+
+def _set_accuracy(acc: dict, chosen: str) -> dict[str, tuple[int, float, float]]:
+    """Kernels within +-10 % (chosen regressor, roofline) per kernel group of the held-out
+    report and over the small (session 4) and the big test models: {group: (kernels,
+    chosen, roofline)}."""
+    n = acc.get("group_kernels", {})
+    g_c, g_r = acc[chosen].get("groups", {}), acc["roofline"].get("groups", {})
+    out = {g: (n[g], g_c[g], g_r[g]) for g in n if g in g_c and not g.startswith("model=")}
+    models = [g for g in n if g.startswith("model=") and g in g_c]
+    for label, sel in (("small test models (session 4's 7)",
+                        [g for g in models if not g[6:].startswith(BIG_MODELS)]),
+                       ("big test models", [g for g in models if g[6:].startswith(BIG_MODELS)]),
+                       ("all test models", models)):
+        k = sum(n[g] for g in sel)
+        if k:
+            out[label] = (k, sum(n[g] * g_c[g] for g in sel) / k,
+                          sum(n[g] * g_r[g] for g in sel) / k)
+    return out
 
 
 def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
@@ -122,7 +154,12 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
 @click.option("--repeats", default=30, show_default=True)
 @click.option("--synthetic", default=40, show_default=True,
               help="random small models timed as training data only")
-def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
+@click.option("--synthetic-large", default=0, show_default=True,
+              help="random models of realistic size timed as training data only")
+@click.option("--big/--no-big", default=False, show_default=True,
+              help=f"also test on {', '.join(BIG_MODELS)} (realistic sizes)")
+def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: int,
+         big: bool) -> None:
     import torch
     from splitc.cost_models.attribute import attribute
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
@@ -137,11 +174,13 @@ def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
 
     torch.set_num_threads(1)
     t0 = time.time()
-    paths = _models(out)
+    paths = _models(out, big)
     log = lambda m: click.echo(f"[{time.time() - t0:7.1f}s] {m}", err=True)
     prof_path = calibrate(CalibrateConfig(target=target, output=out / "bench.json",
                                           models=tuple(paths.values()), repeats=repeats,
-                                          synthetic=synthetic, recheck=True, progress=log))
+                                          synthetic=synthetic,
+                                          synthetic_large=synthetic_large, recheck=True,
+                                          progress=log))
     click.echo(f"calibrated in {time.time() - t0:.0f}s (measure + fit)")
     prof = load_profile(str(prof_path))
     acc = prof.learned["accuracy"]
@@ -157,13 +196,16 @@ def main(out: Path, target: str, repeats: int, synthetic: int) -> None:
                        + big)
     click.echo(f"  chosen: kernels {prof.learned['kernel_regressor_name']}, op costs "
                f"{prof.learned['regressor_name']}")
+    sets = _set_accuracy(acc, prof.learned["kernel_regressor_name"])
+    for g, (n, v, r) in sets.items():
+        click.echo(f"  {g:34s} {n:4d} kernels: chosen {v:.1%}, roofline {r:.1%} within +-10 %")
     rows = load_rows(out / "bench.jsonl")
     base = DeviceProfile(prof.name, prof.kind, prof.peak_flops, prof.mem_bandwidth,
                          prof.kernel_overhead, prof.provenance)
     by_model = {r["model"]: r["workload"] for r in rows if r["type"] == "step"}
     click.echo("whole step (model held out): measured (2nd pass vs 1st) | kernel-sum pred | "
                "op-sum pred (learned) | op-sum roofline  [ms]")
-    results = {"accuracy": acc, "steps": {}, "decisions": {}}
+    results = {"accuracy": acc, "sets": sets, "steps": {}, "decisions": {}}
     for name, path in paths.items():
         mname = next((m for m in by_model if m.startswith(name)), None)
         if mname is None:

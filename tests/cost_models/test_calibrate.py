@@ -327,3 +327,28 @@ def test_calibrate_with_tuning_records_is_labelled_and_not_mixed(tmp_path, tiny_
     with pytest.raises(InputError, match=r"^Calibrate: .*cal.jsonl holds \d+ rows timed with "
                        r"other schedules \(tuned .*, now default\); pass another -o$"):
         _calibrate(tmp_path, tiny_cnn_onnx)
+
+
+def test_heldout_report_groups_by_size_pricing_and_model():
+    """The held-out report says where the misses are: per kernel size, looked-up vs
+    predicted, and per model; the group counts add up and a looked-up kernel is exact."""
+    from splitc.cost_models.features import KernelFeatures
+    from splitc.cost_models.fit import heldout_report
+
+    def row(model, n, seconds):
+        f = KernelFeatures(("add",), n, 8 * n, 4 * n, 0, "forward", ((n,), (n,)), ((n,),))
+        return {"type": "kernel", "model": model, "workload": model, "calls": 1,
+                "features": f.to_json(), "seconds": seconds}
+
+    sizes = [256, 1024, 4096, 16384, 65536, 262144]
+    rows = [row("sweep", n, n * 1e-10 + 5e-7) for n in sizes]
+    # model a: one kernel also in b (looked up), one of its own; b likewise
+    rows += [row("a", 512, 3e-6), row("a", 1 << 20, 2e-5), row("b", 512, 3e-6),
+             row("b", 2048, 1e-6)]
+    rep = heldout_report(rows, load_profile("local-cpu"), ("linear",))
+    n = rep["group_kernels"]
+    assert rep["kernels"] == 4 and rep["looked_up"] == 2
+    assert n["lt_2us"] + n["2_to_10us"] + n["ge_10us"] == 4 == n["looked_up"] + n["predicted"]
+    assert (n["lt_2us"], n["2_to_10us"], n["ge_10us"]) == (1, 2, 1)
+    assert (n["model=a"], n["model=b"]) == (2, 2)
+    assert rep["linear"]["groups"]["looked_up"] == 1.0

@@ -83,6 +83,24 @@ def test_op_kernels_conv_exact():
                                                                        "update")
     # first layer (reads only the model input): weight grad only
     assert [k.kinds for k in op_kernels(_conv_features(False))["backward"]] == [("conv2d",)]
+    # gradient kernels carry the shapes they run on: dx reads dy and w and writes x's shape,
+    # dw reads x and dy and writes the weight; the update runs over the 1152 weights
+    x, w, y = (2, 8, 8, 8), (16, 8, 3, 3), (2, 16, 8, 8)
+    assert (dx.in_shapes, dx.out_shapes) == ((y, w), (x,))
+    assert (dw.in_shapes, dw.out_shapes) == ((x, y), (w,))
+    assert (upd.in_shapes, upd.out_shapes) == (((1152,), (1152,)), ((1152,),))
+    assert (fwd.in_shapes, fwd.out_shapes) == ((x, w), (y,))
+
+
+def test_op_kernels_elementwise_and_reduce_gradient_shapes():
+    from splitc.cost_models.base import OpFeatures
+
+    relu = OpFeatures("relax.nn.relu", 64, 256, 256, 0, ((8, 8),), ((8, 8),))
+    (b,) = op_kernels(relu)["backward"]
+    assert (b.in_shapes, b.out_shapes) == (((8, 8), (8, 8)), ((8, 8),))
+    s = OpFeatures("relax.sum", 64, 256, 32, 0, ((8, 8),), ((8,),))
+    (b,) = op_kernels(s)["backward"]
+    assert b.kinds == ("broadcast_to",) and (b.in_shapes, b.out_shapes) == (((8,),), ((8, 8),))
 
 
 def test_kernel_features_json_roundtrip():

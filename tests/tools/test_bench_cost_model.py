@@ -1,0 +1,15 @@
+"""tools/bench_cost_model.py: accuracy over the small and the big test models."""
+
+import pytest
+from splitc.tools.bench_cost_model import _set_accuracy
+
+
+def test_set_accuracy_weights_models_by_their_kernels():
+    acc = {"group_kernels": {"lt_2us": 10, "model=mlp": 30, "model=encoder": 10},
+           "trees": {"groups": {"lt_2us": 0.5, "model=mlp": 0.9, "model=encoder": 0.5}},
+           "roofline": {"groups": {"lt_2us": 0.0, "model=mlp": 0.1, "model=encoder": 0.3}}}
+    out = _set_accuracy(acc, "trees")
+    assert out["lt_2us"] == (10, 0.5, 0.0)
+    assert out["small test models (session 4's 7)"] == (30, 0.9, pytest.approx(0.1))
+    assert out["big test models"] == (10, 0.5, 0.3)
+    assert out["all test models"] == (40, pytest.approx(0.8), pytest.approx(0.15))
