@@ -155,6 +155,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     one ``step`` row."""
     import tvm
     from splitc.cost_models.tir_features import schedule_features
+    from splitc.passes.provenance import trace
     from tvm import tirx
     from tvm.s_tir.analysis import estimate_tir_flops
 
@@ -166,12 +167,14 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
         say(f"{w.key}: already measured")
         return
     t0 = time.perf_counter()
-    sched = _schedule(w.module, target, cfg.tuning_records)
+    with trace() as tr:
+        sched = _schedule(w.module, target, cfg.tuning_records)
     calls = _calls(sched, w.weights)
     prims = {gv.name_hint: f for gv, f in sched.functions.items() if isinstance(f, tirx.PrimFunc)}
     groups: dict[tuple, list] = defaultdict(list)
     for c in calls:
         groups[(c.function, c.role, c.symbol, c.specs)].append(c)
+    sites = _sites(tr, w, sched, groups, say)
     # threads: the TVM runtime's pool here (1 on this 2-vCPU box, or TVM_NUM_THREADS);
     # unknown on a board behind RPC. stat: which statistic of the timings "seconds" is.
     prov = {"train_only": w.train_only, "target": str(cfg.target),
@@ -233,6 +236,8 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
                      "seconds": t.seconds, "median": t.median, "spread": t.spread,
                      "samples": t.repeats, "rounds_used": info["rounds"],
                      "quiet": info["quiet"], "date": now(), **prov})
+        if (fname, role, sym, specs_) in sites:
+            rows[-1]["sites"] = sites[(fname, role, sym, specs_)]
         if t2 is not None:
             rows[-1].update(seconds=min(t.seconds, t2.seconds), seconds_first=t.seconds,
                             seconds_again=t2.seconds, median_again=t2.median)
@@ -258,6 +263,28 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
         emit(row)
         say(f"{w.key}: step {row['seconds'] * 1e3:.3f} ms")
     emit({"type": "done", "workload": w.key, "model": w.model, "date": now(), **prov})
+
+
+def _sites(tr, w: Workload, sched, groups: dict, say) -> dict:
+    """Per kernel row (group key), the parts of each of its calls: which planner op each
+    fused binding came from (``passes/provenance.py``; ``cost_models/attribute.py`` splits
+    the row's time by them). Empty for workloads without an OpGraph (the op sweep), and on
+    a tracing failure, which is reported: the timings do not depend on it."""
+    if w.graph is None:
+        return {}
+    try:
+        by_call = defaultdict(list)
+        for site in tr.sites(w.module, sched, w.graph):
+            by_call[(site.function, site.symbol)].append(site.to_json()["parts"])
+    except Exception as e:  # noqa: BLE001 - provenance is extra data; timing goes on
+        say(f"{w.key}: kernel provenance failed ({type(e).__name__}: {e}); rows keep none")
+        return {}
+    out = {}
+    for key, cs in groups.items():  # calls and sites are both in program order
+        parts = by_call.get((key[0], key[2]), [])
+        if len(parts) >= len(cs):
+            out[key], by_call[(key[0], key[2])] = parts[:len(cs)], parts[len(cs):]
+    return out
 
 
 # -- entry point -----------------------------------------------------------------------------

@@ -34,6 +34,9 @@ class Workload:
     # the OpFeatures the planner prices for this model (every op, then the loss): what the
     # fit compares op-level predictions with measured steps on (fit.py: _op_fit)
     ops: tuple = ()
+    # the model's OpGraph (of the tag_ops module): which op each kernel came from
+    # (passes/provenance.py); None for the op sweep
+    graph: object = None
 
 
 def model_module(path: Path, batch: int | None = None, train_only: bool = False) -> Workload:
@@ -44,9 +47,12 @@ def model_module(path: Path, batch: int | None = None, train_only: bool = False)
     from splitc.passes.annotate_costs import annotate_costs
     from splitc.passes.frontend import load_onnx
     from splitc.passes.partition import solve
+    from splitc.passes.provenance import tag_ops
     from splitc.passes.split_module import split_module
 
     mod, info = load_onnx(path, None, batch)
+    # main's vars named after their ops: names only, the kernels are the same (provenance)
+    mod = tag_ops(mod)
     # costs do not matter for a server-only plan; any profile will do
     prior = RooflineModel(DeviceProfile("calib", "cpu", {"float32": 1e11}, 1e10, 1e-6,
                                         {"status": "prior", "source": "placeholder"}))
@@ -70,7 +76,7 @@ def model_module(path: Path, batch: int | None = None, train_only: bool = False)
     dims = ",".join(f"{i.name}={'x'.join(map(str, i.shape))}" for i in info.inputs)
     key = f"{info.name}@{info.sha256[:12]}[{dims}]"
     return Workload(key, info.name, keep, frozenset(spec.server_params),
-                    ("server_step_flat", "server_update_flat"), train_only, tuple(seen))
+                    ("server_step_flat", "server_update_flat"), train_only, tuple(seen), graph)
 
 
 def _unflatten(ty, hint: str, flat: list):

@@ -236,8 +236,21 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
                    f"{roofsum * 1e3:8.3f} ({(roofsum / meas - 1) * 100:+6.1f}%)  {lm.name}")
         results["steps"][name] = {"measured": meas, "second_pass_vs_first": again,
                                   "kernel_sum": ksum, "op_sum": opsum, "roofline_op_sum": roofsum}
+        # per binding where calibration traced the kernels (rows with "sites"), else by bucket
+        sites = [{"function": r["function"], "symbol": r["symbol"], "parts": p}
+                 for r in kern for p in r.get("sites", ())]
         measured_ops = attribute([(op.name, op.features) for op in g.ops
-                                  if op.features is not None], kern, step["seconds"], base)
+                                  if op.features is not None], kern, step["seconds"], base,
+                                 sites=sites or None)
+        if sites:  # the planner's op costs against the measured ones, op by op
+            errs = [op.device.training / measured_ops[op.name].training - 1 for op in g.ops
+                    if op.name in measured_ops and measured_ops[op.name].training > 0]
+            within = {f"within_{p}pct": sum(abs(e) <= p / 100 for e in errs) / len(errs)
+                      for p in (10, 25)}
+            results.setdefault("ops", {})[name] = {"ops": len(errs), **within}
+            click.echo(f"      planner op costs vs measured per binding: "
+                       f"{within['within_10pct']:.0%} within 10%, "
+                       f"{within['within_25pct']:.0%} within 25% ({len(errs)} ops)")
         gm = _with_costs(g, measured_ops)
         gp = _with_costs(g, {op.name: op.device for op in g.ops})
         dec = {}
