@@ -185,6 +185,7 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
     kern = [r for r in rows if r["type"] == "kernel"]
     steps = {r["workload"]: r for r in rows if r["type"] == "step"}
     models = test_models(kern)
+    off = prof.kernel_overhead  # regressors learn the ratio to the roofline prior
     out: dict = {"models": models, "kernels": 0}
     preds: dict[str, list] = defaultdict(list)
     meas, again, step_rep = [], [], defaultdict(dict)
@@ -211,7 +212,7 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
         cand = {"roofline": roof}
         for name, kind, sched in cands:
             Xtr, X = _xy(train, prof, sched)[1], _xy(test, prof, sched)[1]
-            p = 10.0 ** fit_regressor(kind, Xtr, ytr).predict(X)
+            p = 10.0 ** fit_regressor(kind, Xtr, ytr, offset_overhead=off).predict(X)
             fb = np.array([k.family not in seen for k in ks])
             cand[name] = _look_up(ks, np.where(fb, roof, p), table)
         for name, p in cand.items():
@@ -289,8 +290,10 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
         else default[0]
     best = max(scored, key=lambda c: report[c[0]]["within_10pct"]) if scored else default[-1]
     ks, X, y = _xy(kern, prof)
-    reg: Regressor = fit_regressor(best_plain[1], X, y)
-    kreg = reg if not best[2] else fit_regressor(best[1], _xy(kern, prof, True)[1], y)
+    off = prof.kernel_overhead  # as in heldout_report
+    reg: Regressor = fit_regressor(best_plain[1], X, y, offset_overhead=off)
+    kreg = reg if not best[2] else fit_regressor(best[1], _xy(kern, prof, True)[1], y,
+                                                offset_overhead=off)
     steps = [r for r in rows if r["type"] == "step"]
     scale, ovh = _step_fit(kern, steps)
     op_scale, op_ovh = _op_fit(steps, [r for r in rows if r["type"] == "ops"], prof, reg)

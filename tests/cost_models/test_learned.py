@@ -84,12 +84,27 @@ def test_op_kernels_conv_exact():
     # first layer (reads only the model input): weight grad only
     assert [k.kinds for k in op_kernels(_conv_features(False))["backward"]] == [("conv2d",)]
     # gradient kernels carry the shapes they run on: dx reads dy and w and writes x's shape,
-    # dw reads x and dy and writes the weight; the update runs over the 1152 weights
+    # dw reads x and dy and writes the weight; the update runs over the weight tensor
     x, w, y = (2, 8, 8, 8), (16, 8, 3, 3), (2, 16, 8, 8)
     assert (dx.in_shapes, dx.out_shapes) == ((y, w), (x,))
     assert (dw.in_shapes, dw.out_shapes) == ((x, y), (w,))
-    assert (upd.in_shapes, upd.out_shapes) == (((1152,), (1152,)), ((1152,),))
+    assert (upd.in_shapes, upd.out_shapes) == ((w, w), (w,))
     assert (fwd.in_shapes, fwd.out_shapes) == ((x, w), (y,))
+
+
+def test_op_kernels_one_update_per_weight_tensor():
+    from splitc.cost_models.base import OpFeatures
+
+    # layer norm over 64 features owns gamma and beta (2 x 256 bytes): two update kernels
+    ln = OpFeatures("relax.nn.layer_norm", 1024, 2560, 2048, 512, ((8, 64), (64,), (64,)),
+                    ((8, 64),), has_params=True)
+    ups = op_kernels(ln)["update"]
+    assert [(k.out_shapes, k.flops, k.bytes_read, k.bytes_written) for k in ups] == \
+        [(((64,),), 128.0, 512, 256)] * 2
+    # weights that do not match the inputs' sizes: one flat tensor
+    odd = OpFeatures("relax.add", 64, 512, 256, 100, ((8, 8), (8, 8)), ((8, 8),),
+                     has_params=True)
+    assert [k.out_shapes for k in op_kernels(odd)["update"]] == [((25,),)]
 
 
 def test_op_kernels_elementwise_and_reduce_gradient_shapes():
@@ -133,6 +148,26 @@ def test_regressor_json_predicts_like_sklearn(kind):
                                         subsample=0.8, random_state=0).fit(X, y).predict(X)
     # leaf values are stored with 7 significant digits: 100 x 0.15 x 5e-8 < 1e-6
     np.testing.assert_allclose(back.predict(X), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["trees", "family_trees"])
+def test_offset_regressor_extrapolates_with_the_roofline(kind):
+    """Kernels at 40 % of the roofline: with the offset, trees fitted on small kernels price
+    a 100x larger one at 40 % too (exact: the ratio is constant); without, at about the
+    largest time they saw."""
+    col = FEATURE_NAMES.index("log_roofline")
+    X = np.zeros((60, len(FEATURE_NAMES)))
+    X[:, col] = np.linspace(-6, -4, 60)  # roofline 1 us .. 100 us
+    ovh = 1e-6
+    y = np.log10((10.0 ** X[:, col] + ovh) / 0.4)
+    big = X[-1:].copy()
+    big[0, col] = -2.0  # 10 ms of roofline time, outside the training range
+    reg = fit_regressor(kind, X, y, offset_overhead=ovh)
+    back = Regressor.from_json(json.loads(json.dumps(reg.to_json())))
+    want = np.log10((1e-2 + ovh) / 0.4)
+    np.testing.assert_allclose(back.predict(big), [want], atol=1e-6)
+    np.testing.assert_allclose(back.predict(X), y, atol=1e-6)
+    assert fit_regressor(kind, X, y).predict(big)[0] < want - 1.5  # no offset: ~100x short
 
 
 def test_metrics_exact():
