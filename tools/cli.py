@@ -153,6 +153,9 @@ def bench(ctx, name, args):
 @click.option("--synthetic", type=click.IntRange(min=0), default=0, show_default=True,
               help="also time N random small models as training data (needs torch; 40 "
               "doubled the held-out share within 10%)")
+@click.option("--synthetic-large", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also time N random realistic-size models as training data (needs torch; "
+              "lets the fit reach kernels larger than the small models)")
 @click.option("--recheck", is_flag=True, help="time each tested model twice: the rows keep "
               "both timings (the noise floor of the fit) and the smaller")
 @click.option("--no-sweep", is_flag=True, help="skip the single-op shape sweep")
@@ -163,7 +166,7 @@ def bench(ctx, name, args):
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
 def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning_records,
-              synthetic, recheck, no_sweep, no_resume, name, output, quiet):
+              synthetic, synthetic_large, recheck, no_sweep, no_resume, name, output, quiet):
     """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.calibrate import calibrate as run
@@ -174,7 +177,8 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning
     cfg = CalibrateConfig(target=target, output=output, rpc_tracker=rpc_tracker,
                           rpc_key=rpc_key, models=tuple(models), batch_sizes=tuple(batch_sizes),
                           repeats=repeats, sweep=not no_sweep, resume=not no_resume, name=name,
-                          tuning_records=tuning_records, synthetic=synthetic, recheck=recheck,
+                          tuning_records=tuning_records, synthetic=synthetic,
+                          synthetic_large=synthetic_large, recheck=recheck,
                           progress=_progress(quiet))
     path = run(cfg)
     click.echo(f"wrote {path}; use it with `splitc plan --device {path}`")

@@ -147,3 +147,14 @@ def test_calibrate_then_plan_with_the_learned_profile(tmp_path):
               "--server", "a100", "--no-baselines", "--json", str(out), "-q"])
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["graph"]["cost_model"].startswith("device=learned:cal(")
+
+
+def test_calibrate_passes_the_synthetic_model_counts(tmp_path, monkeypatch):
+    import splitc.cost_models.calibrate as cal
+
+    seen = []
+    monkeypatch.setattr(cal, "calibrate", lambda cfg: seen.append(cfg) or cfg.output)
+    r = _run(["calibrate", "--synthetic", "3", "--synthetic-large", "2", "-q",
+              "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert (seen[0].synthetic, seen[0].synthetic_large) == (3, 2)
