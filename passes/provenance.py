@@ -11,8 +11,8 @@ recovered here by matching the ``call_tir`` (same PrimFunc, same arguments).
 
 ``trace()`` is a context manager: build the module inside it exactly as the build does (it
 records, through a ``PassInstrument``, the module before ``FuseOps`` and before ``FuseTIR``);
-``sites(scheduled, graph)`` then returns one ``Site`` per ``call_tir`` of the scheduled
-module, in program order, with the ``Part`` s it fused: which op owns each, in which role,
+``Trace.sites(source, scheduled, graph)`` then returns one ``Site`` per ``call_tir`` of the
+scheduled module, in program order, with the ``Part`` s it fused: which op owns each, in which role,
 and its FLOPs and bytes (to share a fused kernel's time between its parts).
 
 Owners, per binding of the module before fusion (``_owners``):
@@ -36,15 +36,13 @@ from dataclasses import dataclass
 from math import prod
 
 import tvm
-from splitc.passes.naming import binding_names
+from splitc.passes.naming import TAG, binding_names, tag_ops
 from splitc.passes.split_halves import ident
 from tvm import relax, tirx
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 __all__ = ["LOSS", "TAG", "Part", "Site", "Trace", "tag_ops", "trace"]
 
 LOSS = "<loss>"  # owner of the loss's bindings (the loss is no planner op)
-TAG = "op__"  # tag_ops' prefix of main's binding vars
 _ADJ = "_adjoint"
 
 
@@ -89,21 +87,18 @@ class Trace:
                                "the module inside trace()")
         pre, mid = self.before_fuse, self.before_fuse_tir
         named = {}  # by name, in the module the build started from
-        for gv, f in source.functions.items():
-            if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr):
-                named.update(_owners(gv.name_hint, f, graph))
+        gn = _GraphNames(graph)
+        for gv, f in _relax_functions(source):
+            named.update(_owners(gv.name_hint, f, gn))
         owners = {}  # carried by var identity, and propagated to the bindings added since
-        for f in pre.functions.values():
-            if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr):
-                binds = _bindings(f)
-                owners.update(_propagate(binds, {b.var: named[b.var] for b in binds
-                                                 if b.var in named}))
+        for _, f in _relax_functions(pre):
+            binds = _bindings(f)
+            owners.update(_propagate(binds, {b.var: named[b.var] for b in binds
+                                             if b.var in named}))
         flops = _Flops(pre)
         index = _CallIndex(pre, mid)
         out = []
-        for gv, f in scheduled.functions.items():
-            if not isinstance(f, relax.Function) or not isinstance(f.body, relax.SeqExpr):
-                continue
+        for gv, f in _relax_functions(scheduled):
             fused = index.fused(mid, gv.name_hint)
             for b in _bindings(f):
                 if not _is_call_tir(b.value):
@@ -137,46 +132,13 @@ def trace():
         yield t
 
 
-def tag_ops(mod: tvm.IRModule) -> tvm.IRModule:
-    """``mod`` with every binding var of ``main`` renamed ``TAG + its op name`` (its
-    ``binding_names`` name); the IR is otherwise identical, and so are its kernels. The
-    training passes name new bindings ``lv<N>`` (DecomposeForTraining's batch-norm pieces,
-    Gradient's intermediates), which collide with an importer's ``lv<N>``: with the tag, a
-    forward var of the training step names its op exactly. Tag before planning and splitting,
-    then match ops by name without the tag (``sites`` accepts graphs of either module)."""
-    main = mod["main"]
-    names = binding_names(main)
-    binds = {b.var for b in _bindings(main)}
-    out = mod.clone()
-    out["main"] = _Rename({v: TAG + n for v, n in names.items() if v in binds}).visit_expr(main)
-    return out
-
-
-@mutator
-class _Rename(PyExprMutator):
-    def __init__(self, names: dict):
-        super().__init__()
-        self.names, self.new = names, {}
-
-    def _def(self, v, cls):
-        if v in self.names and v not in self.new:
-            self.new[v] = cls(self.names[v], v.ty)
-        return self.new.get(v, v)
-
-    def visit_var_def_(self, v):
-        return self._def(v, relax.Var)
-
-    def visit_dataflow_var_def_(self, v):
-        return self._def(v, relax.DataflowVar)
-
-    def visit_var_(self, v):
-        return self.new.get(v, v)
-
-    def visit_dataflow_var_(self, v):
-        return self.new.get(v, v)
-
-
 # -- owners ----------------------------------------------------------------------------------
+def _relax_functions(mod: tvm.IRModule):
+    """(GlobalVar, Function) of the module's Relax functions with a body of bindings."""
+    return [(gv, f) for gv, f in mod.functions.items()
+            if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)]
+
+
 def _bindings(f: relax.Function):
     return [b for blk in f.body.blocks for b in blk.bindings]
 
@@ -208,21 +170,29 @@ def _graph_name(name: str, tagged: bool) -> str | None:
     return name.split("__d")[0] if "__d" in name else name
 
 
-def _owners(fname: str, f: relax.Function, graph) -> dict:
+class _GraphNames:
+    """The OpGraph's names as the training functions spell them, computed once per graph;
+    a graph of the tagged module has its names without the tag."""
+
+    def __init__(self, graph) -> None:
+        def plain(name: str) -> str:
+            return name.removeprefix(TAG)
+
+        self.ops = {plain(op.name): plain(op.name) for op in graph.ops}
+        for op in graph.ops:
+            for t in (*op.outputs, *op.weight_prep):
+                self.ops.setdefault(plain(t), plain(op.name))
+        self.by_param = {}  # the optimizer names parameters as split_halves.ident, dots "_"
+        for op in graph.ops:
+            for p in op.params:
+                self.by_param.setdefault(_c_name(ident(p)), plain(op.name))
+        self.model_out = {plain(t.name) for t in graph.tensors.values() if t.is_output}
+
+
+def _owners(fname: str, f: relax.Function, gn: _GraphNames) -> dict:
     """Owner (op name, LOSS or None) and role of every binding var of one function of the
     module the build started from (its names are the training passes' own, unchanged)."""
-    def plain(name: str) -> str:  # op and tensor names of a graph of the tagged module
-        return name.removeprefix(TAG)
-
-    names = {plain(op.name): plain(op.name) for op in graph.ops}
-    for op in graph.ops:
-        for t in (*op.outputs, *op.weight_prep):
-            names.setdefault(plain(t), plain(op.name))
-    by_param = {}  # the optimizer names parameters as split_halves.ident, dots as "_"
-    for op in graph.ops:
-        for p in op.params:
-            by_param.setdefault(_c_name(ident(p)), plain(op.name))
-    model_out = {plain(t.name) for t in graph.tensors.values() if t.is_output}
+    names, by_param, model_out = gn.ops, gn.by_param, gn.model_out
     binds = _bindings(f)
     tagged = any(b.var.name.startswith(TAG) for b in binds)
     unique = binding_names(f)  # AnnotateCosts' names: the forward copy of main gets main's
@@ -310,12 +280,11 @@ class _CallIndex:
         self.alias: dict = {}  # fused call var (mid) -> original output var(s) (pre)
         self.by_key: dict = {}
         self.known: set = set()
-        for f in pre.functions.values():
-            if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr):
-                for b in _bindings(f):
-                    self.known.add(b.var)
-                    if _is_call_tir(b.value):
-                        self.by_key.setdefault(self._key(b.value, {}), b)
+        for _, f in _relax_functions(pre):
+            for b in _bindings(f):
+                self.known.add(b.var)
+                if _is_call_tir(b.value):
+                    self.by_key.setdefault(self._key(b.value, {}), b)
 
     def _key(self, call, subst: dict) -> tuple:
         def canon(a):
@@ -335,11 +304,9 @@ class _CallIndex:
     def fused(self, mid: tvm.IRModule, fname: str) -> dict:
         """Call var -> the original bindings it fused, for every call of function ``fname``
         to a fused function, in program order (so earlier outputs alias before use)."""
-        out = {}
-        f = next((f for gv, f in mid.functions.items() if gv.name_hint == fname), None)
-        if not isinstance(f, relax.Function) or not isinstance(f.body, relax.SeqExpr):
-            return out
-        for b in _bindings(f):
+        out: dict = {}
+        f = next((f for gv, f in _relax_functions(mid) if gv.name_hint == fname), None)
+        for b in _bindings(f) if f is not None else ():
             v = b.value
             if isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar) and \
                     isinstance(mid[v.op], relax.Function):
@@ -371,12 +338,11 @@ class _CallIndex:
 def _tuple_items(mod: tvm.IRModule) -> dict:
     """var -> (tuple var, index) of every ``x = t[i]`` binding of the module's Relax functions."""
     out = {}
-    for f in mod.functions.values():
-        if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr):
-            for b in _bindings(f):
-                if isinstance(b.value, relax.TupleGetItem) and \
-                        isinstance(b.value.tuple_value, relax.Var):
-                    out[b.var] = (b.value.tuple_value, int(b.value.index))
+    for _, f in _relax_functions(mod):
+        for b in _bindings(f):
+            if isinstance(b.value, relax.TupleGetItem) and \
+                    isinstance(b.value.tuple_value, relax.Var):
+                out[b.var] = (b.value.tuple_value, int(b.value.index))
     return out
 
 
