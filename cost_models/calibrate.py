@@ -56,7 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitc import BuildError, InputError, SplitcError, __version__
-from splitc.cost_models.dataset import DATASET_VERSION, done_keys, load_rows, now, row_key
+from splitc.cost_models.dataset import (
+    DATASET_VERSION,
+    done_keys,
+    load_rows,
+    load_train_rows,
+    now,
+    row_key,
+)
 from splitc.cost_models.fit import _step_fit, fit_learned, heldout_report  # noqa: F401 - re-export
 from splitc.cost_models.kernels import calls as _calls
 from splitc.cost_models.kernels import features as _features
@@ -116,6 +123,13 @@ class CalibrateConfig:
     synthetic: int = 0
     # random models of realistic size (workloads.py: _SIZES["large"]), training data only
     synthetic_large: int = 0
+    # random one-block models per kernel family (family_sweep.py), kernels only, training
+    # data only: dense sampling of the families the test models' kernels fall into
+    family_sweep: int = 0
+    # JSON-lines datasets of earlier calibrations whose training-only rows (op sweep,
+    # synthetic models, family blocks) join the fit without being timed again: a cached
+    # sweep (dataset.load_train_rows; test models' rows are never taken)
+    train_rows: tuple[Path, ...] = ()
     dataset: Path | None = None  # JSON lines; default: output with suffix .jsonl
     resume: bool = True
     name: str | None = None  # profile name; default: output file stem
@@ -311,15 +325,19 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if not cfg.resume and ds.exists():
         ds.unlink()
     rows = load_rows(ds, cfg.target, board)
+    # cached training rows: their workloads are not timed again (done), and join the fit
+    extra = load_train_rows(cfg.train_rows, cfg.target, board,
+                            {r["workload"] for r in rows})
     label = _schedules_label(cfg)
-    other = [r for r in rows if r.get("schedules", "default") != label]
+    other = [r for r in rows + extra if r.get("schedules", "default") != label]
     if other:
         raise InputError(
             f"Calibrate: {ds} holds {len(other)} rows timed with other schedules "
             f"({other[0].get('schedules', 'default')}, now {label}); pass another -o"
         )
-    done = done_keys(rows)
-    say(f"dataset {ds}: {len(rows)} rows already measured on {board}")
+    done = done_keys(rows + extra)
+    say(f"dataset {ds}: {len(rows)} rows already measured on {board}, {len(extra)} training "
+        "rows reused")
     fh = ds.open("a")
 
     def emit(row: dict) -> None:
@@ -336,11 +354,17 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         if cfg.synthetic_large:
             syn += synthetic_models(ds.parent / "synthetic", cfg.synthetic_large, size="large")
         workloads += [(m, "synthetic") for m in syn]
+        if cfg.family_sweep:
+            from splitc.cost_models.family_sweep import family_models
+
+            workloads += [(m, "family") for m in family_models(ds.parent / "family",
+                                                                 cfg.family_sweep)]
         for i, (m, b) in enumerate(workloads):
             say(f"workload {i + 1}/{len(workloads)}: {m if m == 'sweep' else Path(m).name}")
             try:
                 w = (sweep_module() if m == "sweep" else model_module(m, None, True)
-                     if b == "synthetic" else model_module(m, b))
+                     if b == "synthetic" else model_module(m, None, True, step=False)
+                     if b == "family" else model_module(m, b))
                 measure_workload(w, runner, cfg, done, emit, say, probe)
             except SplitcError:
                 raise
@@ -353,7 +377,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         fh.close()
         runner.close()
     say("fitting the cost model")
-    learned = fit_learned(rows, base)
+    learned = fit_learned(rows + extra, base)
     name = cfg.name or Path(cfg.output).stem
     acc = learned["accuracy"]
     best = learned["kernel_regressor_name"]

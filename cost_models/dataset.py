@@ -13,7 +13,7 @@ from pathlib import Path
 
 from splitc import InputError
 
-__all__ = ["DATASET_VERSION", "done_keys", "load_rows", "now", "row_key"]
+__all__ = ["DATASET_VERSION", "done_keys", "load_rows", "load_train_rows", "now", "row_key"]
 
 DATASET_VERSION = 1
 
@@ -57,3 +57,19 @@ def done_keys(rows: list[dict]) -> set:
         else:  # "step", "ops" or "done" (every row of the workload is in the file)
             keys.add(row_key(r["workload"], r["type"], "", ""))
     return keys
+
+
+def load_train_rows(paths, target: str | None = None, board: str | None = None,
+                    skip: set | frozenset = frozenset()) -> list[dict]:
+    """The training-only rows (op sweep, synthetic models, family blocks: ``train_only``) of
+    other datasets, measured on ``target`` / ``board``, without the workloads in ``skip``
+    (those measured in the calibration that reuses them). A test model's rows are never
+    taken: reusing a cached sweep must not put a held-out model's kernels in the fit."""
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"Calibrate: training dataset {str(p)!r} does not exist; pass the "
+                             ".jsonl of an earlier calibration")
+        out += [r for r in load_rows(p, target, board)
+                if r.get("train_only") and r["workload"] not in skip]
+    return out

@@ -39,8 +39,10 @@ class Workload:
     graph: object = None
 
 
-def model_module(path: Path, batch: int | None = None, train_only: bool = False) -> Workload:
-    """Server-only split of one ONNX model: the whole training step on one side."""
+def model_module(path: Path, batch: int | None = None, train_only: bool = False,
+                 step: bool = True) -> Workload:
+    """Server-only split of one ONNX model: the whole training step on one side. ``step``:
+    whether calibration times the whole step too (the family sweep's blocks: kernels only)."""
     import tvm
     from splitc.cost_models.link import Link
     from splitc.cost_models.roofline import RooflineModel
@@ -76,7 +78,8 @@ def model_module(path: Path, batch: int | None = None, train_only: bool = False)
     dims = ",".join(f"{i.name}={'x'.join(map(str, i.shape))}" for i in info.inputs)
     key = f"{info.name}@{info.sha256[:12]}[{dims}]"
     return Workload(key, info.name, keep, frozenset(spec.server_params),
-                    ("server_step_flat", "server_update_flat"), train_only, tuple(seen), graph)
+                    ("server_step_flat", "server_update_flat") if step else (), train_only,
+                    tuple(seen), graph)
 
 
 def _unflatten(ty, hint: str, flat: list):

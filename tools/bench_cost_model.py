@@ -1,10 +1,13 @@
 """Benchmark of the learned cost model on this CPU: held-out accuracy, whole steps, decisions.
 
     TVM_NUM_THREADS=1 python -m splitc.tools.bench_cost_model --out /tmp/costbench \
-        [--target host] [--synthetic 40] [--synthetic-large 12] [--big]
+        [--target host] [--synthetic 40] [--synthetic-large 12] [--big] [--family-sweep 300]
+        [--train-rows EARLIER/bench.jsonl ...]
 
 1. Calibrates (resumably, dataset in OUT/bench.jsonl) on the op sweep, ``--synthetic`` random
-   small and ``--synthetic-large`` realistic-size models (training data only) and the 7 test
+   small and ``--synthetic-large`` realistic-size models and ``--family-sweep`` one-block
+   models per kernel family (``cost_models/family_sweep.py``) (training data only; with
+   ``--train-rows``, those already in an earlier dataset are reused, not timed) and the 7 test
    models below (+ ``BIG_MODELS`` with ``--big``), every kernel timed twice
    (``recheck``: the noise floor), built for ``--target`` as ``splitc compile`` builds it.
 2. Held-out kernels: leave-one-model-out over the 7 test models (``cost_models/fit.py:
@@ -158,11 +161,16 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
               help="random models of realistic size timed as training data only")
 @click.option("--big/--no-big", default=False, show_default=True,
               help=f"also test on {', '.join(BIG_MODELS)} (realistic sizes)")
+@click.option("--family-sweep", default=0, show_default=True,
+              help="random one-block models per kernel family, training data only")
+@click.option("--train-rows", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="an earlier dataset whose training-only rows are reused, not timed again")
 def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: int,
-         big: bool) -> None:
+         big: bool, family_sweep: int, train_rows: tuple[Path, ...]) -> None:
     import torch
     from splitc.cost_models.attribute import attribute
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
+    from splitc.cost_models.dataset import load_train_rows
     from splitc.cost_models.learned import LearnedModel
     from splitc.cost_models.link import Link
     from splitc.cost_models.profiles import DeviceProfile, load_profile
@@ -180,6 +188,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
                                           models=tuple(paths.values()), repeats=repeats,
                                           synthetic=synthetic,
                                           synthetic_large=synthetic_large, recheck=True,
+                                          family_sweep=family_sweep, train_rows=train_rows,
                                           progress=log))
     click.echo(f"calibrated in {time.time() - t0:.0f}s (measure + fit)")
     prof = load_profile(str(prof_path))
@@ -200,6 +209,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
     for g, (n, v, r) in sets.items():
         click.echo(f"  {g:34s} {n:4d} kernels: chosen {v:.1%}, roofline {r:.1%} within +-10 %")
     rows = load_rows(out / "bench.jsonl")
+    rows += load_train_rows(train_rows, skip={r["workload"] for r in rows})
     base = DeviceProfile(prof.name, prof.kind, prof.peak_flops, prof.mem_bandwidth,
                          prof.kernel_overhead, prof.provenance)
     by_model = {r["model"]: r["workload"] for r in rows if r["type"] == "step"}

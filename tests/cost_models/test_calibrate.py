@@ -88,9 +88,9 @@ def test_sweep_module_has_one_kernel_per_op():
 
 def _calibrate(tmp_path, model, **kw):
     msgs = []
+    kw = {"sweep": False, **kw}
     cfg = CalibrateConfig(output=tmp_path / "cal.json", models=(model,), repeats=1, number=1,
-                          sweep=False, progress=msgs.append, base_profile="jetson-orin-nano",
-                          **kw)
+                          progress=msgs.append, base_profile="jetson-orin-nano", **kw)
     return calibrate(cfg), msgs
 
 
@@ -352,3 +352,34 @@ def test_heldout_report_groups_by_size_pricing_and_model():
     assert (n["lt_2us"], n["2_to_10us"], n["ge_10us"]) == (1, 2, 1)
     assert (n["model=a"], n["model=b"]) == (2, 2)
     assert rep["linear"]["groups"]["looked_up"] == 1.0
+
+
+def test_train_rows_are_reused_not_timed_and_never_a_test_model(tmp_path, tiny_cnn_onnx):
+    """--train-rows: an earlier dataset's training-only rows join the fit and their workloads
+    (here the op sweep) are not timed again; its test-model rows are left out."""
+    from splitc.cost_models.dataset import load_train_rows
+
+    first = tmp_path / "a"
+    first.mkdir()
+    _calibrate(first, tiny_cnn_onnx)
+    rows = load_rows(first / "cal.jsonl")
+    key = sweep_module().key
+    # the tiny CNN's rows again, relabelled as an op sweep measured earlier (training only)
+    fake = [dict(r, workload=key, model="sweep", train_only=True) for r in rows]
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text("".join(json.dumps(r) + "\n" for r in rows + fake))
+    assert load_train_rows([cache]) == fake
+    assert load_train_rows([cache], skip={key}) == []
+    assert load_train_rows([cache], target="other") == []
+    second = tmp_path / "b"
+    second.mkdir()
+    out, msgs = _calibrate(second, tiny_cnn_onnx, sweep=True, train_rows=(cache,))
+    assert f"{key}: already measured" in msgs
+    assert any(m.endswith(f", {len(fake)} training rows reused") for m in msgs)
+    timed = load_rows(second / "cal.jsonl")
+    assert {r["model"] for r in timed} == {rows[0]["model"]}  # the sweep was not timed
+    # fitted on both: 41 kernels timed now, 41 reused
+    assert load_profile(str(out)).learned["dataset"]["kernels"] == 82
+    with pytest.raises(InputError, match=r"^Calibrate: training dataset '.*nope.jsonl' does "
+                       r"not exist; pass the .jsonl of an earlier calibration$"):
+        load_train_rows([tmp_path / "nope.jsonl"])

@@ -1,0 +1,222 @@
+"""Dense per-family sampling: random one-block training models, one kernel family each.
+
+The learned model prices a kernel measured in calibration by look-up (97 % of such held-out
+kernels within +-10 %, session 5) and predicts the rest (48 %). Its misses (session 5's
+dataset, 271 predicted held-out kernels): the big conv, transposed-conv and matmul kernels
+(>= 1 ms, 94 % of the predicted time) were over-predicted by +7 % in the median and up to
++39 %, because the nearest training kernel with the same fused ops was 0.4-0.5 decades away
+in FLOPs and bytes (a bias-free 3x3 conv's forward had only the op sweep's five; its
+training neighbours were depthwise weight gradients at 20 GFLOP/s). nn-Meter gets 83-99 %
+by sampling each kernel family densely over its configuration space; this module does that
+for the families training steps run, with the same build as real models (the blocks go
+through ``workloads.model_module``: the same passes, fusion and schedules, so the fused
+forward, data-gradient, weight-gradient and update kernels look exactly like a model's):
+
+- ``conv``: conv (1x1 / 3x3, stride 1 / 2, with or without bias) [+ batch norm] + ReLU,
+  optionally a second 3x3 conv and a residual add (with a 1x1 projection when shapes change);
+- ``dwconv``: MobileNetV2 inverted residual (expand 1x1, depthwise 3x3, project 1x1);
+- ``dense``: linear layers on (batch, features) or (batch, seq, features), bias or not,
+  ReLU / GELU / Tanh / none, residual adds where the widths allow;
+- ``attention``: pre-LN attention + MLP block (layer norm, softmax, batched matmuls);
+- ``pool``: conv + max or average pooling.
+
+Sizes are drawn from generic grids (powers of two and the usual channel counts, not the test
+models' shapes) and capped so no single kernel passes ~1 GFLOP (~10 ms here): a block costs
+seconds of timing, not minutes. Blocks are training data only, timed without their whole
+step (``model_module(..., step=False)``): the kernels are what the regressors learn from.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from splitc import InputError
+
+__all__ = ["FAMILY_KINDS", "family_block", "family_models"]
+
+FAMILY_KINDS = ("conv", "dense", "dwconv", "attention", "pool")
+
+_BATCH = [1, 2, 4, 8, 16, 32]
+_CH = [3, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+_HW = [4, 7, 8, 14, 16, 28, 32, 56]
+_WIDTH = [32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048]
+# one kernel's forward FLOPs at most: a 1 GFLOP conv runs ~10 ms at ~100 GFLOP/s here, and its
+# gradients as long; bigger ones add timing time, not new behaviour (GFLOP/s flat above ~1 ms)
+_MAX_FLOPS = 1.0e9
+
+
+def _conv_flops(n, cin, cout, hw, k, s, groups=1) -> float:
+    o = (hw + s - 1) // s
+    return 2.0 * n * cout * o * o * (cin // groups) * k * k
+
+
+def _draw(kind: str, rng) -> dict:
+    """One configuration of ``kind`` (plain data), redrawn until every kernel fits."""
+    c = lambda xs: xs[int(rng.integers(len(xs)))]
+    for _ in range(1000):
+        if kind in ("conv", "pool"):
+            n, cin, cout, hw = c(_BATCH), c(_CH), c(_CH[1:]), c(_HW[1:])
+            cfg = {"n": n, "cin": cin, "cout": cout, "hw": hw, "k": c([1, 3, 3]),
+                   "s": c([1, 1, 2]), "bias": bool(rng.integers(2)), "bn": bool(rng.integers(2)),
+                   "second": bool(rng.integers(2)) and kind == "conv",
+                   "pool": c(["max", "avg"]) if kind == "pool" else None,
+                   "pk": c([2, 3]), "ps": c([1, 2])}
+            o = (hw + cfg["s"] - 1) // cfg["s"]
+            flops = max(_conv_flops(n, cin, cout, hw, cfg["k"], cfg["s"]),
+                        _conv_flops(n, cout, cout, o, 3, 1) if cfg["second"] else 0.0)
+        elif kind == "dwconv":
+            n, ch, hw, e = c(_BATCH), c(_CH[1:8]), c(_HW[1:]), c([2, 4, 6])
+            cfg = {"n": n, "ch": ch, "hw": hw, "e": e, "s": c([1, 1, 2]),
+                   "bn": bool(rng.integers(2))}
+            flops = _conv_flops(n, ch, ch * e, hw, 1, 1)
+        elif kind == "dense":
+            seq = c([None, None, 8, 16, 32, 64, 128])
+            cfg = {"b": c(_BATCH + [64, 128]), "seq": seq,
+                   "dims": [c(_WIDTH) for _ in range(int(rng.integers(2, 5)))],
+                   "bias": bool(rng.integers(2)), "act": c(["relu", "gelu", "tanh", "none"])}
+            rows = cfg["b"] * (seq or 1)
+            flops = max(2.0 * rows * a * b for a, b in itertools.pairwise(cfg["dims"]))
+        elif kind == "attention":
+            d, h = c([32, 64, 96, 128, 192, 256, 384, 512]), c([1, 2, 4, 8])
+            if d % h:
+                continue
+            cfg = {"d": d, "h": h, "b": c(_BATCH), "s": c([8, 16, 32, 64, 128]),
+                   "r": c([2, 4])}
+            flops = 2.0 * cfg["b"] * cfg["s"] * d * d * cfg["r"]
+        else:
+            raise InputError(f"Calibrate: unknown family block {kind!r}; use one of "
+                             f"{', '.join(FAMILY_KINDS)}")
+        if flops <= _MAX_FLOPS:
+            return cfg
+    raise InputError(f"Calibrate: no {kind} block under {_MAX_FLOPS:.0e} FLOPs in 1000 draws")
+
+
+def family_block(kind: str, rng):
+    """(torch module, input shape, has batch norm, config) of one random block of ``kind``,
+    with a pooled linear head so it trains like a classifier."""
+    import torch
+    from torch import nn
+
+    cfg = _draw(kind, rng)
+    acts = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "none": nn.Identity}
+    if kind in ("conv", "pool"):
+        norm = (lambda ch: nn.BatchNorm2d(ch)) if cfg["bn"] else (lambda ch: nn.Identity())
+        k, s, cin, cout = cfg["k"], cfg["s"], cfg["cin"], cfg["cout"]
+
+        class Conv(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c1 = nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=cfg["bias"]),
+                                        norm(cout), nn.ReLU())
+                self.c2 = (nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=cfg["bias"]),
+                                         norm(cout)) if cfg["second"] else None)
+                self.sc = (None if not cfg["second"] or (cin == cout and s == 1) else
+                           nn.Sequential(nn.Conv2d(cin, cout, 1, s, bias=False), norm(cout)))
+                pool = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}.get(cfg["pool"])
+                self.pool = pool(cfg["pk"], cfg["ps"], cfg["pk"] // 2 if cfg["pk"] == 3 else 0) \
+                    if pool else None
+                self.head = nn.Linear(cout, 10)
+
+            def forward(self, x):
+                y = self.c1(x)
+                if self.c2 is not None:
+                    y = torch.relu(self.c2(y) + (x if self.sc is None else self.sc(x)))
+                if self.pool is not None:
+                    y = self.pool(y)
+                return self.head(y.mean((2, 3)))
+
+        return Conv(), (cfg["n"], cin, cfg["hw"], cfg["hw"]), cfg["bn"], cfg
+    if kind == "dwconv":
+        norm = (lambda ch: nn.BatchNorm2d(ch)) if cfg["bn"] else (lambda ch: nn.Identity())
+        ch, m, s = cfg["ch"], cfg["ch"] * cfg["e"], cfg["s"]
+
+        class Inverted(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.f = nn.Sequential(nn.Conv2d(ch, m, 1), norm(m), nn.ReLU6(),
+                                       nn.Conv2d(m, m, 3, s, 1, groups=m), norm(m), nn.ReLU6(),
+                                       nn.Conv2d(m, ch, 1), norm(ch))
+                self.head = nn.Linear(ch, 10)
+
+            def forward(self, x):
+                y = self.f(x)
+                return self.head((y + x if s == 1 else y).mean((2, 3)))
+
+        return Inverted(), (cfg["n"], ch, cfg["hw"], cfg["hw"]), cfg["bn"], cfg
+    if kind == "dense":
+        dims = cfg["dims"]
+
+        class Dense(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.ModuleList(nn.Linear(a, b, bias=cfg["bias"])
+                                        for a, b in itertools.pairwise(dims))
+                self.act = acts[cfg["act"]]()
+                self.head = nn.Linear(dims[-1], 10)
+
+            def forward(self, x):
+                for fc in self.fc:
+                    y = self.act(fc(x))
+                    x = x + y if y.shape == x.shape else y
+                return self.head(x if x.dim() == 2 else x.mean(1))
+
+        shape = (cfg["b"], dims[0]) if cfg["seq"] is None else (cfg["b"], cfg["seq"], dims[0])
+        return Dense(), shape, False, cfg
+    d, h, r = cfg["d"], cfg["h"], cfg["r"]
+
+    class Attention(nn.Module):  # pre-LN encoder block + mean pool + head
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.fc1, self.fc2 = nn.Linear(d, r * d), nn.Linear(r * d, d)
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = (t.reshape(b, s, h, d // h).transpose(1, 2)
+                       for t in self.qkv(self.ln1(x)).split(d, dim=-1))
+            a = torch.softmax(q @ k.transpose(-1, -2) * (d // h) ** -0.5, dim=-1) @ v
+            x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
+            x = x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+            return self.head(x.mean(1))
+
+    return Attention(), (cfg["b"], cfg["s"], d), False, cfg
+
+
+def family_models(out: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` random blocks (``FAMILY_KINDS`` in turn; sizes drawn with ``seed``) exported to
+    ONNX under ``out`` as ``fam<seed>_<i>_<kind>.onnx`` (cached by name: a resumed
+    calibration finds the same files and skips their measured rows). Needs torch."""
+    import warnings
+
+    import numpy as np
+
+    try:
+        import torch
+    except ImportError:
+        raise InputError("Calibrate: --family-sweep needs PyTorch to build the blocks; pip "
+                         "install torch (CPU wheel) or pass --family-sweep 0") from None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        kind = FAMILY_KINDS[i % len(FAMILY_KINDS)]
+        p = out / f"fam{seed}_{i:03d}_{kind}.onnx"
+        paths.append(p)
+        if p.exists():
+            continue
+        rng = np.random.default_rng([seed, i, 2])
+        torch.manual_seed(int(rng.integers(1 << 30)))
+        model, shape, bn, _ = family_block(kind, rng)
+        model.train(bn)  # batch norm exports its training form only in training mode
+        mode = torch.onnx.TrainingMode.TRAINING if bn else torch.onnx.TrainingMode.EVAL
+        tmp = p.with_suffix(".tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.randn(*shape),), str(tmp), input_names=["x"],
+                              opset_version=17, dynamo=False, do_constant_folding=False,
+                              training=mode)
+        tmp.replace(p)
+    return paths
