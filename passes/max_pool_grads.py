@@ -1,27 +1,32 @@
-"""Max-pool backward as max, first argmax and phase planes over the few windows covering a pixel.
+"""Max-pool backward as max, first argmax and phase planes, one image plane at a time.
 
 TVM legalizes ``relax.grad.max_pool2d_backward`` with TOPI's ``pool_grad``: a tuple (value,
 index) argmax reduction the CPU rules cannot vectorise, then a reduction over every window
 position for each input pixel. ResNet-50's stem pool (3x3, stride 2, pad 1; 8x64x112x112
-input) took 101 ms of a 3.9 s step that way (1 thread). Here, one PrimFunc:
+input) took 101 ms of a 3.9 s step that way (1 thread). Here, one PrimFunc of injective
+stages, per (n, c) plane (s = stride, offsets o = a*kw + b in row-major window order):
 
-    x_pad[n, c, i, j]        = x (or the lowest float in the padding)
-    peak[n, c, p, q]         = max_{a,b} x_pad[n, c, s*p + a, s*q + b]
-    first[n, c, p, q]        = min_{a,b} (a*kw + b if x_pad[...] == peak else kh*kw)
-    planes[a, b, n, c, u, v] = sum over the windows (p, q) = (u - t, v - t') whose offset
-                               (a + s*t, b + s*t') lies inside the window, of dy[n, c, p, q]
-                               where first[n, c, p, q] is that offset
-    dx[n, c, i, j]           = planes[(i + pt) % s, (j + pl) % s, n, c, i // s, j // s]
+    xph[n, c, a', b', u, v]   = x_pad[s*u + a', s*v + b'] (the lowest float in the padding)
+    peak[n, c, p, q]          = max_o x_pad[s*p + a, s*q + b] = xph[a % s, b % s, p + a//s, ..]
+    first[n, c, p, q]         = the first o whose pixel equals peak (kh*kw: none)
+    planes[n, c, a, b, u, v]  = sum over the windows (p, q) = (u - t, v - t') whose offset
+                                (a + s*t, b + s*t') lies inside the window, of dy[n, c, p, q]
+                                where first[n, c, p, q] is that offset
+    dx[n, c, i, j]            = planes[n, c, (i + pt) % s, (j + pl) % s, i // s, j // s]
 
-Each phase (a, b) of the padded image (rows s*u + a, columns s*v + b) is covered by a fixed
-set of window offsets, so ``planes`` reads ``first`` and ``dy`` contiguously along v (padded
-with -1 and 0 so every window index is in bounds), and ``dx`` is one load per pixel. The
-first maximum in row-major window order gets the gradient, as in PyTorch (ties are common
-after a ReLU: a window of zeros); plain reductions (max, min) vectorise where a tuple argmax
-does not, and the comparisons are ``Select``s, not ``if_then_else`` (which the vectoriser
-turns into a scalar loop). The stem pool, 1 thread, one run, medians of 9 (min): 90.2 (67.3)
-ms with the previous gather over every covering window (clamped indices, ``if_then_else``),
-51.8 (39.4) ms this way; with the phases but ``if_then_else`` 91.4 (68.2) ms.
+The input is split into its s x s phases once, so every window read is contiguous along q;
+``planes`` reads ``first`` and ``dy`` contiguously along v (padded with -1 and 0 so every
+window index is in bounds), and ``dx`` is one load per pixel. The first maximum in
+row-major window order gets the gradient, as in PyTorch (ties are common after a ReLU: a
+window of zeros). The window offsets are unrolled in the stage bodies (Selects, not
+``if_then_else``, which the vectoriser turns into a scalar loop).
+
+``schedule_max_pool_grad`` (called by ``schedule_rules.schedule_prim_func`` for kernels
+with these stages) runs every stage inside one parallel loop over the n*c planes, so the
+intermediates of a plane (6 x 12.5k floats for the stem pool) stay in cache and only x, dy
+and dx (and whatever the kernel fused: the ReLU backward's mask) cross DRAM. Stem pool with
+the fused ReLU backward, b8, 1 thread, same run, medians: 79.5 ms as seven whole-tensor
+passes (session 5: phase planes as reductions, each stage its own parallel loop), 32.5 ms.
 
 Matched: NCHW, dilation 1, ``ceil_mode`` False, padding below the pool size (no window is all
 padding), static shapes. ``passes/schedules.py`` and ``passes/build.py`` run it on llvm
@@ -35,9 +40,23 @@ from splitc.passes.compat import has_static_shape
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-__all__ = ["legalize_max_pool_grads", "max_pool_grad_te"]
+__all__ = [
+    "STAGES",
+    "is_max_pool_grad",
+    "legalize_max_pool_grads",
+    "max_pool_grad_te",
+    "schedule_max_pool_grad",
+]
 
 _MAX_POOL_GRAD = tvm.ir.Op.get("relax.grad.max_pool2d_backward")
+
+# the per-plane stages, in producer order (block names of the kernel)
+STAGES = ("mp_xph", "mp_peak", "mp_first", "mp_fpad", "mp_dpad", "mp_planes")
+
+
+def _clamp(e, hi):
+    # indices under an if_then_else stay in bounds even when the branch is hoisted
+    return tirx.max(tirx.min(e, hi), 0)
 
 
 def max_pool_grad_te(dy, x, pool: list[int], strides: list[int], pad: list[int]):
@@ -47,41 +66,45 @@ def max_pool_grad_te(dy, x, pool: list[int], strides: list[int], pad: list[int])
     (kh, kw), (sh, sw), (pt, pl) = pool, strides, pad[:2]
     lowest = te.min_value(x.dtype)
 
-    def padded(nn, cc, i, j):
-        inside = te.all(i >= pt, i < pt + h, j >= pl, j < pl + w)
-        return te.if_then_else(inside, x[nn, cc, i - pt, j - pl], lowest)
+    def xbody(nn, cc, a, b, u, v):
+        i, j = sh * u + a - pt, sw * v + b - pl
+        inside = te.all(i >= 0, i < h, j >= 0, j < w)
+        return te.if_then_else(inside, x[nn, cc, _clamp(i, h - 1), _clamp(j, w - 1)], lowest)
 
-    x_pad = te.compute((n, c, h + pt + pad[2], w + pl + pad[3]), padded, name="x_pad")
-    ra, rb = te.reduce_axis((0, kh), "ra"), te.reduce_axis((0, kw), "rb")
-    peak = te.compute(
-        (n, c, ph, pw),
-        lambda nn, cc, p, q: te.max(x_pad[nn, cc, sh * p + ra, sw * q + rb], axis=[ra, rb]),
-        name="peak",
-    )
-    fa, fb = te.reduce_axis((0, kh), "fa"), te.reduce_axis((0, kw), "fb")
-    first = te.compute(
-        (n, c, ph, pw),
-        lambda nn, cc, p, q: te.min(
-            tirx.Select(
-                x_pad[nn, cc, sh * p + fa, sw * q + fb] == peak[nn, cc, p, q],
-                fa * kw + fb,
-                kh * kw,
-            ),
-            axis=[fa, fb],
-        ),
-        name="first",
-    )
+    # rows and columns of a phase that some window reads
+    xph = te.compute((n, c, sh, sw, ph + (kh - 1) // sh, pw + (kw - 1) // sw), xbody, name="mp_xph")
+    offs = [(a, b) for a in range(kh) for b in range(kw)]
+
+    def pixel(nn, cc, p, q, a, b):
+        return xph[nn, cc, a % sh, b % sw, p + a // sh, q + b // sw]
+
+    def peak_body(nn, cc, p, q):
+        v = pixel(nn, cc, p, q, *offs[0])
+        for o in offs[1:]:
+            v = tirx.max(v, pixel(nn, cc, p, q, *o))
+        return v
+
+    peak = te.compute((n, c, ph, pw), peak_body, name="mp_peak")
+
+    def first_body(nn, cc, p, q):
+        f = tirx.const(kh * kw, "int32")
+        for k in reversed(range(len(offs))):  # the last Select applied is offset 0's
+            hit = pixel(nn, cc, p, q, *offs[k]) == peak[nn, cc, p, q]
+            f = tirx.Select(hit, tirx.const(k, "int32"), f)
+        return f
+
+    first = te.compute((n, c, ph, pw), first_body, name="mp_first")
     planes = _planes(first, dy, (h, w), pool, strides, pad)
     return te.compute(
         (n, c, h, w),
         # (i + pt) // sh - u0(phase) == i // sh: the row of the phase plane
-        lambda nn, cc, i, j: planes[(i + pt) % sh, (j + pl) % sw, nn, cc, i // sh, j // sw],
+        lambda nn, cc, i, j: planes[nn, cc, (i + pt) % sh, (j + pl) % sw, i // sh, j // sw],
         name="dx",
     )
 
 
 def _planes(first, dy, hw, pool, strides, pad):
-    """planes[a, b, n, c, u, v]: the gradient of padded pixel (s*(u + u0(a)) + a, ...), where
+    """planes[n, c, a, b, u, v]: the gradient of padded pixel (s*(u + u0(a)) + a, ...), where
     u0(a) is the first phase row inside the image (so row u of every plane is image row
     s*u + ..., and ``dx`` reads row i // s)."""
     n, c, ph, pw = (int(d) for d in dy.shape)
@@ -98,29 +121,80 @@ def _planes(first, dy, hw, pool, strides, pad):
     hi_w = max(0, u0(0, sw, pl) + cols - pw)
     shape = (n, c, lo_h + ph + hi_h, lo_w + pw + hi_w)
 
-    def pad_of(t, fill):
+    def pad_of(t, fill, name):
         def body(nn, cc, p, q):
             inside = te.all(p >= lo_h, p < lo_h + ph, q >= lo_w, q < lo_w + pw)
-            return te.if_then_else(inside, t[nn, cc, p - lo_h, q - lo_w], fill)
+            at = t[nn, cc, _clamp(p - lo_h, ph - 1), _clamp(q - lo_w, pw - 1)]
+            return te.if_then_else(inside, at, fill)
 
-        return te.compute(shape, body, name=f"{t.op.name}_pad")
+        return te.compute(shape, body, name=name)
 
-    first_pad = pad_of(first, te.const(-1, first.dtype))
-    dy_pad = pad_of(dy, te.const(0, dy.dtype))
-    rt, ru = te.reduce_axis((0, th), "rt"), te.reduce_axis((0, tw), "ru")
+    first_pad = pad_of(first, tirx.const(-1, first.dtype), "mp_fpad")
+    dy_pad = pad_of(dy, tirx.const(0, dy.dtype), "mp_dpad")
+    zero = tirx.const(0, dy.dtype)
 
-    def plane(a, b, nn, cc, u, v):
-        p = u + u0(a, sh, pt) - rt + lo_h
-        q = v + u0(b, sw, pl) - ru + lo_w
-        hit = te.all(
-            a + sh * rt < kh,
-            b + sw * ru < kw,
-            first_pad[nn, cc, p, q] == (a + sh * rt) * kw + (b + sw * ru),
-        )
-        return te.sum(tirx.Select(hit, dy_pad[nn, cc, p, q], te.const(0, dy.dtype)), axis=[rt, ru])
+    def phase(nn, cc, a, b, u, v):  # a, b: Python ints
+        acc = zero
+        for t in range(th):
+            for tt in range(tw):
+                if a + sh * t >= kh or b + sw * tt >= kw:
+                    continue  # offset outside the window
+                p = u + u0(a, sh, pt) - t + lo_h
+                q = v + u0(b, sw, pl) - tt + lo_w
+                hit = first_pad[nn, cc, p, q] == (a + sh * t) * kw + (b + sw * tt)
+                acc = acc + tirx.Select(hit, dy_pad[nn, cc, p, q], zero)
+        return acc
 
-    # a reduction (over the covering windows), so the schedule rules do not inline it into dx
-    return te.compute((sh, sw, n, c, rows, cols), plane, name="planes")
+    def plane(nn, cc, a, b, u, v):
+        # one branch per phase; the schedule unrolls a and b, so each branch stands alone
+        out = zero
+        for av in range(sh):
+            for bv in range(sw):
+                out = tirx.Select(tirx.all(a == av, b == bv), phase(nn, cc, av, bv, u, v), out)
+        return out
+
+    return te.compute((n, c, sh, sw, rows, cols), plane, name="mp_planes")
+
+
+def is_max_pool_grad(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` holds the stages of :func:`max_pool_grad_te` (fused or not)."""
+    sch = tvm.s_tir.Schedule(func)
+    try:
+        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    except Exception:  # noqa: BLE001 - no root block: not a TE kernel
+        return False
+    return set(STAGES) <= names
+
+
+def schedule_max_pool_grad(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+    """One parallel loop over the n*c planes of the output; every stage computed at it
+    (a plane's intermediates stay in cache), innermost loops vectorised, the phase loops of
+    ``planes`` unrolled. Other injective blocks (a fused ReLU backward) are inlined into the
+    output. Raises where the kernel does not have that shape."""
+    sch = tvm.s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    *rest, out = blocks
+    for b in rest:
+        if sch.get(b).name_hint not in STAGES:
+            sch.compute_inline(b)
+    loops = sch.get_loops(out)
+    if len(loops) != 4:
+        raise ValueError(f"max-pool grad output has {len(loops)} loops, expected 4")
+    planes_loop = sch.fuse(loops[0], loops[1])
+    sch.parallel(planes_loop)
+    cols = loops[3]
+    if int(sch.get(cols).extent) % lanes == 0:
+        cols = sch.split(cols, [None, lanes])[1]
+    sch.vectorize(cols)
+    for name in reversed(STAGES):
+        block = sch.get_sblock(name)
+        sch.compute_at(block, planes_loop)
+        inner = sch.get_loops(block)[1:]
+        if name == "mp_planes":
+            sch.unroll(inner[0])
+            sch.unroll(inner[1])
+        sch.vectorize(inner[-1])
+    return sch.mod["main"]
 
 
 def _matched(call) -> bool:

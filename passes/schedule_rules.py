@@ -10,6 +10,7 @@ fallback. This file holds the injective and row-reduction rules and the per-kern
 from __future__ import annotations
 
 import tvm
+from splitc.passes.max_pool_grads import is_max_pool_grad, schedule_max_pool_grad
 from splitc.passes.schedule_axes import _find_rfactor_axis, _find_vector_axis
 from splitc.passes.schedule_blocks import (
     _MIN_PARALLEL_WORK,
@@ -255,6 +256,11 @@ def schedule_prim_func(
     block make its rule raise, so that block falls back and is reported like any other.
     """
     problems: list[str] = []
+    if is_max_pool_grad(func):  # its own per-plane schedule (passes/max_pool_grads.py)
+        try:
+            return schedule_max_pool_grad(func, lanes_for(target, 32)), problems
+        except Exception as exc:  # noqa: BLE001 - fall back to the generic rules below
+            problems.append(f"max-pool grad: {_first_line(exc)}")
     sch = tvm.s_tir.Schedule(func)
     try:
         _inline_injective(sch)
