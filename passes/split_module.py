@@ -58,6 +58,8 @@ from tvm.relax import op as R
 
 __all__ = ["SplitModule", "SplitSpec", "check_split", "split_module"]
 
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
 
 def _device_functions(h: Halves, plan: Plan, recompute: bool):
     """device_forward / device_backward (see module docstring) and their specs."""
@@ -164,7 +166,7 @@ def _check_opaque(main: relax.Function) -> None:
         f"{b.value.args[0].name_hint} ({names[b.var]})"
         for blk in main.body.blocks
         for b in blk.bindings
-        if isinstance(b.value, relax.Call) and b.value.op == T._CALL_TIR
+        if isinstance(b.value, relax.Call) and b.value.op == _CALL_TIR
     ]
     if left:
         raise UnsupportedError(
