@@ -1,4 +1,4 @@
-"""Max-pool backward as max, first argmax and phase planes, one image plane at a time.
+"""Max-pool forward and backward as phase-split stages, one image plane at a time.
 
 TVM legalizes ``relax.grad.max_pool2d_backward`` with TOPI's ``pool_grad``: a tuple (value,
 index) argmax reduction the CPU rules cannot vectorise, then a reduction over every window
@@ -6,9 +6,9 @@ position for each input pixel. ResNet-50's stem pool (3x3, stride 2, pad 1; 8x64
 input) took 101 ms of a 3.9 s step that way (1 thread). Here, one PrimFunc of injective
 stages, per (n, c) plane (s = stride, offsets o = a*kw + b in row-major window order):
 
-    xph[n, c, a', b', u, v]   = x_pad[s*u + a', s*v + b'] (the lowest float in the padding)
-    peak[n, c, p, q]          = max_o x_pad[s*p + a, s*q + b] = xph[a % s, b % s, p + a//s, ..]
-    first[n, c, p, q]         = the first o whose pixel equals peak (kh*kw: none)
+    xph[n, c, a', b', u, v]   = x[s*u + a' - pt, s*v + b' - pl], indices clamped to the image
+    peak[n, c, p, q]          = max_o xph[a % s, b % s, p + a//s, q + b//s]
+    first[n, c, p, q]         = the first o inside the image whose pixel equals peak
     planes[n, c, a, b, u, v]  = sum over the windows (p, q) = (u - t, v - t') whose offset
                                 (a + s*t, b + s*t') lies inside the window, of dy[n, c, p, q]
                                 where first[n, c, p, q] is that offset
@@ -19,14 +19,16 @@ The input is split into its s x s phases once, so every window read is contiguou
 window index is in bounds), and ``dx`` is one load per pixel. The first maximum in
 row-major window order gets the gradient, as in PyTorch (ties are common after a ReLU: a
 window of zeros). The window offsets are unrolled in the stage bodies (Selects, not
-``if_then_else``, which the vectoriser turns into a scalar loop).
+``if_then_else``, which the vectoriser turns into a scalar loop). The forward
+``max_pool2d`` is the first two stages (``mp_xph``, ``mp_pool``).
 
 ``schedule_max_pool_grad`` (called by ``schedule_rules.schedule_prim_func`` for kernels
 with these stages) runs every stage inside one parallel loop over the n*c planes, so the
 intermediates of a plane (6 x 12.5k floats for the stem pool) stay in cache and only x, dy
-and dx (and whatever the kernel fused: the ReLU backward's mask) cross DRAM. Stem pool with
-the fused ReLU backward, b8, 1 thread, same run, medians: 79.5 ms as seven whole-tensor
-passes (session 5: phase planes as reductions, each stage its own parallel loop), 32.5 ms.
+and dx (and whatever the kernel fused: the ReLU backward's mask) cross DRAM. Stem pool, b8,
+1 thread, same run, medians: backward with the fused ReLU backward 41.3 ms (session 5: phase
+planes as reductions, each stage its own parallel loop, ~7 whole-tensor passes) -> 11.7 ms;
+forward 13.3 -> 5.5 ms (TOPI's pool: stride-2 scalar loads).
 
 Matched: NCHW, dilation 1, ``ceil_mode`` False, padding below the pool size (no window is all
 padding), static shapes. ``passes/schedules.py`` and ``passes/build.py`` run it on llvm
@@ -45,51 +47,87 @@ __all__ = [
     "is_max_pool_grad",
     "legalize_max_pool_grads",
     "max_pool_grad_te",
+    "max_pool_te",
     "schedule_max_pool_grad",
 ]
 
 _MAX_POOL_GRAD = tvm.ir.Op.get("relax.grad.max_pool2d_backward")
+_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
 
 # the per-plane stages, in producer order (block names of the kernel)
 STAGES = ("mp_xph", "mp_peak", "mp_first", "mp_fpad", "mp_dpad", "mp_planes")
 
 
 def _clamp(e, hi):
-    # indices under an if_then_else stay in bounds even when the branch is hoisted
+    # clamped indices: loads that are in bounds for every lane (padding reads a neighbour)
     return tirx.max(tirx.min(e, hi), 0)
+
+
+def _phases(x, ph: int, pw: int, pool, strides, pad):
+    """(xph, pixel(nn, cc, p, q, a, b), inside(p, q, a, b)): x split into its stride phases,
+    the padding filled with the nearest image pixel (a plain clamped load, which vectorises:
+    an ``if_then_else`` made a scalar loop, 13.0 -> 11.3 ms for the stem pool, and a
+    ``Select`` had the simplifier drop the clamp under its condition and read out of
+    bounds). With padding below the pool size, every window that covers padding also covers
+    the image row or column that fills it, so the window maximum is unchanged; ``inside``
+    tells the argmax which offsets are image pixels."""
+    n, c, h, w = (int(d) for d in x.shape)
+    (kh, kw), (sh, sw), (pt, pl) = pool, strides, pad[:2]
+
+    def xbody(nn, cc, a, b, u, v):
+        return x[nn, cc, _clamp(sh * u + a - pt, h - 1), _clamp(sw * v + b - pl, w - 1)]
+
+    # rows and columns of a phase that some window reads
+    shape = (n, c, sh, sw, ph + (kh - 1) // sh, pw + (kw - 1) // sw)
+    xph = te.compute(shape, xbody, name="mp_xph")
+
+    def pixel(nn, cc, p, q, a, b):
+        return xph[nn, cc, a % sh, b % sw, p + a // sh, q + b // sw]
+
+    def inside(p, q, a, b):
+        i, j = sh * p + a - pt, sw * q + b - pl
+        return te.all(i >= 0, i < h, j >= 0, j < w)
+
+    return xph, pixel, inside
+
+
+def _peak(pixel, shape, pool, name: str):
+    offs = [(a, b) for a in range(pool[0]) for b in range(pool[1])]
+
+    def body(nn, cc, p, q):
+        v = pixel(nn, cc, p, q, *offs[0])
+        for o in offs[1:]:
+            v = tirx.max(v, pixel(nn, cc, p, q, *o))
+        return v
+
+    return te.compute(shape, body, name=name)
+
+
+def max_pool_te(x, pool: list[int], strides: list[int], pad: list[int]):
+    """The forward pool as the first two stages (``mp_xph``, ``mp_pool``)."""
+    n, c, h, w = (int(d) for d in x.shape)
+    ph = (h + pad[0] + pad[2] - pool[0]) // strides[0] + 1
+    pw = (w + pad[1] + pad[3] - pool[1]) // strides[1] + 1
+    _, pixel, _ = _phases(x, ph, pw, pool, strides, pad)
+    return _peak(pixel, (n, c, ph, pw), pool, "mp_pool")
 
 
 def max_pool_grad_te(dy, x, pool: list[int], strides: list[int], pad: list[int]):
     """TE of the stages above; ``pad`` is (top, left, bottom, right)."""
     n, c, h, w = (int(d) for d in x.shape)
     _, _, ph, pw = (int(d) for d in dy.shape)
-    (kh, kw), (sh, sw), (pt, pl) = pool, strides, pad[:2]
-    lowest = te.min_value(x.dtype)
-
-    def xbody(nn, cc, a, b, u, v):
-        i, j = sh * u + a - pt, sw * v + b - pl
-        inside = te.all(i >= 0, i < h, j >= 0, j < w)
-        return te.if_then_else(inside, x[nn, cc, _clamp(i, h - 1), _clamp(j, w - 1)], lowest)
-
-    # rows and columns of a phase that some window reads
-    xph = te.compute((n, c, sh, sw, ph + (kh - 1) // sh, pw + (kw - 1) // sw), xbody, name="mp_xph")
+    (kh, kw), (pt, pl) = pool, pad[:2]
+    sh, sw = strides
+    _, pixel, inside = _phases(x, ph, pw, pool, strides, pad)
+    peak = _peak(pixel, (n, c, ph, pw), pool, "mp_peak")
     offs = [(a, b) for a in range(kh) for b in range(kw)]
-
-    def pixel(nn, cc, p, q, a, b):
-        return xph[nn, cc, a % sh, b % sw, p + a // sh, q + b // sw]
-
-    def peak_body(nn, cc, p, q):
-        v = pixel(nn, cc, p, q, *offs[0])
-        for o in offs[1:]:
-            v = tirx.max(v, pixel(nn, cc, p, q, *o))
-        return v
-
-    peak = te.compute((n, c, ph, pw), peak_body, name="mp_peak")
 
     def first_body(nn, cc, p, q):
         f = tirx.const(kh * kw, "int32")
         for k in reversed(range(len(offs))):  # the last Select applied is offset 0's
-            hit = pixel(nn, cc, p, q, *offs[k]) == peak[nn, cc, p, q]
+            hit = te.all(
+                inside(p, q, *offs[k]), pixel(nn, cc, p, q, *offs[k]) == peak[nn, cc, p, q]
+            )
             f = tirx.Select(hit, tirx.const(k, "int32"), f)
         return f
 
@@ -156,14 +194,19 @@ def _planes(first, dy, hw, pool, strides, pad):
     return te.compute((n, c, sh, sw, rows, cols), plane, name="mp_planes")
 
 
-def is_max_pool_grad(func: tirx.PrimFunc) -> bool:
-    """Whether ``func`` holds the stages of :func:`max_pool_grad_te` (fused or not)."""
+def _stage_names(func: tirx.PrimFunc) -> set:
     sch = tvm.s_tir.Schedule(func)
     try:
-        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        return {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     except Exception:  # noqa: BLE001 - no root block: not a TE kernel
-        return False
-    return set(STAGES) <= names
+        return set()
+
+
+def is_max_pool_grad(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` holds the stages of :func:`max_pool_grad_te` (fused or not), or of
+    the forward :func:`max_pool_te` (``mp_xph`` and ``mp_pool``)."""
+    names = _stage_names(func)
+    return set(STAGES) <= names or {"mp_xph", "mp_pool"} <= names
 
 
 def schedule_max_pool_grad(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
@@ -176,7 +219,7 @@ def schedule_max_pool_grad(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     *rest, out = blocks
     for b in rest:
         if sch.get(b).name_hint not in STAGES:
-            sch.compute_inline(b)
+            sch.compute_inline(b)  # a fused elementwise producer or consumer
     loops = sch.get_loops(out)
     if len(loops) != 4:
         raise ValueError(f"max-pool grad output has {len(loops)} loops, expected 4")
@@ -186,7 +229,8 @@ def schedule_max_pool_grad(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     if int(sch.get(cols).extent) % lanes == 0:
         cols = sch.split(cols, [None, lanes])[1]
     sch.vectorize(cols)
-    for name in reversed(STAGES):
+    names = _stage_names(func)
+    for name in [n for n in reversed(STAGES) if n in names]:
         block = sch.get_sblock(name)
         sch.compute_at(block, planes_loop)
         inner = sch.get_loops(block)[1:]
@@ -203,7 +247,9 @@ def _matched(call) -> bool:
     pad = [int(v) for v in at.padding]
     return (
         all(has_static_shape(a) for a in call.args)
+        and has_static_shape(call)
         and at.layout == "NCHW"
+        and str(getattr(at, "out_layout", "NCHW") or "NCHW") == "NCHW"
         and not bool(at.ceil_mode)
         and all(int(v) == 1 for v in at.dilation)
         and len(pad) == 4
@@ -213,20 +259,29 @@ def _matched(call) -> bool:
 
 
 def legalize_max_pool_grads(mod):
-    """``mod`` with every matched ``max_pool2d_backward`` as the kernel above."""
+    """``mod`` with every matched ``max_pool2d_backward`` as the kernel above, and every
+    matched forward ``max_pool2d`` as its first two stages (TOPI's pool reads the input at
+    stride 2 along w, scalar loads: the stem pool took 14.6 ms at b8, 2.2 GB/s)."""
 
     @mutator
     class _M(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(_MAX_POOL_GRAD)):
+            if not isinstance(call.op, tvm.ir.Op):
                 return call
-            if not _matched(call):
+            grad, fwd = call.op.same_as(_MAX_POOL_GRAD), call.op.same_as(_MAX_POOL)
+            if not (grad or fwd) or not _matched(call):
                 return call
             at = call.attrs
             pool = [int(v) for v in at.pool_size]
             strides = [int(v) for v in at.strides]
             pad = [int(v) for v in at.padding]
+            if fwd:
+                return self.builder_.call_te(
+                    lambda x: max_pool_te(x, pool, strides, pad),
+                    call.args[0],
+                    primfunc_name_hint="max_pool2d",
+                )
             return self.builder_.call_te(
                 lambda dy, x: max_pool_grad_te(dy, x, pool, strides, pad),
                 call.args[0],

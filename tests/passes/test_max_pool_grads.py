@@ -118,3 +118,30 @@ def test_only_max_pool_grad_kernels_are_recognised():
     a = te.placeholder((4, 4), name="a")
     other = te.create_prim_func([a, te.compute((4, 4), lambda i, j: a[i, j] * 2, name="mp_peak")])
     assert not is_max_pool_grad(other)  # one stage name is not enough
+
+
+@pytest.mark.parametrize(
+    "xs,k,s,p",
+    [((2, 16, 12, 12), 3, 2, 1), ((1, 8, 9, 9), 3, 2, 1), ((1, 8, 8, 8), 2, 2, 0),
+     ((1, 8, 7, 7), 3, 1, 1), ((1, 8, 11, 11), 3, 3, 1)],
+)  # fmt: skip
+def test_forward_pool_equals_torch(xs, k, s, p):
+    """The forward pool as the phase split + window max, scheduled per plane, relu fused in."""
+    bb = relax.BlockBuilder()
+    z = relax.Var("z", relax.TensorType(xs, "float32"))
+    with bb.function("main", [z]):
+        with bb.dataflow():
+            x = bb.emit(relax.op.nn.relu(z))
+            y = bb.emit(relax.op.nn.max_pool2d(x, [k, k], [s, s], [p, p, p, p]))
+            gv = bb.emit_output(y)
+        bb.emit_func_output(gv)
+    new = legalize_max_pool_grads(bb.get())
+    assert "max_pool2d" in [gv.name_hint for gv in new.functions]
+    target = host_llvm_target()
+    fallbacks = []
+    new = default_cpu_schedule(new, target, fallbacks.append)
+    assert fallbacks == []
+    zs = np.random.default_rng(2).standard_normal(xs).astype("float32")
+    want = torch.nn.functional.max_pool2d(torch.relu(torch.from_numpy(zs)), k, s, p).numpy()
+    vm = relax.VirtualMachine(tvm.compile(new, target), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(zs)).numpy(), want)
