@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from splitc import InputError, UnsupportedError
 
-__all__ = ["ModelInfo", "InputInfo", "load_onnx", "parse_input_shapes", "onnx_op_support"]
+__all__ = ["InputInfo", "ModelInfo", "load_onnx", "onnx_op_support", "parse_input_shapes"]
 
 _MAX_LISTED = 8  # ops / nodes named in one error line before "..."
 
@@ -274,9 +273,8 @@ def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None,
     if batch_size is not None and batch_size <= 0:
         raise InputError(f"Frontend: --batch-size must be positive, got {batch_size}")
     import tvm
-    from tvm.relax.frontend.onnx import from_onnx
-
     from splitc.passes import compat, onnx_prep
+    from tvm.relax.frontend.onnx import from_onnx
 
     path = Path(path)
     model, digest = _read_model(path)

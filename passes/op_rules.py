@@ -17,15 +17,14 @@ rule raises ``UnsupportedError`` naming the op and the binding: there is no sile
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import tvm
-
 from splitc import UnsupportedError
 from splitc.passes.opgraph import dtype_bytes
 
-__all__ = ["Arg", "CallInfo", "OpCount", "count", "RULES", "has_rule"]
+__all__ = ["RULES", "Arg", "CallInfo", "OpCount", "count", "has_rule"]
 
 
 @dataclass(frozen=True)

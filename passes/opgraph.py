@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from splitc.cost_models.base import OpCost, OpFeatures
 
 __all__ = [
-    "Tensor", "Param", "OpNode", "OpGraph", "dtype_bytes", "needs_grad", "GRAPH_SCHEMA_VERSION",
+    "GRAPH_SCHEMA_VERSION",
+    "OpGraph",
+    "OpNode",
+    "Param",
+    "Tensor",
+    "dtype_bytes",
+    "needs_grad",
 ]
 
 GRAPH_SCHEMA_VERSION = 1
@@ -66,7 +72,7 @@ class Tensor:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Tensor":
+    def from_json(cls, d: dict) -> Tensor:
         return cls(d["name"], tuple(d["shape"]), d["dtype"], d["producer"],
                    tuple(d["consumers"]), d.get("is_output", False))
 
@@ -89,7 +95,7 @@ class Param:
                 "bytes": self.nbytes, "readers": list(self.readers)}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Param":
+    def from_json(cls, d: dict) -> Param:
         return cls(d["name"], tuple(d["shape"]), d["dtype"], tuple(d["readers"]))
 
 
@@ -117,7 +123,7 @@ class OpNode:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "OpNode":
+    def from_json(cls, d: dict) -> OpNode:
         return cls(
             d["name"], d["op"], tuple(d["inputs"]), tuple(d["outputs"]), tuple(d["params"]),
             tuple(d.get("weight_prep", ())),
@@ -212,7 +218,7 @@ class OpGraph:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "OpGraph":
+    def from_json(cls, d: dict) -> OpGraph:
         if d.get("schema") != GRAPH_SCHEMA_VERSION:
             raise ValueError(f"OpGraph: schema {d.get('schema')!r}, expected {GRAPH_SCHEMA_VERSION}")
         return cls(

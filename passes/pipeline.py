@@ -9,17 +9,23 @@ reads argv (``tools/cli.py`` does). Order of passes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from splitc.cost_models.base import OpCost
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph
 from splitc.passes.plan import Plan
 
-__all__ = ["PlanConfig", "PlanResult", "plan_model", "CompileConfig", "compile_model",
-           "with_recompute"]
+__all__ = [
+    "CompileConfig",
+    "PlanConfig",
+    "PlanResult",
+    "compile_model",
+    "plan_model",
+    "with_recompute",
+]
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,17 @@ from splitc import PlanError
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph, needs_grad
 
-__all__ = ["Placement", "Breakdown", "CutTensor", "Plan", "evaluate", "crossing_tensors",
-           "split_params", "PLAN_SCHEMA_VERSION", "OBJECTIVES"]
+__all__ = [
+    "OBJECTIVES",
+    "PLAN_SCHEMA_VERSION",
+    "Breakdown",
+    "CutTensor",
+    "Placement",
+    "Plan",
+    "crossing_tensors",
+    "evaluate",
+    "split_params",
+]
 
 PLAN_SCHEMA_VERSION = 1
 OBJECTIVES = ("training", "inference")
@@ -45,7 +54,7 @@ class Placement:
         return "device" if op in self.device else "server"
 
     @classmethod
-    def of(cls, names) -> "Placement":
+    def of(cls, names) -> Placement:
         return cls(frozenset(names))
 
 
@@ -72,7 +81,7 @@ class Breakdown:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Breakdown":
+    def from_json(cls, d: dict) -> Breakdown:
         e = d.get("exact")
         if e:
             return cls(*(Fraction(e[k]) for k in ("device", "uplink", "server", "downlink", "fixed")))
@@ -94,7 +103,7 @@ class CutTensor:
                 "bytes": self.nbytes, "grad": self.grad}
 
     @classmethod
-    def from_json(cls, d: dict) -> "CutTensor":
+    def from_json(cls, d: dict) -> CutTensor:
         return cls(d["name"], tuple(d["shape"]), d["dtype"], d["bytes"], d["grad"])
 
 
@@ -201,7 +210,7 @@ class Plan:
 
     @classmethod
     def build(cls, graph: OpGraph, placement: Placement, link: Link, objective: str,
-              algorithm: str, device_profile: str, server_profile: str, **kw) -> "Plan":
+              algorithm: str, device_profile: str, server_profile: str, **kw) -> Plan:
         """Re-cost ``placement`` exactly and fill in the cut in transport order."""
         bd = evaluate(graph, placement, link, objective)
         grads = needs_grad(graph) if objective == "training" else frozenset()
@@ -236,7 +245,7 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Plan":
+    def from_json(cls, d: dict) -> Plan:
         if d.get("schema") != PLAN_SCHEMA_VERSION:
             raise PlanError(f"Plan: schema {d.get('schema')!r}, expected {PLAN_SCHEMA_VERSION}")
         return cls(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from splitc import InputError
 
-__all__ = ["save", "load", "steps", "prune", "FORMAT"]
+__all__ = ["FORMAT", "load", "prune", "save", "steps"]
 
 FORMAT = "splitc-ckpt-1"
 _NAME = re.compile(r"^ckpt-(\d{8})\.json$")

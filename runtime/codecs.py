@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from splitc import InputError, TransportError
 
-__all__ = ["Codec", "parse_codec", "CODEC_IDS"]
+__all__ = ["CODEC_IDS", "Codec", "parse_codec"]
 
 # Wire ids (runtime/wire.py carries them in every tensor header); never renumber.
 CODEC_IDS = {"none": 0, "fp16": 1, "int8": 2, "topk": 3, "zstd": 4, "lz4": 5}

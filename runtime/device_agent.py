@@ -25,7 +25,7 @@ from splitc.runtime.security import CurveClient
 from splitc.runtime.transport import DeviceTransport
 from splitc.runtime.wire import Expect, Kind, Message, TensorSpec
 
-__all__ = ["StepTime", "TrainResult", "Progress", "train", "evaluate"]
+__all__ = ["Progress", "StepTime", "TrainResult", "evaluate", "train"]
 
 
 @dataclass(frozen=True)

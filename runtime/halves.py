@@ -32,7 +32,7 @@ class CutSpec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
     @classmethod
-    def from_json(cls, d: dict) -> "CutSpec":
+    def from_json(cls, d: dict) -> CutSpec:
         return cls(d["name"], tuple(d["shape"]), d["dtype"], bool(d["grad"]))
 
 

@@ -23,7 +23,7 @@ import zmq.auth
 from splitc import InputError
 from zmq.auth.thread import ThreadAuthenticator
 
-__all__ = ["generate_keys", "CurveServer", "CurveClient", "start_authenticator"]
+__all__ = ["CurveClient", "CurveServer", "generate_keys", "start_authenticator"]
 
 
 def generate_keys(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
@@ -49,7 +49,7 @@ class CurveServer:
     allow: frozenset[bytes]  # z85 public keys of the admitted devices
 
     @classmethod
-    def from_files(cls, secret_file, allow_files) -> "CurveServer":
+    def from_files(cls, secret_file, allow_files) -> CurveServer:
         public, secret = _load(secret_file)
         if secret is None:
             raise InputError(f"Security: {secret_file} holds no secret key; pass NAME.key_secret")
@@ -63,7 +63,7 @@ class CurveClient:
     server_public: bytes
 
     @classmethod
-    def from_files(cls, secret_file, server_public_file) -> "CurveClient":
+    def from_files(cls, secret_file, server_public_file) -> CurveClient:
         public, secret = _load(secret_file)
         if secret is None:
             raise InputError(f"Security: {secret_file} holds no secret key; pass NAME.key_secret")

@@ -44,7 +44,7 @@ from splitc.runtime.security import CurveServer
 from splitc.runtime.transport import ServerTransport
 from splitc.runtime.wire import Expect, Kind, Message, TensorSpec
 
-__all__ = ["ServerAgent", "ServeResult", "Event", "serve"]
+__all__ = ["Event", "ServeResult", "ServerAgent", "serve"]
 
 MAX_LABEL_BYTES = 16 << 20
 

@@ -27,7 +27,7 @@ from splitc import InputError, TransportError
 from splitc.runtime import security
 from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["TokenBucket", "ServerTransport", "DeviceTransport", "endpoint"]
+__all__ = ["DeviceTransport", "ServerTransport", "TokenBucket", "endpoint"]
 
 LINGER_MS = 2000
 SEND_TIMEOUT_MS = 10_000

@@ -43,15 +43,15 @@ from splitc.runtime.codecs import Codec, codec_by_id
 
 __all__ = [
     "MAGIC",
+    "MSG_HEADER",
+    "TENSOR_HEADER",
     "VERSION",
+    "Expect",
     "Kind",
     "Message",
     "TensorSpec",
-    "Expect",
-    "encode",
     "decode",
-    "MSG_HEADER",
-    "TENSOR_HEADER",
+    "encode",
     "peek",
     "plan_of",
 ]
@@ -120,7 +120,7 @@ class TensorSpec:
     max_bytes: int = 0
 
     @classmethod
-    def of(cls, spec) -> "TensorSpec":
+    def of(cls, spec) -> TensorSpec:
         return cls(spec.name, tuple(spec.shape), str(np.dtype(spec.dtype)))
 
 

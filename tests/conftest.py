@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
-import models as _models  # noqa: E402  (tests/helpers/models.py)
+import models as _models
 
 
 # == models (frontend/costs) ===================================================================

@@ -8,8 +8,14 @@ from __future__ import annotations
 from splitc.passes.opgraph import OpGraph
 from splitc.passes.plan import Plan
 
-__all__ = ["format_seconds", "format_bytes", "plan_table", "comparison_table", "plan_dot",
-           "plan_report_json"]
+__all__ = [
+    "comparison_table",
+    "format_bytes",
+    "format_seconds",
+    "plan_dot",
+    "plan_report_json",
+    "plan_table",
+]
 
 
 def format_seconds(s) -> str:
@@ -42,7 +48,7 @@ def plan_table(plan: Plan, graph: OpGraph) -> str:
     ]
     for i, c in enumerate(plan.cut):
         grad = "grad back" if c.grad else "no grad"
-        lines.append(f"  [{i}] {c.name:<24} {str(list(c.shape)):<20} {c.dtype:<8} "
+        lines.append(f"  [{i}] {c.name:<24} {list(c.shape)!s:<20} {c.dtype:<8} "
                      f"{format_bytes(c.nbytes):>10}  {grad}")
     if plan.tied_weights:
         lines.append(f"tied weights ({plan.tied_policy}): {', '.join(plan.tied_weights)}")

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-
 from splitc import InputError
 
-__all__ = ["load_data", "DemoConfig", "run_demo", "DEMO_MODEL"]
+__all__ = ["DEMO_MODEL", "DemoConfig", "load_data", "run_demo"]
 
 DEMO_MODEL = Path(__file__).resolve().parent / "models" / "demo_cnn.onnx"
 
@@ -85,7 +84,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None], on_plan, on_progress) 
     finally:
         stop.set()
         thread.join(timeout=10)
-    return {"accuracy": acc, "test_samples": int(len(xt)), "steps": len(res.losses),
+    return {"accuracy": acc, "test_samples": len(xt), "steps": len(res.losses),
             "final_loss": res.losses[-1] if res.losses else None, "train_seconds": train_s,
             "bytes_up": res.bytes_up, "bytes_down": res.bytes_down,
             "plan_id": summary.get("plan_id"), "split_tar": str(tar)}

@@ -32,7 +32,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["MODELS", "export_model", "model_path", "cache_dir"]
+__all__ = ["MODELS", "cache_dir", "export_model", "model_path"]
 
 OPSET = 17
 

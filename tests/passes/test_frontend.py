@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from splitc import InputError, UnsupportedError
 from splitc.passes import compat
 from splitc.passes.frontend import load_onnx, parse_input_shapes

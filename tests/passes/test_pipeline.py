@@ -5,7 +5,6 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
-
 from splitc.cost_models.base import OpCost
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph, OpNode, Param, Tensor
@@ -58,6 +57,6 @@ def test_batch_size_fills_the_symbolic_leading_dim():
 def test_link_doctests():
     import doctest
 
-    import splitc.cost_models.link as link
+    from splitc.cost_models import link
 
     assert doctest.testmod(link).failed == 0

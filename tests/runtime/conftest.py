@@ -13,9 +13,9 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "helpers"))
 
-import numpy_halves  # noqa: E402
-from splitc.runtime.data import DataLoader, load_digits_split  # noqa: E402
-from splitc.runtime.server_agent import ServerAgent  # noqa: E402
+import numpy_halves
+from splitc.runtime.data import DataLoader, load_digits_split
+from splitc.runtime.server_agent import ServerAgent
 
 BATCH = 16
 

@@ -4,9 +4,8 @@ import re
 import socket
 
 import numpy as np
-import pytest
-
 import numpy_halves as nh
+import pytest
 from splitc import InputError, TransportError
 from splitc.runtime import security
 from splitc.runtime.device_agent import train

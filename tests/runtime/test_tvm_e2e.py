@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from splitc.runtime.data import DataLoader
 from splitc.runtime.device_agent import train
 

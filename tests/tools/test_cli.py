@@ -10,7 +10,6 @@ from fractions import Fraction
 
 import pytest
 from click.testing import CliRunner
-
 from splitc.cost_models.link import Link
 from splitc.passes.opgraph import OpGraph
 from splitc.passes.plan import Placement, evaluate

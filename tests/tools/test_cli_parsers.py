@@ -3,7 +3,6 @@
 import click
 import pytest
 from click.testing import CliRunner
-
 from splitc.tools.cli import cli, parse_input_shapes, parse_pins
 
 

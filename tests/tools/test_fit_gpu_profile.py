@@ -5,7 +5,6 @@ came from."""
 from __future__ import annotations
 
 import pytest
-
 from splitc.cost_models.profiles import load_profile
 from splitc.passes.pipeline import PlanConfig, annotate_model
 from splitc.tools.fit_gpu_profile import fit, predict
