@@ -156,6 +156,13 @@ def bench(ctx, name, args):
 @click.option("--synthetic-large", type=click.IntRange(min=0), default=0, show_default=True,
               help="also time N random realistic-size models as training data (needs torch; "
               "lets the fit reach kernels larger than the small models)")
+@click.option("--family-sweep", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also time the kernels of N random one-block models per kernel family "
+              "(conv, depthwise, dense, attention, pooling) as training data (needs torch)")
+@click.option("--train-rows", "train_rows", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="an earlier calibration's .jsonl whose training-only rows (sweep, "
+              "synthetic and family models) join the fit without re-timing; repeatable")
 @click.option("--recheck", is_flag=True, help="time each tested model twice: the rows keep "
               "both timings (the noise floor of the fit) and the smaller")
 @click.option("--no-sweep", is_flag=True, help="skip the single-op shape sweep")
@@ -166,7 +173,8 @@ def bench(ctx, name, args):
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
 def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning_records,
-              synthetic, synthetic_large, recheck, no_sweep, no_resume, name, output, quiet):
+              synthetic, synthetic_large, family_sweep, train_rows, recheck, no_sweep, no_resume,
+              name, output, quiet):
     """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.calibrate import calibrate as run
@@ -178,7 +186,8 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning
                           rpc_key=rpc_key, models=tuple(models), batch_sizes=tuple(batch_sizes),
                           repeats=repeats, sweep=not no_sweep, resume=not no_resume, name=name,
                           tuning_records=tuning_records, synthetic=synthetic,
-                          synthetic_large=synthetic_large, recheck=recheck,
+                          synthetic_large=synthetic_large, family_sweep=family_sweep,
+                          train_rows=tuple(train_rows), recheck=recheck,
                           progress=_progress(quiet))
     path = run(cfg)
     click.echo(f"wrote {path}; use it with `splitc plan --device {path}`")

@@ -111,7 +111,7 @@ def test_serve_and_train_processes(tmp_path):
         out = subprocess.run(
             [sys.executable, "-m", "splitc.tools.cli", "train", str(tar), "--connect",
              f"127.0.0.1:{port}", "--epochs", "3", "--json", "-q"],
-            capture_output=True, text=True, timeout=300)
+            check=False, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         summary = json.loads(out.stdout)
         assert summary["steps"] == steps
@@ -153,7 +153,10 @@ def test_calibrate_passes_the_synthetic_model_counts(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(cal, "calibrate", lambda cfg: seen.append(cfg) or cfg.output)
-    r = _run(["calibrate", "--synthetic", "3", "--synthetic-large", "2", "-q",
-              "-o", str(tmp_path / "p.json")])
+    rows = tmp_path / "old.jsonl"
+    rows.write_text("")
+    r = _run(["calibrate", "--synthetic", "3", "--synthetic-large", "2", "--family-sweep", "4",
+              "--train-rows", str(rows), "-q", "-o", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
-    assert (seen[0].synthetic, seen[0].synthetic_large) == (3, 2)
+    c = seen[0]
+    assert (c.synthetic, c.synthetic_large, c.family_sweep, c.train_rows) == (3, 2, 4, (rows,))
