@@ -256,11 +256,11 @@ def schedule_prim_func(
     block make its rule raise, so that block falls back and is reported like any other.
     """
     problems: list[str] = []
-    if is_max_pool_grad(func):  # its own per-plane schedule (passes/max_pool_grads.py)
+    if is_max_pool_grad(func):  # max-pool fwd/bwd: per-plane schedule (max_pool_grads.py)
         try:
             return schedule_max_pool_grad(func, lanes_for(target, 32)), problems
         except Exception as exc:  # noqa: BLE001 - fall back to the generic rules below
-            problems.append(f"max-pool grad: {_first_line(exc)}")
+            problems.append(f"max-pool: {_first_line(exc)}")
     sch = tvm.s_tir.Schedule(func)
     try:
         _inline_injective(sch)

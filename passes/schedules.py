@@ -154,8 +154,9 @@ def default_cpu_schedule(
     Strided ``conv2d_transpose`` calls (data gradients of strided convs) are legalized as
     dense phase convolutions (``passes/conv_transpose_phases.py``) and conv weight gradients
     as direct channels-last kernels (``passes/conv_weight_grads.py``) and 1x1 convs as GEMMs
-    over all pixels of the batch (``passes/pointwise_convs.py``), max-pool gradients as
-    vectorisable reductions (``passes/max_pool_grads.py``) before the rest
+    over all pixels of the batch (``passes/pointwise_convs.py``), max-pools and their
+    gradients as phase-split stages scheduled per image plane (``passes/max_pool_grads.py``)
+    before the rest
     (``conv_kernels=False``: the last three not, for before/after measurements).
     ``fast_math=False`` keeps libm's ``expf``/``erff`` (exact to 1 ulp, scalar) instead of the
     polynomials of ``passes/fast_math.py`` (``exp``: 8e-8 relative, ``erf``: 4e-7 absolute).
