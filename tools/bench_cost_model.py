@@ -139,6 +139,13 @@ def _set_accuracy(acc: dict, chosen: str) -> dict[str, tuple[int, float, float]]
     return out
 
 
+def learned_train(prof) -> int:
+    """Training-only workloads the profile was fitted on (op sweep, synthetic models, family
+    blocks: timed now or reused with --train-rows)."""
+    ds = prof.learned["dataset"]["models"]
+    return len(set(ds) - set(prof.learned["accuracy"].get("models", [])))
+
+
 def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
     from splitc.cost_models.base import OpCost
 
@@ -194,7 +201,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
     prof = load_profile(str(prof_path))
     acc = prof.learned["accuracy"]
     click.echo(f"held-out kernels: {acc['kernels']} from {len(acc['models'])} models "
-               f"(+ sweep and {synthetic} synthetic models in every fit); "
+               f"(+ {learned_train(prof)} training-only workloads in every fit); "
                f"{acc.get('looked_up', 0)} measured in another model, priced by look-up")
     for k, v in acc.items():
         if isinstance(v, dict) and "within_10pct" in v:

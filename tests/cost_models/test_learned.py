@@ -400,3 +400,25 @@ def test_twins_keep_the_fastest_time_and_price_only_real_kernels():
     assert m.kernel_times([unseen])[0] != pytest.approx(4.1e-6)
     # op kernels (the planner's, not fused kernels) are never looked up
     assert m.kernel_times([k], op_level=True)[0] != pytest.approx(4.1e-6)
+
+
+def test_conv_geometry_features_exact():
+    """The last three features: fewest channels, input/output height ratio, smallest window
+    (log10(x + 1), log2 ratio), so a depthwise or strided conv differs from a dense one."""
+    from splitc.cost_models.features import FEATURE_NAMES, vector
+
+    names = ["log_min_channels", "log2_spatial_ratio", "log_min_window"]
+    assert FEATURE_NAMES[-3:] == names
+    # stride-2 3x3 conv, 8 -> 16 channels at 16x16: fewest channels 8, 16/8 = 2, window 3x3
+    k = KernelFeatures(("conv2d",), 1e6, 1000, 1000, 0, "forward",
+                       ((2, 8, 16, 16), (16, 8, 3, 3)), ((2, 16, 8, 8),))
+    assert vector(k, 1e11, 1e10)[-3:] == pytest.approx([np.log10(9), 1.0, 1.0])
+    # depthwise weight gradient (N*C, 1, H, W) x dy -> (C, 1, 3, 3): one channel
+    k = KernelFeatures(("conv2d",), 1e6, 1000, 1000, 0, "backward",
+                       ((64, 1, 8, 8), (2, 32, 8, 8)), ((32, 1, 3, 3),))
+    assert vector(k, 1e11, 1e10)[-3:] == pytest.approx([np.log10(2), np.log2(8 / 3),
+                                                       1.0])
+    # no 4-d tensor (a matmul): zeros
+    k = KernelFeatures(("matmul",), 1e6, 1000, 1000, 0, "forward", ((8, 64), (64, 64)),
+                       ((8, 64),))
+    assert vector(k, 1e11, 1e10)[-3:] == [0.0, 0.0, 0.0]
