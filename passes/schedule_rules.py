@@ -244,6 +244,42 @@ def _schedule_block(sch, info: _Block, lanes: int, knobs=None) -> str:
     return "parallel"
 
 
+def _flat(buffer, index):
+    e = tirx.const(0, "int64")
+    for d, i in zip(buffer.shape, index):
+        e = e * d + i
+    return e
+
+
+def _fuse_epilogue(sch, rv) -> None:
+    """Inline the injective block ``rv`` into the register tile's write-back of its producer
+    (the ``cache_write`` block, ``*_local``), so the tile's results go through the epilogue
+    (batch norm, ReLU mask, residual add) while in registers instead of a whole-tensor
+    intermediate written and read again. Only where the epilogue reads the producer's buffer
+    as a reshape of its own output (same row-major order: a conv's [n, o, h, w], a per-image
+    GEMM's [n, o, h*w]); a pixel GEMM's [o, n*h*w] would make the stores a scatter (14x14:
+    9.8 -> 10.4 ms). 1x1 conv 64 -> 256 at 56x56 + batch norm, b8, 1 thread, same run:
+    15.1 -> 12.9 ms. Raises where it does not apply."""
+    stmt = sch.get(rv)
+    wb = [p for p in sch.get_producers(rv) if sch.get(p).name_hint.endswith("_local")]
+    if len(wb) != 1 or len(stmt.writes) != 1:
+        raise ValueError("no register write-back producer")
+    buf = sch.get(wb[0]).writes[0].source
+    reads = [r for r in stmt.reads if r.source.same_as(buf)]
+    if len(reads) != 1:
+        raise ValueError("reads the write-back buffer more than once")
+    idx = [r.min for r in reads[0].region]
+    ana = sym.Analyzer()
+    for iv in stmt.iter_vars:
+        ana.bind(iv.var, iv.dom)
+    out = stmt.writes[0]
+    diff = ana.simplify(_flat(buf, idx) - _flat(out.source, [r.min for r in out.region]))
+    if not (isinstance(diff, tirx.IntImm) and int(diff) == 0):
+        raise ValueError("the epilogue does not read its producer as a reshape")
+    sch.transform_block_layout(rv, tirx.IndexMap([iv.var for iv in stmt.iter_vars], idx, None))
+    sch.reverse_compute_inline(sch.get_sblock(stmt.name_hint))
+
+
 def schedule_prim_func(
     func: tirx.PrimFunc, target: tvm.target.Target, knobs=None
 ) -> tuple[tirx.PrimFunc, list[str]]:
@@ -282,6 +318,14 @@ def schedule_prim_func(
             if info is None:
                 problems.append(f"{name}: loops not in normal form")
                 continue
+            if info.injective:
+                try:
+                    _fuse_epilogue(sch, rv)
+                    continue
+                except Exception:  # noqa: BLE001 - not an epilogue of a tile: its own rule
+                    sch = snapshot.copy()
+                    rv = sch.get_sblock(name)
+                    info = _block_facts(sch, rv)
             lanes = lanes_for(target, _dtype_bits(sch.get(rv)))
             _schedule_block(sch, info, lanes, knobs)
         except Exception as exc:  # noqa: BLE001 - a rule must never break the build
