@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["OpFeatures", "OpCost", "CostModel", "ZERO_COST"]
+__all__ = ["ZERO_COST", "CostModel", "OpCost", "OpFeatures"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class OpFeatures:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "OpFeatures":
+    def from_json(cls, d: dict) -> OpFeatures:
         d = dict(d)
         d["in_shapes"] = tuple(tuple(s) for s in d.get("in_shapes", ()))
         d["out_shapes"] = tuple(tuple(s) for s in d.get("out_shapes", ()))
@@ -65,7 +65,7 @@ class OpCost:
             if not (v >= 0.0) or v == float("inf"):
                 raise ValueError(f"OpCost.{f} must be finite and >= 0, got {v!r}")
 
-    def __add__(self, other: "OpCost") -> "OpCost":
+    def __add__(self, other: OpCost) -> OpCost:
         return OpCost(
             self.forward + other.forward,
             self.backward + other.backward,
@@ -92,7 +92,7 @@ class OpCost:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "OpCost":
+    def from_json(cls, d: dict) -> OpCost:
         return cls(**d)
 
 

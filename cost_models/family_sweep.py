@@ -189,34 +189,7 @@ def family_models(out: Path, n: int, seed: int = 0) -> list[Path]:
     """``n`` random blocks (``FAMILY_KINDS`` in turn; sizes drawn with ``seed``) exported to
     ONNX under ``out`` as ``fam<seed>_<i>_<kind>.onnx`` (cached by name: a resumed
     calibration finds the same files and skips their measured rows). Needs torch."""
-    import warnings
+    from splitc.cost_models.workloads import export_random_models
 
-    import numpy as np
-
-    try:
-        import torch
-    except ImportError:
-        raise InputError("Calibrate: --family-sweep needs PyTorch to build the blocks; pip "
-                         "install torch (CPU wheel) or pass --family-sweep 0") from None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        kind = FAMILY_KINDS[i % len(FAMILY_KINDS)]
-        p = out / f"fam{seed}_{i:03d}_{kind}.onnx"
-        paths.append(p)
-        if p.exists():
-            continue
-        rng = np.random.default_rng([seed, i, 2])
-        torch.manual_seed(int(rng.integers(1 << 30)))
-        model, shape, bn, _ = family_block(kind, rng)
-        model.train(bn)  # batch norm exports its training form only in training mode
-        mode = torch.onnx.TrainingMode.TRAINING if bn else torch.onnx.TrainingMode.EVAL
-        tmp = p.with_suffix(".tmp")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.randn(*shape),), str(tmp), input_names=["x"],
-                              opset_version=17, dynamo=False, do_constant_folding=False,
-                              training=mode)
-        tmp.replace(p)
-    return paths
+    return export_random_models(out, n, FAMILY_KINDS, f"fam{seed}", lambda i: [seed, i, 2],
+                                family_block, "--family-sweep")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from splitc import InputError
 
-__all__ = ["Link", "parse_rate", "parse_duration"]
+__all__ = ["Link", "parse_duration", "parse_rate"]
 
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKMGT]?)(bps|bit/s|B/s|Bps)\s*$")
 _PREFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -61,7 +61,7 @@ class Link:
             raise InputError(f"Link: rates must be > 0 and latency >= 0, got {self}")
 
     @classmethod
-    def parse(cls, uplink: str, downlink: str | None = None, latency: str = "0") -> "Link":
+    def parse(cls, uplink: str, downlink: str | None = None, latency: str = "0") -> Link:
         up = parse_rate(uplink)
         return cls(up, parse_rate(downlink) if downlink else up, parse_duration(latency))
 
@@ -75,5 +75,5 @@ class Link:
         return {"uplink_Bps": self.uplink, "downlink_Bps": self.downlink, "latency_s": self.latency}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Link":
+    def from_json(cls, d: dict) -> Link:
         return cls(d["uplink_Bps"], d["downlink_Bps"], d.get("latency_s", 0.0))

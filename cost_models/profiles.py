@@ -23,7 +23,7 @@ from pathlib import Path
 
 from splitc import InputError
 
-__all__ = ["DeviceProfile", "load_profile", "list_profiles", "PROFILE_DIR", "LOCAL_CPU"]
+__all__ = ["LOCAL_CPU", "PROFILE_DIR", "DeviceProfile", "list_profiles", "load_profile"]
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 LOCAL_CPU = "local-cpu"
@@ -71,7 +71,7 @@ class DeviceProfile:
                 **({"learned": self.learned} if self.learned else {})}
 
     @classmethod
-    def from_json(cls, d: dict) -> "DeviceProfile":
+    def from_json(cls, d: dict) -> DeviceProfile:
         try:
             return cls(str(d["name"]), str(d["kind"]),
                        {str(k): float(v) for k, v in d["peak_flops"].items()},

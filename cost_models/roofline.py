@@ -33,7 +33,7 @@ from splitc import InputError
 from splitc.cost_models.base import OpCost, OpFeatures
 from splitc.cost_models.profiles import DeviceProfile
 
-__all__ = ["RooflineModel", "OPTIMIZERS"]
+__all__ = ["OPTIMIZERS", "RooflineModel"]
 
 # optimizer -> (bytes moved per weight byte, FLOPs per weight element)
 OPTIMIZERS = {"sgd": (3, 2), "momentum": (5, 4), "adam": (7, 12)}

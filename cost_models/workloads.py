@@ -19,7 +19,15 @@ from pathlib import Path
 from splitc import InputError
 from splitc.cost_models.profiles import DeviceProfile
 
-__all__ = ["SYNTHETIC_KINDS", "Workload", "model_module", "sweep_module", "synthetic_models"]
+__all__ = [
+    "SYNTHETIC_KINDS",
+    "Workload",
+    "export_random_models",
+    "export_training_onnx",
+    "model_module",
+    "sweep_module",
+    "synthetic_models",
+]
 
 
 @dataclass
@@ -253,38 +261,59 @@ def synthetic_models(out: Path, n: int, seed: int = 0, size: str = "small") -> l
     sizes drawn with ``seed``) exported to ONNX under ``out`` (cached by name): calibration
     data whose kernels vary in shape the way real models' do, as nn-Meter samples kernel
     configurations. Needs torch (only here)."""
-    import warnings
+    # "small" keeps session 4's names and seeds: its cached files and dataset rows stay valid
+    large = size != "small"
+    return export_random_models(
+        out, n, SYNTHETIC_KINDS, f"syn{'L' if large else ''}{seed}",
+        lambda i: [seed, i, 1] if large else [seed, i],
+        lambda kind, rng: _synthetic(kind, rng, size), "--synthetic")
 
+
+def export_random_models(out: Path, n: int, kinds, prefix: str, key, build,
+                         flag: str) -> list[Path]:
+    """Export ``n`` random torch models to ``out/<prefix>_<i>_<kind>.onnx`` (``kinds`` in
+    turn; cached by name, so a resumed calibration finds the same files and skips their
+    measured rows). Model ``i`` is ``build(kind, rng)`` -> (module, input shape, has batch
+    norm, ...) with ``rng = default_rng(key(i))``. ``flag`` names the option in the error
+    raised when torch is missing."""
     import numpy as np
 
     try:
         import torch
     except ImportError:
         raise InputError(
-            "Calibrate: --synthetic needs PyTorch to build the random models; "
-            "pip install torch (CPU wheel) or pass --synthetic 0"
+            f"Calibrate: {flag} needs PyTorch to build random models; "
+            f"pip install torch (CPU wheel) or pass {flag} 0"
         ) from None
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        kind = SYNTHETIC_KINDS[i % len(SYNTHETIC_KINDS)]
-        # "small" keeps session 4's names: its cached files and dataset rows stay valid
-        p = out / f"syn{'' if size == 'small' else 'L'}{seed}_{i:03d}_{kind}.onnx"
+        kind = kinds[i % len(kinds)]
+        p = out / f"{prefix}_{i:03d}_{kind}.onnx"
         paths.append(p)
         if p.exists():
             continue
-        rng = np.random.default_rng([seed, i] if size == "small" else [seed, i, 1])
+        rng = np.random.default_rng(key(i))
         torch.manual_seed(int(rng.integers(1 << 30)))
-        model, shape, bn = _synthetic(kind, rng, size)
-        model.train(bn)  # batch norm exports its training form only in training mode
-        mode = torch.onnx.TrainingMode.TRAINING if bn else torch.onnx.TrainingMode.EVAL
-        tmp = p.with_suffix(".tmp")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.randn(*shape),), str(tmp), input_names=["x"],
-                              opset_version=17, dynamo=False, do_constant_folding=False,
-                              training=mode)
-        tmp.replace(p)
+        model, shape, bn = build(kind, rng)[:3]
+        export_training_onnx(model, shape, bn, p)
     return paths
+
+
+def export_training_onnx(model, shape, bn: bool, path: Path) -> None:
+    """Export a torch module for training calibration (batch norm in its training form when
+    ``bn``) to ``path``, through a temporary file so an interrupted export leaves nothing."""
+    import warnings
+
+    import torch
+
+    model.train(bn)  # batch norm exports its training form only in training mode
+    mode = torch.onnx.TrainingMode.TRAINING if bn else torch.onnx.TrainingMode.EVAL
+    tmp = path.with_suffix(".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(*shape),), str(tmp), input_names=["x"],
+                          opset_version=17, dynamo=False, do_constant_folding=False,
+                          training=mode)
+    tmp.replace(path)
