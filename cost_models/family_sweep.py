@@ -20,6 +20,13 @@ forward, data-gradient, weight-gradient and update kernels look exactly like a m
 - ``attention``: pre-LN attention + MLP block (layer norm, softmax, batched matmuls);
 - ``pool``: conv + max or average pooling.
 
+Every block but attention starts with a *stem* (a 1x1 conv or a linear layer of the block's
+input width, then ReLU or ReLU6): without it the block's first layer reads the model input,
+which has no gradient, so the sweep never ran that layer's data gradient (session 6's sweep:
+no ``conv2d_transpose+phases+less+where``, the strided data gradient with the ReLU mask, and
+one ``conv2d_transpose+add+less+where``, the residual's, against 2 and 3 of them in cnn_small
+and small_resnet, 13-33 % of their steps, all predicted).
+
 Sizes are drawn from generic grids (powers of two and the usual channel counts, not the test
 models' shapes) and capped so no single kernel passes ~1 GFLOP (~10 ms here): a block costs
 seconds of timing, not minutes. Blocks are training data only, timed without their whole
@@ -33,9 +40,12 @@ from pathlib import Path
 
 from splitc import InputError
 
-__all__ = ["FAMILY_KINDS", "family_block", "family_models"]
+__all__ = ["FAMILY_KINDS", "PREFIX", "family_block", "family_models"]
 
 FAMILY_KINDS = ("conv", "dense", "dwconv", "attention", "pool")
+# file-name prefix of the exported blocks (cached by name): "famB" since the stems of session
+# 7; session 6's "fam" blocks had none, so a cached "fam" file must not stand in for one
+PREFIX = "famB"
 
 _BATCH = [1, 2, 4, 8, 16, 32]
 _CH = [3, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
@@ -61,22 +71,25 @@ def _draw(kind: str, rng) -> dict:
                    "s": c([1, 1, 2]), "bias": bool(rng.integers(2)), "bn": bool(rng.integers(2)),
                    "second": bool(rng.integers(2)) and kind == "conv",
                    "pool": c(["max", "avg"]) if kind == "pool" else None,
-                   "pk": c([2, 3]), "ps": c([1, 2])}
+                   "pk": c([2, 3]), "ps": c([1, 2]), "stem": c(["relu", "relu6"])}
             o = (hw + cfg["s"] - 1) // cfg["s"]
             flops = max(_conv_flops(n, cin, cout, hw, cfg["k"], cfg["s"]),
-                        _conv_flops(n, cout, cout, o, 3, 1) if cfg["second"] else 0.0)
+                        _conv_flops(n, cout, cout, o, 3, 1) if cfg["second"] else 0.0,
+                        _conv_flops(n, cin, cin, hw, 1, 1))  # the stem
         elif kind == "dwconv":
             n, ch, hw, e = c(_BATCH), c(_CH[1:8]), c(_HW[1:]), c([2, 4, 6])
             cfg = {"n": n, "ch": ch, "hw": hw, "e": e, "s": c([1, 1, 2]),
-                   "bn": bool(rng.integers(2))}
+                   "bn": bool(rng.integers(2)), "stem": c(["relu", "relu6"])}
             flops = _conv_flops(n, ch, ch * e, hw, 1, 1)
         elif kind == "dense":
             seq = c([None, None, 8, 16, 32, 64, 128])
             cfg = {"b": c(_BATCH + [64, 128]), "seq": seq,
                    "dims": [c(_WIDTH) for _ in range(int(rng.integers(2, 5)))],
-                   "bias": bool(rng.integers(2)), "act": c(["relu", "gelu", "tanh", "none"])}
+                   "bias": bool(rng.integers(2)), "act": c(["relu", "gelu", "tanh", "none"]),
+                   "stem": c(["relu", "relu6"])}
             rows = cfg["b"] * (seq or 1)
-            flops = max(2.0 * rows * a * b for a, b in itertools.pairwise(cfg["dims"]))
+            dims = [cfg["dims"][0], *cfg["dims"]]  # the stem first
+            flops = max(2.0 * rows * a * b for a, b in itertools.pairwise(dims))
         elif kind == "attention":
             d, h = c([32, 64, 96, 128, 192, 256, 384, 512]), c([1, 2, 4, 8])
             if d % h:
@@ -99,7 +112,12 @@ def family_block(kind: str, rng):
     from torch import nn
 
     cfg = _draw(kind, rng)
-    acts = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "none": nn.Identity}
+    acts = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "none": nn.Identity,
+            "relu6": nn.ReLU6}
+
+    def stem(layer):  # the block's input gets a gradient: its first layer's data gradient runs
+        return nn.Sequential(layer, acts[cfg["stem"]]())
+
     if kind in ("conv", "pool"):
         norm = (lambda ch: nn.BatchNorm2d(ch)) if cfg["bn"] else (lambda ch: nn.Identity())
         k, s, cin, cout = cfg["k"], cfg["s"], cfg["cin"], cfg["cout"]
@@ -107,6 +125,7 @@ def family_block(kind: str, rng):
         class Conv(nn.Module):
             def __init__(self):
                 super().__init__()
+                self.stem = stem(nn.Conv2d(cin, cin, 1, bias=False))
                 self.c1 = nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=cfg["bias"]),
                                         norm(cout), nn.ReLU())
                 self.c2 = (nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=cfg["bias"]),
@@ -119,6 +138,7 @@ def family_block(kind: str, rng):
                 self.head = nn.Linear(cout, 10)
 
             def forward(self, x):
+                x = self.stem(x)
                 y = self.c1(x)
                 if self.c2 is not None:
                     y = torch.relu(self.c2(y) + (x if self.sc is None else self.sc(x)))
@@ -134,12 +154,14 @@ def family_block(kind: str, rng):
         class Inverted(nn.Module):
             def __init__(self):
                 super().__init__()
+                self.stem = stem(nn.Conv2d(ch, ch, 1, bias=False))
                 self.f = nn.Sequential(nn.Conv2d(ch, m, 1), norm(m), nn.ReLU6(),
                                        nn.Conv2d(m, m, 3, s, 1, groups=m), norm(m), nn.ReLU6(),
                                        nn.Conv2d(m, ch, 1), norm(ch))
                 self.head = nn.Linear(ch, 10)
 
             def forward(self, x):
+                x = self.stem(x)
                 y = self.f(x)
                 return self.head((y + x if s == 1 else y).mean((2, 3)))
 
@@ -150,12 +172,14 @@ def family_block(kind: str, rng):
         class Dense(nn.Module):
             def __init__(self):
                 super().__init__()
+                self.stem = stem(nn.Linear(dims[0], dims[0], bias=cfg["bias"]))
                 self.fc = nn.ModuleList(nn.Linear(a, b, bias=cfg["bias"])
                                         for a, b in itertools.pairwise(dims))
                 self.act = acts[cfg["act"]]()
                 self.head = nn.Linear(dims[-1], 10)
 
             def forward(self, x):
+                x = self.stem(x)
                 for fc in self.fc:
                     y = self.act(fc(x))
                     x = x + y if y.shape == x.shape else y
@@ -187,9 +211,9 @@ def family_block(kind: str, rng):
 
 def family_models(out: Path, n: int, seed: int = 0) -> list[Path]:
     """``n`` random blocks (``FAMILY_KINDS`` in turn; sizes drawn with ``seed``) exported to
-    ONNX under ``out`` as ``fam<seed>_<i>_<kind>.onnx`` (cached by name: a resumed
+    ONNX under ``out`` as ``famB<seed>_<i>_<kind>.onnx`` (cached by name: a resumed
     calibration finds the same files and skips their measured rows). Needs torch."""
     from splitc.cost_models.workloads import export_random_models
 
-    return export_random_models(out, n, FAMILY_KINDS, f"fam{seed}", lambda i: [seed, i, 2],
-                                family_block, "--family-sweep")
+    return export_random_models(out, n, FAMILY_KINDS, f"{PREFIX}{seed}",
+                                lambda i: [seed, i, 2], family_block, "--family-sweep")

@@ -17,13 +17,15 @@ def _largest_flops(kind: str, cfg: dict) -> float:
     if kind in ("conv", "pool"):
         o = (cfg["hw"] + cfg["s"] - 1) // cfg["s"]
         second = _conv_flops(cfg["n"], cfg["cout"], cfg["cout"], o, 3, 1) if cfg["second"] else 0
+        stem = _conv_flops(cfg["n"], cfg["cin"], cfg["cin"], cfg["hw"], 1, 1)
         return max(_conv_flops(cfg["n"], cfg["cin"], cfg["cout"], cfg["hw"], cfg["k"], cfg["s"]),
-                   second)
+                   second, stem)
     if kind == "dwconv":
         return _conv_flops(cfg["n"], cfg["ch"], cfg["ch"] * cfg["e"], cfg["hw"], 1, 1)
     if kind == "dense":
         rows = cfg["b"] * (cfg["seq"] or 1)
-        return max(2.0 * rows * a * b for a, b in zip(cfg["dims"], cfg["dims"][1:]))
+        dims = [cfg["dims"][0], *cfg["dims"]]  # the stem: width to width
+        return max(2.0 * rows * a * b for a, b in zip(dims, dims[1:]))
     return 2.0 * cfg["b"] * cfg["s"] * cfg["d"] ** 2 * cfg["r"]
 
 
@@ -53,6 +55,21 @@ def test_blocks_train_like_classifiers(kind):
         y.sum().backward()  # every block has gradients for its weights (a training step)
         assert all(p.grad is not None for p in model.parameters())
         assert bn == any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense", "dwconv", "pool"])
+def test_first_layer_gets_a_data_gradient(kind):
+    # the stem makes the block's first conv / linear read a tensor with a gradient, so the
+    # compiled step runs that layer's data gradient (with the stem's ReLU / ReLU6 mask)
+    torch = pytest.importorskip("torch")
+    model, shape, _, cfg = family_block(kind, np.random.default_rng([0, 0, 2]))
+    first = {"conv": lambda m: m.c1[0], "pool": lambda m: m.c1[0], "dwconv": lambda m: m.f[0],
+             "dense": lambda m: m.fc[0]}[kind](model)
+    seen = []
+    first.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    model(torch.randn(*shape))
+    assert seen[0].requires_grad and seen[0].grad_fn is not None
+    assert type(model.stem[1]).__name__ == {"relu": "ReLU", "relu6": "ReLU6"}[cfg["stem"]]
 
 
 def test_unknown_family_is_refused():
