@@ -240,19 +240,52 @@ def tune(source, target, strategy, trials, max_kernels, rpc_tracker, rpc_key, ba
                    f"`splitc compile ... --tuning-records {res.database}`")
 
 
+def _accuracy_summary(learned: dict) -> dict | None:
+    """The held-out figures of a calibrated profile: its chosen kernel model and the roofline
+    prior, share within +-10 % (a fraction) and MAPE (in %); ``learned.accuracy`` holds every
+    candidate and group."""
+    acc = (learned or {}).get("accuracy")
+    if not acc:
+        return None
+    chosen = learned.get("kernel_regressor_name") or learned.get("regressor_name")
+    out = {"kernels": acc.get("kernels"), "models": len(acc.get("models", [])),
+           "chosen": chosen}
+    for key in (chosen, "roofline"):
+        if isinstance(acc.get(key), dict):
+            out[key] = {k: acc[key].get(k) for k in ("within_10pct", "mape_pct")}
+    return out
+
+
 @cli.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list instead of a table")
 @_errors
-def profiles():
-    """List device profiles with their provenance and, when calibrated, accuracy."""
+def profiles(files, as_json):
+    """List device profiles (the bundled ones, local-cpu and any profile FILES written by
+    `splitc calibrate -o`) with their provenance and, when calibrated, held-out accuracy."""
     from splitc.cost_models.profiles import list_profiles, load_profile
 
-    for name in list_profiles():
+    rows = []
+    for name in [*list_profiles(), *files]:
         p = load_profile(name)
-        prov = p.provenance or {}
-        acc = (getattr(p, "learned", None) or {}).get("accuracy")
-        click.echo(f"{name:<20} {p.kind:<4} {p.peak('float32') / 1e9:10.1f} GFLOP/s (fp32) "
-                   f"{p.mem_bandwidth / 1e9:8.1f} GB/s  {prov.get('status', '?'):<10} "
-                   f"{prov.get('source', '')}" + (f"  accuracy {acc}" if acc else ""))
+        acc = _accuracy_summary(p.learned)
+        rows.append({"name": name, "kind": p.kind, "peak_flops": dict(p.peak_flops),
+                     "mem_bandwidth": p.mem_bandwidth, "kernel_overhead": p.kernel_overhead,
+                     "learned": bool(p.learned), "accuracy": acc,
+                     "provenance": dict(p.provenance or {})})
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        prov, acc = r["provenance"], r["accuracy"]
+        line = (f"{r['name']:<20} {r['kind']:<4} {r['peak_flops']['float32'] / 1e9:10.1f} "
+                f"GFLOP/s (fp32) {r['mem_bandwidth'] / 1e9:8.1f} GB/s  "
+                f"{prov.get('status', '?'):<10} {prov.get('source', '')}")
+        if acc and isinstance(acc.get(acc["chosen"]), dict):
+            c = acc[acc["chosen"]]
+            line += (f"  held-out {100 * c['within_10pct']:.1f}% of {acc['kernels']} kernels within "
+                     f"10% ({acc['chosen']}, MAPE {c['mape_pct']:.1f}%)")
+        click.echo(line)
 
 
 for _cmd in (cli_runtime.serve, cli_runtime.train, cli_runtime.demo, cli_runtime.keygen):

@@ -146,6 +146,13 @@ def test_calibrate_then_plan_with_the_learned_profile(tmp_path):
               "--server", "a100", "--no-baselines", "--json", str(out), "-q"])
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["graph"]["cost_model"].startswith("device=learned:cal(")
+    # `splitc profiles FILE --json` lists it after the bundled ones, with its provenance
+    r = _run(["profiles", str(prof), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert rows[-1]["name"] == str(prof) and rows[-1]["learned"]
+    assert rows[-1]["provenance"]["status"] == "calibrated"
+    assert {"a100", "local-cpu"} <= {row["name"] for row in rows}
 
 
 def test_calibrate_passes_the_synthetic_model_counts(tmp_path, monkeypatch):
@@ -160,3 +167,9 @@ def test_calibrate_passes_the_synthetic_model_counts(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     c = seen[0]
     assert (c.synthetic, c.synthetic_large, c.family_sweep, c.train_rows) == (3, 2, 4, (rows,))
+
+
+def test_profiles_names_a_missing_profile_file(tmp_path):
+    r = _run(["profiles", str(tmp_path / "none.json")])
+    assert r.exit_code == 2
+    assert f"error: Profile: profile file {str(tmp_path / 'none.json')!r} does not exist" in r.output
