@@ -170,11 +170,13 @@ def bench(ctx, name, args):
 @click.option("--name", default=None, help="profile name (default: the output file's stem)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="profile JSON to write; the dataset goes next to it as .jsonl")
+@click.option("--json", "as_json", is_flag=True,
+              help="print a JSON summary (profile, dataset, provenance, held-out accuracy)")
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
 def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning_records,
               synthetic, synthetic_large, family_sweep, train_rows, recheck, no_sweep, no_resume,
-              name, output, quiet):
+              name, output, as_json, quiet):
     """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.calibrate import calibrate as run
@@ -190,6 +192,14 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning
                           train_rows=tuple(train_rows), recheck=recheck,
                           progress=_progress(quiet))
     path = run(cfg)
+    if as_json:
+        from splitc.cost_models.profiles import load_profile
+
+        p = load_profile(path)
+        click.echo(json.dumps({"profile": str(path), "dataset": str(cfg.dataset_path),
+                                "name": p.name, "provenance": p.provenance,
+            "accuracy": _accuracy_summary(p.learned)}, indent=1))
+        return
     click.echo(f"wrote {path}; use it with `splitc plan --device {path}`")
 
 

@@ -138,8 +138,11 @@ def test_demo_reaches_95_percent(tmp_path):
 def test_calibrate_then_plan_with_the_learned_profile(tmp_path):
     prof = tmp_path / "cal.json"
     r = _run(["calibrate", "--models", str(DEMO_MODEL), "--batch-size", "16", "--no-sweep",
-              "--repeats", "2", "-o", str(prof), "-q"])
+              "--repeats", "2", "-o", str(prof), "-q", "--json"])
     assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["profile"] == str(prof) and summary["dataset"] == str(tmp_path / "cal.jsonl")
+    assert summary["provenance"]["status"] == "calibrated"
     assert (tmp_path / "cal.jsonl").read_text().count("\n") > 0  # the dataset, with provenance
     out = tmp_path / "p.json"
     r = _run(["plan", str(DEMO_MODEL), "--batch-size", "16", "--device", str(prof),
