@@ -250,6 +250,34 @@ def test_step_fit_exact():
                                               "n_calls": 10}]) == pytest.approx((1.5, 2e-6))
 
 
+def test_step_fit_weighs_training_only_steps_less():
+    import numpy as np
+    from splitc.cost_models.features import KernelFeatures
+    from splitc.cost_models.fit import TRAIN_STEP_WEIGHT, _step_fit
+
+    def feats(n):
+        return KernelFeatures(("add",), n, 8 * n, 4 * n, 0, "forward", ((n,), (n,)),
+                              ((n,),)).to_json()
+
+    # calibrated workloads: step = 1.5 x kernels + 2 us per call; training-only ones (synthetic
+    # models timed on older code): 3 x kernels + 2 us per call
+    kern = [{"workload": f"w{i}", "calls": 1, "seconds": t, "features": feats(1024 * i)}
+            for i, t in ((1, 1e-3), (2, 10e-3), (3, 2e-3), (4, 5e-3))]
+    steps = [{"workload": "w1", "seconds": 1.5e-3 + 20e-6, "n_calls": 10},
+             {"workload": "w2", "seconds": 15e-3 + 100e-6, "n_calls": 50},
+             {"workload": "w3", "seconds": 6e-3 + 40e-6, "n_calls": 20, "train_only": True},
+             {"workload": "w4", "seconds": 15e-3 + 60e-6, "n_calls": 30, "train_only": True}]
+    # alone, each group gives its own factors back (the weights cancel)
+    assert _step_fit(kern, steps[2:]) == pytest.approx((3.0, 2e-6))
+    # together: weighted least squares on relative errors, training-only rows at 0.1
+    w = np.array([1, 1, TRAIN_STEP_WEIGHT, TRAIN_STEP_WEIGHT])
+    A = np.array([[k["seconds"] / s["seconds"], s["n_calls"] * 1e-6 / s["seconds"]]
+                  for k, s in zip(kern, steps)])
+    want = np.linalg.lstsq(A * w[:, None], w, rcond=None)[0] * [1, 1e-6]
+    assert _step_fit(kern, steps) == pytest.approx(tuple(want))
+    assert TRAIN_STEP_WEIGHT == 0.1 and 1.5 < want[0] < 1.7
+
+
 def test_op_fit_exact():
     """Op kernels vs the measured whole step, per role, plus a per-kernel term: steps made
     from known factors give those factors back."""
