@@ -374,7 +374,36 @@ def test_family_trees_route_rows_by_family_and_roundtrip_json():
     assert sorted(reg.params["families"]) == ["conv", "matmul"]  # loss: 10 rows, global
     back = Regressor.from_json(json.loads(json.dumps(reg.to_json())))
     np.testing.assert_array_equal(back.predict(X), reg.predict(X))
-    assert np.abs(reg.predict(X)[:290] - y[:290]).max() < 0.1
+    # conv and matmul fit a quantile (sign-only gradients): most rows within 0.01, the few
+    # at the ends of the range converge slower in 100 trees (worst 0.79 here)
+    err = np.abs(reg.predict(X)[:290] - y[:290])
+    assert np.median(err) < 0.01 and err.max() < 1.0
+
+
+def test_heavy_families_fit_a_low_quantile_the_rest_the_mean():
+    """conv, conv_t and matmul ensembles fit the 30th percentile of the target (timing noise
+    only adds time), the others least squares; the JSON copy predicts as scikit-learn does."""
+    from sklearn.ensemble import GradientBoostingRegressor
+    from splitc.cost_models.features import FAMILIES
+    from splitc.cost_models.learned import _QUANTILE, _QUANTILE_FAMILIES
+
+    assert (_QUANTILE, _QUANTILE_FAMILIES) == (0.3, ("conv", "conv_t", "matmul"))
+    rng = np.random.default_rng(2)
+    X = rng.uniform(0, 6, (240, len(FEATURE_NAMES)))
+    col = FEATURE_NAMES.index("family=conv_t")
+    X[:, col:col + len(FAMILIES)] = 0
+    fam = np.array([FAMILIES.index("conv")] * 120 + [FAMILIES.index("ewise")] * 120)
+    X[np.arange(240), col + fam] = 1
+    # one-sided noise: a third of the rows 0.1 (26 %) slower, as a loaded machine times them
+    y = 0.2 * X[:, 0] + np.where(rng.uniform(size=240) < 1 / 3, 0.1, 0.0)
+    back = Regressor.from_json(json.loads(json.dumps(fit_regressor("family_trees", X, y)
+                                                     .to_json())))
+    conv, ew = slice(0, 120), slice(120, 240)
+    kw = dict(n_estimators=100, max_depth=5, learning_rate=0.15, subsample=0.8, random_state=0)
+    q = GradientBoostingRegressor(loss="quantile", alpha=0.3, **kw).fit(X[conv], y[conv])
+    ls = GradientBoostingRegressor(**kw).fit(X[ew], y[ew])
+    np.testing.assert_allclose(back.predict(X[conv]), q.predict(X[conv]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(back.predict(X[ew]), ls.predict(X[ew]), rtol=0, atol=1e-6)
 
 
 def test_twins_keep_the_fastest_time_and_price_only_real_kernels():
