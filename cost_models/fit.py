@@ -21,6 +21,8 @@ from splitc.cost_models.features import (
     FEATURE_NAMES,
     KernelFeatures,
     kernel_key,
+    loose_key,
+    measured_time,
     op_kernels,
     sched_vector,
     vector,
@@ -33,7 +35,8 @@ __all__ = ["fit_learned", "heldout_report", "rows_digest", "test_models", "twins
 
 
 def twins(rows: list[dict]) -> dict[str, float]:
-    """``features.kernel_key`` -> the fastest time measured for it, over ``rows``' kernels.
+    """``features.kernel_key`` (and, for elementwise kernels, ``loose_key``) -> the fastest
+    time measured for it, over ``rows``' kernels (``features.measured_time`` reads it).
 
     Why the minimum: timing noise on this shared machine only ever adds time, and the same
     kernel measured in several models (a bias add, a transpose, an SGD update) disagrees
@@ -43,8 +46,10 @@ def twins(rows: list[dict]) -> dict[str, float]:
     another model takes that model's median time, 53.3 % when it takes the minimum."""
     out: dict[str, float] = {}
     for r in rows:
-        k = kernel_key(KernelFeatures.from_json(r["features"]))
-        out[k] = min(out.get(k, np.inf), float(r["seconds"]))
+        f = KernelFeatures.from_json(r["features"])
+        for k in (kernel_key(f), loose_key(f)):  # elementwise ones under both keys
+            if k is not None:
+                out[k] = min(out.get(k, np.inf), float(r["seconds"]))
     return out
 
 
@@ -71,7 +76,8 @@ def rows_digest(rows: list[dict]) -> str:
 
 def _look_up(ks: list[KernelFeatures], p: np.ndarray, table: dict[str, float]) -> np.ndarray:
     """Predictions ``p`` with every kernel measured before (``table``) taken from the table."""
-    return np.array([table.get(kernel_key(k), x) for k, x in zip(ks, p)])
+    return np.array([x if (t := measured_time(table, k)) is None else t
+                     for k, x in zip(ks, p)])
 
 
 def _candidates(kinds, rows: list[dict]) -> list[tuple[str, str, bool]]:
@@ -220,9 +226,10 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
         scale, ovh = _step_fit(train, [s for w, s in steps.items() if s["model"] != m])
         seen = {k.family for k in ks_tr}
         table = twins(train)
-        out["looked_up"] = out.get("looked_up", 0) + sum(kernel_key(k) in table for k in ks)
+        hit = [measured_time(table, k) is not None for k in ks]
+        out["looked_up"] = out.get("looked_up", 0) + sum(hit)
         owner += [m] * len(ks)
-        looked += [kernel_key(k) in table for k in ks]
+        looked += hit
         roof = _roofline(ks, prof)
         cand = {"roofline": roof}
         for name, kind, sched in cands:
@@ -321,7 +328,7 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
             "all_families": list(FAMILIES), "step_scale": scale, "call_overhead": ovh,
             "op_scale": op_scale, "op_overhead": op_ovh,
             # kernels measured here, priced by look-up (4 significant digits: the timing
-            # noise is larger); keys ``features.kernel_key``
+            # noise is larger); keys ``features.kernel_key`` and ``loose_key``
             "twins": {k: float(f"{v:.4g}") for k, v in sorted(twins(kern).items())},
             "accuracy": {k: v for k, v in report.items() if k != "steps"},
             "steps": report.get("steps", {}),

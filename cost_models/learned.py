@@ -47,7 +47,7 @@ from splitc.cost_models.features import (
     FAMILIES,
     FEATURE_NAMES,
     KernelFeatures,
-    kernel_key,
+    measured_time,
     op_kernels,
     sched_vector,
     vector,
@@ -313,7 +313,8 @@ class LearnedModel:
         # op kernels -> the measured step, per "role/*" (fit.py: _op_fit)
         self.op_scale = {k: float(v) for k, v in data.get("op_scale", {}).items()}
         self.op_overhead = float(data.get("op_overhead", 0.0))
-        # kernels measured in calibration: their fastest time, by features.kernel_key
+        # kernels measured in calibration: their fastest time, by features.kernel_key (and
+        # loose_key for elementwise ones)
         self.twins = {k: float(v) for k, v in data.get("twins", {}).items()}
         self.prior = RooflineModel(self.profile, self.optimizer)
 
@@ -346,8 +347,8 @@ class LearnedModel:
             Xs = np.array([sched_vector(ks[i], p.peak("float32"), p.mem_bandwidth) for i in has])
             t[has] = 10.0 ** self.kernel_regressor.predict(Xs)
         for i, k in enumerate(ks):
-            if not op_level and kernel_key(k) in self.twins:
-                t[i] = self.twins[kernel_key(k)]  # measured: fit.py's twins says why
+            if not op_level and (meas := measured_time(self.twins, k)) is not None:
+                t[i] = meas  # measured: fit.py's twins says why
             elif k.family not in self.families:
                 self.fallbacks += 1
                 t[i] = self.prior.compute_time(int(k.flops), k.bytes_read + k.bytes_written,

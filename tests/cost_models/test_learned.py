@@ -417,8 +417,10 @@ def test_twins_keep_the_fastest_time_and_price_only_real_kernels():
     table = twins(rows)
     # the same kernel measured three times (noise only adds time): the minimum; the role is
     # not part of the identity (an update is the same kernel as a forward on the same sizes)
+    # (elementwise: also under the loose key, element counts only, which both share)
     assert table == {"add+relu|8x64,8x64|8x64|float32|512": 2e-6,
-                     "add+relu|8x64,8x64|64x8|float32|512": 7e-6}
+                     "add+relu|8x64,8x64|64x8|float32|512": 7e-6,
+                     "~add+relu|512,512|512|float32|512": 2e-6}
     base = _learned_profile()
     m = LearnedModel(dataclasses.replace(base, learned={
         **base.learned, "twins": table, "step_scale": 2.0, "call_overhead": 1e-7}))
@@ -429,6 +431,29 @@ def test_twins_keep_the_fastest_time_and_price_only_real_kernels():
     assert m.kernel_times([unseen])[0] != pytest.approx(4.1e-6)
     # op kernels (the planner's, not fused kernels) are never looked up
     assert m.kernel_times([k], op_level=True)[0] != pytest.approx(4.1e-6)
+
+
+def test_elementwise_kernels_are_looked_up_by_element_counts_only():
+    from splitc.cost_models.features import loose_key, measured_time
+    from splitc.cost_models.fit import twins
+
+    ew = KernelFeatures(("multiply", "add"), 1024.0, 8192, 4096, 0, "backward",
+                        ((16, 64), (16, 64)), ((16, 64),))
+    tr = KernelFeatures(("transpose",), 0.0, 4096, 4096, 0, "forward", ((16, 64),), ((64, 16),))
+    table = twins([{"features": ew.to_json(), "seconds": 3e-6},
+                   {"features": tr.to_json(), "seconds": 5e-6}])
+    # the same elementwise work laid out as [4, 256] or [1024]: found by its element counts
+    for shape in ((4, 256), (1024,)):
+        moved = dataclasses.replace(ew, in_shapes=(shape, shape), out_shapes=(shape,))
+        assert loose_key(moved) == "~multiply+add|1024,1024|1024|float32|1024"
+        assert measured_time(table, moved) == 3e-6
+    # a transpose's time depends on the shape itself: exact key only
+    assert loose_key(tr) is None
+    assert measured_time(table, dataclasses.replace(tr, in_shapes=((32, 32),),
+                                                    out_shapes=((32, 32),))) is None
+    assert measured_time(table, tr) == 5e-6
+    # different element counts or FLOPs: not the same kernel
+    assert measured_time(table, dataclasses.replace(ew, flops=2048.0)) is None
 
 
 def test_conv_geometry_features_exact():
