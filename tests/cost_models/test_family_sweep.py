@@ -1,5 +1,7 @@
 """cost_models/family_sweep.py: random one-block models per kernel family (training data)."""
 
+import itertools
+
 import numpy as np
 import pytest
 from splitc import InputError
@@ -25,7 +27,7 @@ def _largest_flops(kind: str, cfg: dict) -> float:
     if kind == "dense":
         rows = cfg["b"] * (cfg["seq"] or 1)
         dims = [cfg["dims"][0], *cfg["dims"]]  # the stem: width to width
-        return max(2.0 * rows * a * b for a, b in zip(dims, dims[1:]))
+        return max(2.0 * rows * a * b for a, b in itertools.pairwise(dims))
     return 2.0 * cfg["b"] * cfg["s"] * cfg["d"] ** 2 * cfg["r"]
 
 

@@ -399,7 +399,8 @@ def test_heavy_families_fit_a_low_quantile_the_rest_the_mean():
     back = Regressor.from_json(json.loads(json.dumps(fit_regressor("family_trees", X, y)
                                                      .to_json())))
     conv, ew = slice(0, 120), slice(120, 240)
-    kw = dict(n_estimators=100, max_depth=5, learning_rate=0.15, subsample=0.8, random_state=0)
+    kw = {"n_estimators": 100, "max_depth": 5, "learning_rate": 0.15, "subsample": 0.8,
+          "random_state": 0}
     q = GradientBoostingRegressor(loss="quantile", alpha=0.3, **kw).fit(X[conv], y[conv])
     ls = GradientBoostingRegressor(**kw).fit(X[ew], y[ew])
     np.testing.assert_allclose(back.predict(X[conv]), q.predict(X[conv]), rtol=0, atol=1e-6)

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-
 from splitc import InputError
 from splitc.cost_models.link import Link, parse_duration, parse_rate
 

@@ -5,7 +5,6 @@ import re
 import time
 
 import pytest
-
 from splitc import InputError
 from splitc.cost_models import microbench
 from splitc.cost_models.profiles import DeviceProfile, list_profiles, load_profile

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-
 from splitc import InputError
 from splitc.cost_models.base import CostModel, OpCost, OpFeatures
 from splitc.cost_models.profiles import DeviceProfile
