@@ -142,16 +142,19 @@ def _step_fit(kernels: list[dict], steps: list[dict]) -> tuple[float, float]:
     return float(scale), float(ovh_us * 1e-6)
 
 
-def _nnls_rel(cols: list[dict], steps: list[float], n: list[int]) -> tuple[dict, float]:
+def _nnls_rel(cols: list[dict], steps: list[float], n: list[int],
+              weights: list[float] | None = None) -> tuple[dict, float]:
     """Coefficients per key of ``cols`` (predicted seconds per bucket, one dict per workload)
     and per op kernel (``n``) so that sum(c x bucket) + overhead x n ~ the measured step, by
-    non-negative least squares on relative errors (a 0.1 ms model weighs as much as 40 ms)."""
+    non-negative least squares on relative errors (a 0.1 ms model weighs as much as 40 ms),
+    each workload's equation times its weight (default 1)."""
     from scipy.optimize import nnls
 
     keys = sorted({k for c in cols for k in c})
+    w = np.ones(len(steps)) if weights is None else np.asarray(weights, float)
     A = np.array([[c.get(k, 0.0) / s for k in keys] + [m * 1e-6 / s]
                   for c, s, m in zip(cols, steps, n)])
-    coef, _ = nnls(A, np.ones(len(steps)))
+    coef, _ = nnls(A * w[:, None], w)
     return dict(zip(keys, coef[:-1])), float(coef[-1] * 1e-6)
 
 
@@ -174,7 +177,7 @@ def _op_fit(steps: list[dict], ops_rows: list[dict], prof: DeviceProfile,
     from splitc.cost_models.base import OpFeatures
 
     by_w = {s["workload"]: s for s in steps if s["seconds"] > 0}
-    cols, meas, n = [], [], []
+    cols, meas, n, w = [], [], [], []
     for o in ops_rows:
         if o["workload"] not in by_w:
             continue
@@ -189,10 +192,12 @@ def _op_fit(steps: list[dict], ops_rows: list[dict], prof: DeviceProfile,
             role[f"{k.role}/*"] += float(tk)
         cols.append(role)
         meas.append(by_w[o["workload"]]["seconds"])
+        # training-only steps weigh less, as in _step_fit (TRAIN_STEP_WEIGHT says why)
+        w.append(TRAIN_STEP_WEIGHT if by_w[o["workload"]].get("train_only") else 1.0)
         n.append(len(ks))
     if not meas:
         return {}, 0.0
-    scale, ovh = _nnls_rel(cols, meas, n)
+    scale, ovh = _nnls_rel(cols, meas, n, w)
     # a zero factor (NNLS at its bound) would make a whole role free for the planner: 1 then
     return {k: float(v) if v > 0 else 1.0 for k, v in sorted(scale.items())}, ovh
 

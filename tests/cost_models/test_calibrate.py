@@ -318,6 +318,13 @@ def test_op_fit_exact():
     scale, ovh = _op_fit(steps, ops, prof, reg)
     assert scale == pytest.approx(truth, rel=1e-6)
     assert ovh == pytest.approx(0.5e-6, rel=1e-6)
+    # a sixth, training-only workload whose step reads 2x (a synthetic model timed on older
+    # code) weighs TRAIN_STEP_WEIGHT: the factors move less than when it counts in full
+    odd = [{"workload": "w6", "seconds": 2 * steps[2]["seconds"], "train_only": True}]
+    ops6 = ops + [{**ops[2], "workload": "w6"}]
+    low = _op_fit(steps + odd, ops6, prof, reg)[0]["forward/*"]
+    full = _op_fit(steps + [{**odd[0], "train_only": False}], ops6, prof, reg)[0]["forward/*"]
+    assert 0 < low - 3.0 < full - 3.0
     assert _op_fit([], ops, prof, reg) == ({}, 0.0)
 
 
