@@ -198,7 +198,7 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning
         p = load_profile(path)
         click.echo(json.dumps({"profile": str(path), "dataset": str(cfg.dataset_path),
                                 "name": p.name, "provenance": p.provenance,
-            "accuracy": _accuracy_summary(p.learned)}, indent=1))
+                                "accuracy": _accuracy_summary(p.learned)}, indent=1))
         return
     click.echo(f"wrote {path}; use it with `splitc plan --device {path}`")
 
@@ -293,8 +293,8 @@ def profiles(files, as_json):
                 f"{prov.get('status', '?'):<10} {prov.get('source', '')}")
         if acc and isinstance(acc.get(acc["chosen"]), dict):
             c = acc[acc["chosen"]]
-            line += (f"  held-out {100 * c['within_10pct']:.1f}% of {acc['kernels']} kernels within "
-                     f"10% ({acc['chosen']}, MAPE {c['mape_pct']:.1f}%)")
+            line += (f"  held-out {100 * c['within_10pct']:.1f}% of {acc['kernels']} kernels "
+                     f"within 10% ({acc['chosen']}, MAPE {c['mape_pct']:.1f}%)")
         click.echo(line)
 
 

@@ -173,6 +173,21 @@ def test_calibrate_passes_the_synthetic_model_counts(tmp_path, monkeypatch):
 
 
 def test_profiles_names_a_missing_profile_file(tmp_path):
-    r = _run(["profiles", str(tmp_path / "none.json")])
+    missing = str(tmp_path / "none.json")
+    r = _run(["profiles", missing])
     assert r.exit_code == 2
-    assert f"error: Profile: profile file {str(tmp_path / 'none.json')!r} does not exist" in r.output
+    assert f"error: Profile: profile file {missing!r} does not exist" in r.output
+
+
+def test_profiles_summarises_held_out_accuracy():
+    from splitc.tools.cli import _accuracy_summary
+
+    acc = {"models": ["a", "b"], "kernels": 539,
+           "roofline": {"within_10pct": 0.106, "mape_pct": 1082.2, "groups": {}},
+           "family_trees+sched": {"within_10pct": 0.801, "mape_pct": 9.0, "groups": {}}}
+    learned = {"kernel_regressor_name": "family_trees+sched", "accuracy": acc}
+    assert _accuracy_summary(learned) == {
+        "kernels": 539, "models": 2, "chosen": "family_trees+sched",
+        "family_trees+sched": {"within_10pct": 0.801, "mape_pct": 9.0},
+        "roofline": {"within_10pct": 0.106, "mape_pct": 1082.2}}
+    assert _accuracy_summary({}) is None  # priors have no learned part
