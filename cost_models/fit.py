@@ -120,8 +120,6 @@ def _step_fit(kernels: list[dict], steps: list[dict]) -> tuple[float, float]:
     mostly on 64 synthetic models timed in session 5); 0.1 puts all 9 within -4.5..+5.1 %
     (scale 1.071); 0 (the other test models only) -5.0..+4.7 %, but nothing to fit on when a
     calibration has a single model."""
-    from scipy.optimize import nnls
-
     # each kernel at its fastest time over ``kernels`` (``twins``), as predictions are:
     # held-out, fitted on raw times, the kernel sums missed 5 of 7 steps by -11 to -24 %
     best = twins(kernels)
@@ -132,22 +130,30 @@ def _step_fit(kernels: list[dict], steps: list[dict]) -> tuple[float, float]:
     use = [s for s in steps if s["workload"] in per and s["n_calls"] and s["seconds"] > 0]
     if not use:
         return 1.0, 0.0
-    w = np.array([TRAIN_STEP_WEIGHT if s.get("train_only") else 1.0 for s in use])
-    A = np.array([(per[s["workload"]] / s["seconds"], s["n_calls"] / s["seconds"])
-                  for s in use])
-    A[:, 1] *= 1e-6  # overhead in microseconds: columns of similar size for NNLS
-    (scale, ovh_us), _ = nnls(A * w[:, None], w)
+    sec = [s["seconds"] for s in use]
+    coef, ovh = _nnls_rel([{"kernels": per[s["workload"]]} for s in use], sec,
+                          [s["n_calls"] for s in use], [_step_weight(s) for s in use])
+    scale = coef["kernels"]
     if scale <= 0:  # degenerate (one tiny workload): keep kernels as they are
-        return 1.0, float(max((1 - A[:, 0]).mean() / max(A[:, 1].mean(), 1e-12), 0) * 1e-6)
-    return float(scale), float(ovh_us * 1e-6)
+        rest = np.mean([1 - per[s["workload"]] / s["seconds"] for s in use])
+        per_call_us = np.mean([s["n_calls"] * 1e-6 / s["seconds"] for s in use])
+        return 1.0, float(max(rest / max(per_call_us, 1e-12), 0) * 1e-6)
+    return float(scale), ovh
+
+
+def _step_weight(step: dict) -> float:
+    """A step row's weight in ``_step_fit`` and ``_op_fit``: ``TRAIN_STEP_WEIGHT`` for a
+    training-only workload's, 1 for a calibrated model's (``_step_fit`` says why)."""
+    return TRAIN_STEP_WEIGHT if step.get("train_only") else 1.0
 
 
 def _nnls_rel(cols: list[dict], steps: list[float], n: list[int],
               weights: list[float] | None = None) -> tuple[dict, float]:
     """Coefficients per key of ``cols`` (predicted seconds per bucket, one dict per workload)
-    and per op kernel (``n``) so that sum(c x bucket) + overhead x n ~ the measured step, by
-    non-negative least squares on relative errors (a 0.1 ms model weighs as much as 40 ms),
-    each workload's equation times its weight (default 1)."""
+    and per kernel call (``n``) so that sum(c x bucket) + overhead x n ~ the measured step,
+    by non-negative least squares on relative errors (a 0.1 ms model weighs as much as 40 ms),
+    each workload's equation times its weight (default 1). The overhead is solved in
+    microseconds, so the columns are of similar size for NNLS."""
     from scipy.optimize import nnls
 
     keys = sorted({k for c in cols for k in c})
@@ -192,8 +198,7 @@ def _op_fit(steps: list[dict], ops_rows: list[dict], prof: DeviceProfile,
             role[f"{k.role}/*"] += float(tk)
         cols.append(role)
         meas.append(by_w[o["workload"]]["seconds"])
-        # training-only steps weigh less, as in _step_fit (TRAIN_STEP_WEIGHT says why)
-        w.append(TRAIN_STEP_WEIGHT if by_w[o["workload"]].get("train_only") else 1.0)
+        w.append(_step_weight(by_w[o["workload"]]))
         n.append(len(ks))
     if not meas:
         return {}, 0.0
