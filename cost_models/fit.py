@@ -28,6 +28,7 @@ from splitc.cost_models.features import (
     vector,
 )
 from splitc.cost_models.learned import LEARNED_VERSION, Regressor, fit_regressor, mape, within
+from splitc.cost_models.lookup import scaled_time, scaled_twins
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
 
@@ -74,10 +75,22 @@ def rows_digest(rows: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _look_up(ks: list[KernelFeatures], p: np.ndarray, table: dict[str, float]) -> np.ndarray:
-    """Predictions ``p`` with every kernel measured before (``table``) taken from the table."""
-    return np.array([x if (t := measured_time(table, k)) is None else t
-                     for k, x in zip(ks, p)])
+def _look_up(ks: list[KernelFeatures], p: np.ndarray, table: dict[str, float],
+             scaled: dict[str, list]) -> np.ndarray:
+    """Predictions ``p`` with every kernel measured before (``table``) taken from the table,
+    and every other one measured at another batch (``scaled``) scaled from it."""
+    out = []
+    for k, x in zip(ks, p):
+        t = measured_time(table, k)
+        if t is None:
+            t = scaled_time(scaled, k)
+        out.append(x if t is None else t)
+    return np.array(out)
+
+
+def _scaled_table(rows: list[dict]) -> dict[str, list]:
+    """``lookup.scaled_twins`` of kernel rows."""
+    return scaled_twins((KernelFeatures.from_json(r["features"]), r["seconds"]) for r in rows)
 
 
 def _candidates(kinds, rows: list[dict]) -> list[tuple[str, str, bool]]:
@@ -220,7 +233,8 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
     out: dict = {"models": models, "kernels": 0}
     preds: dict[str, list] = defaultdict(list)
     meas, again, step_rep = [], [], defaultdict(dict)
-    owner, looked = [], []  # per held-out kernel: its model, priced by look-up?
+    # per held-out kernel: its model, priced by look-up? by a batch-scaled one?
+    owner, looked, batch_scaled = [], [], []
     cands = _candidates(kinds, kern)
     for m in models:
         train = [r for r in kern if r["model"] != m]
@@ -235,18 +249,21 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
                      for r in test)
         scale, ovh = _step_fit(train, [s for w, s in steps.items() if s["model"] != m])
         seen = {k.family for k in ks_tr}
-        table = twins(train)
+        table, scaled = twins(train), _scaled_table(train)
         hit = [measured_time(table, k) is not None for k in ks]
+        hit_scaled = [not h and scaled_time(scaled, k) is not None for k, h in zip(ks, hit)]
         out["looked_up"] = out.get("looked_up", 0) + sum(hit)
+        out["scaled"] = out.get("scaled", 0) + sum(hit_scaled)
         owner += [m] * len(ks)
         looked += hit
+        batch_scaled += hit_scaled
         roof = _roofline(ks, prof)
         cand = {"roofline": roof}
         for name, kind, sched in cands:
             Xtr, X = _xy(train, prof, sched)[1], _xy(test, prof, sched)[1]
             p = 10.0 ** fit_regressor(kind, Xtr, ytr, offset_overhead=off).predict(X)
             fb = np.array([k.family not in seen for k in ks])
-            cand[name] = _look_up(ks, np.where(fb, roof, p), table)
+            cand[name] = _look_up(ks, np.where(fb, roof, p), table, scaled)
         for name, p in cand.items():
             preds[name].extend(p)
             for w in {r["workload"] for r in test}:
@@ -267,9 +284,11 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
     big = meas >= 1e-5  # kernels of 10 us or more: below, timer resolution and noise dominate
     out["kernels_ge_10us"] = int(big.sum())
     owner, looked = np.asarray(owner), np.asarray(looked, bool)
+    batch_scaled = np.asarray(batch_scaled, bool)
     # where the misses are: by kernel size, by how a kernel was priced, by model
     groups = {"lt_2us": meas < 2e-6, "2_to_10us": (meas >= 2e-6) & ~big, "ge_10us": big,
-              "looked_up": looked, "predicted": ~looked}
+              "looked_up": looked, "scaled": batch_scaled,
+              "predicted": ~looked & ~batch_scaled}
     groups.update({f"model={m}": owner == m for m in models})
     out["group_kernels"] = {g: int(sel.sum()) for g, sel in groups.items()}
     for name, p in preds.items():
@@ -340,6 +359,9 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
             # kernels measured here, priced by look-up (4 significant digits: the timing
             # noise is larger); keys ``features.kernel_key`` and ``loose_key``
             "twins": {k: float(f"{v:.4g}") for k, v in sorted(twins(kern).items())},
+            # kernels measured at other batches (``lookup.py``): [leading dim, work, seconds]
+            "scaled_twins": {k: [[a, w, float(f"{t:.4g}")] for a, w, t in v]
+                             for k, v in _scaled_table(kern).items()},
             "accuracy": {k: v for k, v in report.items() if k != "steps"},
             "steps": report.get("steps", {}),
             # what the fit saw, without the rows (14.6 MB of profile when trees and rows were

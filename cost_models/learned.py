@@ -52,6 +52,7 @@ from splitc.cost_models.features import (
     sched_vector,
     vector,
 )
+from splitc.cost_models.lookup import scaled_time
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.roofline import OPTIMIZERS, RooflineModel
 from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
@@ -316,6 +317,8 @@ class LearnedModel:
         # kernels measured in calibration: their fastest time, by features.kernel_key (and
         # loose_key for elementwise ones)
         self.twins = {k: float(v) for k, v in data.get("twins", {}).items()}
+        # kernels measured at another batch size (lookup.py; absent from older profiles)
+        self.scaled_twins = data.get("scaled_twins", {})
         self.prior = RooflineModel(self.profile, self.optimizer)
 
     @property
@@ -349,6 +352,8 @@ class LearnedModel:
         for i, k in enumerate(ks):
             if not op_level and (meas := measured_time(self.twins, k)) is not None:
                 t[i] = meas  # measured: fit.py's twins says why
+            elif not op_level and (meas := scaled_time(self.scaled_twins, k)) is not None:
+                t[i] = meas  # measured at another batch, scaled (lookup.py)
             elif k.family not in self.families:
                 self.fallbacks += 1
                 t[i] = self.prior.compute_time(int(k.flops), k.bytes_read + k.bytes_written,

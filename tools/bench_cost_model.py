@@ -202,7 +202,8 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
     acc = prof.learned["accuracy"]
     click.echo(f"held-out kernels: {acc['kernels']} from {len(acc['models'])} models "
                f"(+ {learned_train(prof)} training-only workloads in every fit); "
-               f"{acc.get('looked_up', 0)} measured in another model, priced by look-up")
+               f"{acc.get('looked_up', 0)} measured in another model, priced by look-up; "
+               f"{acc.get('scaled', 0)} measured there at another batch, scaled")
     for k, v in acc.items():
         if isinstance(v, dict) and "within_10pct" in v:
             big = (f" | kernels >= 10 us ({acc['kernels_ge_10us']}): "

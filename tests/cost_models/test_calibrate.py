@@ -365,8 +365,9 @@ def test_calibrate_with_tuning_records_is_labelled_and_not_mixed(tmp_path, tiny_
 
 
 def test_heldout_report_groups_by_size_pricing_and_model():
-    """The held-out report says where the misses are: per kernel size, looked-up vs
-    predicted, and per model; the group counts add up and a looked-up kernel is exact."""
+    """The held-out report says where the misses are: per kernel size, looked-up, scaled
+    from another batch or predicted, and per model; the group counts add up and a
+    looked-up kernel is exact."""
     from splitc.cost_models.features import KernelFeatures
     from splitc.cost_models.fit import heldout_report
 
@@ -375,18 +376,27 @@ def test_heldout_report_groups_by_size_pricing_and_model():
         return {"type": "kernel", "model": model, "workload": model, "calls": 1,
                 "features": f.to_json(), "seconds": seconds}
 
+    def relayout(model, batch, seconds):  # the same kernel at batch 4 and 8 (lookup.py)
+        f = KernelFeatures(("reshape", "transpose"), 0.0, 1024 * batch, 1024 * batch, 0,
+                           "forward", ((batch, 256),), ((batch, 16, 16),))
+        return {"type": "kernel", "model": model, "workload": model, "calls": 1,
+                "features": f.to_json(), "seconds": seconds}
+
     sizes = [256, 1024, 4096, 16384, 65536, 262144]
     rows = [row("sweep", n, n * 1e-10 + 5e-7) for n in sizes]
-    # model a: one kernel also in b (looked up), one of its own; b likewise
+    # model a: one kernel also in b (looked up), one at another batch in b (scaled), one of
+    # its own; b likewise
     rows += [row("a", 512, 3e-6), row("a", 1 << 20, 2e-5), row("b", 512, 3e-6),
-             row("b", 2048, 1e-6)]
+             row("b", 2048, 1e-6), relayout("a", 4, 4e-5), relayout("b", 8, 7.6e-5)]
     rep = heldout_report(rows, load_profile("local-cpu"), ("linear",))
     n = rep["group_kernels"]
-    assert rep["kernels"] == 4 and rep["looked_up"] == 2
-    assert n["lt_2us"] + n["2_to_10us"] + n["ge_10us"] == 4 == n["looked_up"] + n["predicted"]
-    assert (n["lt_2us"], n["2_to_10us"], n["ge_10us"]) == (1, 2, 1)
-    assert (n["model=a"], n["model=b"]) == (2, 2)
-    assert rep["linear"]["groups"]["looked_up"] == 1.0
+    assert rep["kernels"] == 6 and rep["looked_up"] == 2 and rep["scaled"] == 2
+    assert n["lt_2us"] + n["2_to_10us"] + n["ge_10us"] == 6
+    assert n["looked_up"] + n["scaled"] + n["predicted"] == 6
+    assert (n["lt_2us"], n["2_to_10us"], n["ge_10us"]) == (1, 2, 3)
+    assert (n["model=a"], n["model=b"]) == (3, 3)
+    # a's relayout priced at b's time x 4 / 8 (3.8e-5, -5 %), b's at a's x 2 (8e-5, +5 %)
+    assert rep["linear"]["groups"]["looked_up"] == 1.0 == rep["linear"]["groups"]["scaled"]
 
 
 def test_train_rows_are_reused_not_timed_and_never_a_test_model(tmp_path, tiny_cnn_onnx):

@@ -434,6 +434,28 @@ def test_twins_keep_the_fastest_time_and_price_only_real_kernels():
     assert m.kernel_times([k], op_level=True)[0] != pytest.approx(4.1e-6)
 
 
+def test_learned_model_prices_a_kernel_at_another_batch_by_scaling():
+    from splitc.cost_models.lookup import scaled_twins
+
+    def conv(n):  # a 3x3 conv, 64 -> 64 channels at 16x16, on a batch of n
+        return KernelFeatures(("conv2d",), 2.0 * n * 64 * 256 * 64 * 9, 65536 * n + 147456,
+                              65536 * n, 147456, "forward",
+                              ((n, 64, 16, 16), (64, 64, 3, 3)), ((n, 64, 16, 16),))
+
+    base = _learned_profile(families=("conv", "ewise"))
+    learned = {**base.learned, "scaled_twins": scaled_twins([(conv(8), 2e-3)]),
+               "step_scale": 1.5, "call_overhead": 1e-6}
+    m = LearnedModel(dataclasses.replace(base, learned=learned))
+    # batch 16 from batch 8: 2 x 2 ms, placed in the step: 1.5 x 4 ms + 1 us
+    np.testing.assert_allclose(m.kernel_times([conv(16)]), [6.001e-3])
+    # op kernels (the planner's) are never looked up
+    assert m.kernel_times([conv(16)], op_level=True)[0] != pytest.approx(6.001e-3)
+    # a profile from before scaled look-up has none: predicted
+    old = LearnedModel(dataclasses.replace(base, learned={
+        k: v for k, v in learned.items() if k != "scaled_twins"}))
+    assert old.kernel_times([conv(16)])[0] != pytest.approx(6.001e-3)
+
+
 def test_elementwise_kernels_are_looked_up_by_element_counts_only():
     from splitc.cost_models.features import loose_key, measured_time
     from splitc.cost_models.fit import twins
