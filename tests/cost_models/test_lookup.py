@@ -25,6 +25,11 @@ def test_batch_key_drops_only_the_leading_dimension():
     k = KernelFeatures(("add",), 64.0, 512, 256, 0, "forward", ((64,), (64,)), ((64,),))
     assert batch_key(k) == "^add|64,64|64|float32"
     assert batch_key(dataclasses.replace(k, in_shapes=())) is None
+    # reductions are never scaled: the leading dim is often what they sum over
+    bias_grad = KernelFeatures(("collapse_sum",), 4096.0, 16384, 256, 0, "backward",
+                               ((64, 64),), ((64,),))
+    assert batch_key(bias_grad) is None
+    assert scaled_twins([(bias_grad, 1e-5)]) == {}
 
 
 def test_scaled_time_takes_the_nearest_batch_times_the_work_ratio():
