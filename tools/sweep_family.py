@@ -1,0 +1,80 @@
+"""Time only the family sweep: training rows for ``splitc calibrate --train-rows``.
+
+``splitc calibrate --family-sweep N`` times N random one-block models (``family_sweep.py``)
+as part of a calibration; this runs just that part, resumably, so a sweep of an hour can be
+timed once (or in pieces: ``--start``) and reused by later calibrations and by
+``tools/bench_cost_model.py --train-rows``:
+
+    TVM_NUM_THREADS=1 python -m splitc.tools.sweep_family /tmp/fam 320 [--start 227] \\
+        [--kinds conv,dense]
+
+writes ``/tmp/fam/fam.jsonl`` (rows as calibration writes them, every block training-only)
+and caches the exported blocks under ``/tmp/fam/family``. A block that fails to build is
+reported and skipped; the others go on. Needs torch (to export the blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("n", type=click.IntRange(min=1))
+@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True,
+              help="skip the first START blocks (time a sweep in pieces)")
+@click.option("--kinds", default="", help="only these block kinds, comma-separated "
+              "(conv, dense, dwconv, attention, pool)")
+@click.option("--target", default="host", show_default=True)
+def main(out: Path, n: int, start: int, kinds: str, target: str) -> None:
+    from splitc import InputError
+    from splitc.cost_models.calibrate import CalibrateConfig
+    from splitc.cost_models.dataset import done_keys, load_rows
+    from splitc.cost_models.family_sweep import FAMILY_KINDS, family_models
+    from splitc.cost_models.kernels import resolve
+    from splitc.cost_models.measure import measure_workload
+    from splitc.cost_models.rpc import Runner
+    from splitc.cost_models.sampling import Probe
+    from splitc.cost_models.workloads import model_module
+
+    want = [k for k in kinds.split(",") if k]
+    if bad := [k for k in want if k not in FAMILY_KINDS]:
+        raise InputError(f"sweep_family: unknown kind {bad[0]!r}; use {', '.join(FAMILY_KINDS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    ds = out / "fam.jsonl"
+    cfg = CalibrateConfig(target=target, output=out / "fam.json")
+    runner = Runner(resolve(target), None, None)
+    done = done_keys(load_rows(ds, target, runner.board))
+    t0 = time.time()
+
+    def say(msg: str) -> None:
+        click.echo(f"[{time.time() - t0:7.1f}s] {msg}", err=True)
+
+    probe = Probe(runner, resolve(target))
+    paths = [p for p in family_models(out / "family", n)[start:]
+             if not want or p.stem.split("_")[-1] in want]
+    failed = 0
+    with ds.open("a") as fh:
+        def emit(row: dict) -> None:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()  # a killed sweep keeps every finished row
+
+        for i, m in enumerate(paths):
+            say(f"block {i + 1}/{len(paths)}: {m.name}")
+            try:
+                w = model_module(m, None, True, step=False)
+                measure_workload(w, runner, cfg, done, emit, say, probe)
+            except Exception as e:  # noqa: BLE001 - one block failing must not stop the sweep
+                failed += 1
+                say(f"FAILED {m.name}: {type(e).__name__}: {e}")
+    runner.close()
+    click.echo(f"{len(paths) - failed} blocks timed into {ds}" +
+               (f", {failed} failed" if failed else ""))
+
+
+if __name__ == "__main__":
+    main()
