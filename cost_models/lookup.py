@@ -21,8 +21,12 @@ within 4x. Scaled, the heavy ones land much closer: encoder's 4.9 ms weight-grad
 -3.5 % (predicted +35.6 %), small_resnet's 6.4 ms ReLU-masked data gradient -7.6 % (+44.2 %)
 and its 0.7 ms weight gradient -1.6 % (-43.0 %). Held-out kernels within +-10 % 80.1 -> 81.3 %
 (the 210: 56.2 -> 59.0 %), whole steps from kernel sums 6/9 -> 8/9 (encoder +14.2 -> +9.9 %,
-small_resnet +11.0 -> +3.9 %); with session 8's re-timed sweep added, 82.4 -> 82.7 % and 8/9
-steps both ways (tiny_cnn +8.5 -> +9.6 %). Variants, on session 7's data and then with
+small_resnet +11.0 -> +3.9 %); with session 8's first 108 re-timed blocks added, 82.4 ->
+82.7 % and 8/9 steps both ways (tiny_cnn +8.5 -> +9.6 %). With the whole session 8 sweep the
+trees got better at those kernels themselves: the 60 scaled ones 70 % within +-10 % scaled
+against 62 % and 75 % predicted (two fits, with two runs' roofline constants), 4.6 % of their
+time off against 5.2 and 5.9 %; all kernels +0.9 and -0.6 points, within the fits' spread.
+Variants, on session 7's data and then with
 session 8's sweep: reductions scaled too 81.4 / 82.6 % but tiny_cnn's step +9.1 / +11.3 %
 (``UNSCALED``); conv, transposed conv and matmul only 80.0 / 81.6 %; at most 2x or 16x away
 81.3 % (7/9 steps); only measured kernels of >= 1 us 80.3 / 81.4 %; only scaling up 80.1 /
