@@ -428,3 +428,15 @@ def test_train_rows_are_reused_not_timed_and_never_a_test_model(tmp_path, tiny_c
     with pytest.raises(InputError, match=r"^Calibrate: training dataset '.*nope.jsonl' does "
                        r"not exist; pass the .jsonl of an earlier calibration$"):
         load_train_rows([tmp_path / "nope.jsonl"])
+
+
+def test_noise_warning_when_the_two_timing_passes_disagree():
+    from splitc.cost_models.calibrate import noise_warning
+
+    # session 8: the 9 test models re-timed while the host was slow, 71.2 % of kernels agreed
+    assert noise_warning({"repeat": {"within_10pct": 0.712, "mape_pct": 8.1}}) == (
+        "the two timing passes agreed within 10% for only 71% of kernels (the machine was "
+        "loaded while timing); recalibrate when it is quiet")
+    # quiet (session 7: 97.2 %), exactly at the bar, or timed once (no --recheck): nothing
+    for acc in ({"repeat": {"within_10pct": 0.972}}, {"repeat": {"within_10pct": 0.9}}, {}):
+        assert noise_warning(acc) is None
