@@ -263,6 +263,12 @@ def _accuracy_summary(learned: dict) -> dict | None:
     for key in (chosen, "roofline"):
         if isinstance(acc.get(key), dict):
             out[key] = {k: acc[key].get(k) for k in ("within_10pct", "mape_pct")}
+    from splitc.cost_models.calibrate import noise_warning
+
+    if isinstance(acc.get("repeat"), dict):  # calibrated with --recheck: the noise floor
+        out["repeat_within_10pct"] = acc["repeat"].get("within_10pct")
+    if warn := noise_warning(acc):
+        out["warning"] = warn
     return out
 
 
@@ -295,6 +301,8 @@ def profiles(files, as_json):
             c = acc[acc["chosen"]]
             line += (f"  held-out {100 * c['within_10pct']:.1f}% of {acc['kernels']} kernels "
                      f"within 10% ({acc['chosen']}, MAPE {c['mape_pct']:.1f}%)")
+        if acc and acc.get("warning"):
+            line += f"  WARNING: {acc['warning']}"
         click.echo(line)
 
 

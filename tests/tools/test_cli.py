@@ -191,3 +191,11 @@ def test_profiles_summarises_held_out_accuracy():
         "family_trees+sched": {"within_10pct": 0.801, "mape_pct": 9.0},
         "roofline": {"within_10pct": 0.106, "mape_pct": 1082.2}}
     assert _accuracy_summary({}) is None  # priors have no learned part
+    # calibrated with --recheck: the two passes' agreement, and a warning when it is low
+    quiet = {**learned, "accuracy": {**acc, "repeat": {"within_10pct": 0.972}}}
+    assert _accuracy_summary(quiet)["repeat_within_10pct"] == 0.972
+    assert "warning" not in _accuracy_summary(quiet)
+    loaded = {**learned, "accuracy": {**acc, "repeat": {"within_10pct": 0.712}}}
+    assert _accuracy_summary(loaded)["warning"] == (
+        "the two timing passes agreed within 10% for only 71% of kernels (the machine was "
+        "loaded while timing); recalibrate when it is quiet")
