@@ -61,7 +61,13 @@ from splitc.cost_models.dataset import (
     load_train_rows,
     now,
 )
-from splitc.cost_models.fit import _step_fit, fit_learned, heldout_report  # noqa: F401 - re-export
+from splitc.cost_models.fit import (  # noqa: F401 - re-export
+    NOISY_REPEAT,
+    _step_fit,
+    fit_learned,
+    heldout_report,
+    noise_warning,
+)
 from splitc.cost_models.kernels import resolve as _target
 from splitc.cost_models.measure import measure_workload, schedules_label
 from splitc.cost_models.profiles import DeviceProfile
@@ -140,23 +146,6 @@ class CalibrateConfig:
 
 
 # -- entry point -----------------------------------------------------------------------------
-# the two timing passes of the same kernels (``recheck``) agree within +-10 % for at least this
-# share on a quiet machine (97.2 %, session 7); session 8's re-timing of the same 9 test models
-# while the host was slow (the probe at 1.3-1.4x its best for an hour) agreed for 71.2 %: labels
-# that do not agree with themselves make the fit and its held-out figures meaningless
-NOISY_REPEAT = 0.9
-
-
-def noise_warning(accuracy: dict) -> str | None:
-    """What to tell the user when a calibration's two timing passes disagree (the machine was
-    loaded while timing); None when they agree or were not both run."""
-    share = (accuracy.get("repeat") or {}).get("within_10pct")
-    if share is None or share >= NOISY_REPEAT:
-        return None
-    return (f"the two timing passes agreed within 10% for only {share:.0%} of kernels (the "
-            "machine was loaded while timing); recalibrate when it is quiet")
-
-
 def calibrate(cfg: CalibrateConfig) -> Path:
     """Measure (resumably), fit, and write the calibrated profile to ``cfg.output``."""
     from splitc.cost_models.profiles import load_profile

@@ -263,7 +263,7 @@ def _accuracy_summary(learned: dict) -> dict | None:
     for key in (chosen, "roofline"):
         if isinstance(acc.get(key), dict):
             out[key] = {k: acc[key].get(k) for k in ("within_10pct", "mape_pct")}
-    from splitc.cost_models.calibrate import noise_warning
+    from splitc.cost_models.fit import noise_warning
 
     if isinstance(acc.get("repeat"), dict):  # calibrated with --recheck: the noise floor
         out["repeat_within_10pct"] = acc["repeat"].get("within_10pct")
