@@ -19,6 +19,10 @@ is scheduled) and the best overall (``kernel_regressor``: kernels with schedule 
   little. The conv, transposed-conv and matmul ensembles fit the 30th percentile rather than
   the mean (``_QUANTILE``: timing noise only adds time).
 
+Both regressors learn ``log10(time / (roofline time + the labels' floor))`` (``_offset``; the
+floor is the fastest kernel timed, ``fit.py: label_floor``), so the roofline carries a kernel
+outside the sizes the trees saw.
+
 Op costs: ``op_kernels`` turns an op into idealised kernels; ``op_scale`` (per role) and
 ``op_overhead`` (per op kernel), fitted by ``fit.py: _op_fit`` against measured whole steps,
 correct their sum towards the step TVM really runs.

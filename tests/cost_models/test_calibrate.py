@@ -399,6 +399,30 @@ def test_heldout_report_groups_by_size_pricing_and_model():
     assert rep["linear"]["groups"]["looked_up"] == 1.0 == rep["linear"]["groups"]["scaled"]
 
 
+def test_regressors_learn_the_ratio_to_the_roofline_plus_the_label_floor():
+    """Both regressors of a profile learn log(time / (roofline + the fastest kernel timed)):
+    the labels' own per-call floor, not the profile's kernel_overhead (a NumPy call, 80x the
+    floor here), so kernels under a microsecond keep their size in the offset."""
+    from splitc.cost_models.features import KernelFeatures
+    from splitc.cost_models.fit import fit_learned, label_floor
+
+    def row(model, n, seconds):
+        f = KernelFeatures(("add",), n, 8 * n, 4 * n, 0, "forward", ((n,), (n,)), ((n,),))
+        return {"type": "kernel", "model": model, "workload": model, "calls": 1,
+                "features": f.to_json(), "seconds": seconds, "target": "llvm",
+                "board": "local", "tvm": "0.27", "repeats": 30}
+
+    rows = [row("sweep", n, n * 1e-10 + 6e-9) for n in (16, 256, 4096, 65536, 1 << 20)]
+    rows += [row("sweep", 8 * n, n * 8e-10 + 6e-9) for n in (16, 256, 4096, 65536)]
+    floor = 16 * 1e-10 + 6e-9
+    assert label_floor(rows) == floor
+    prof = load_profile("local-cpu")
+    assert prof.kernel_overhead > 10 * floor
+    learned = fit_learned(rows, prof, ("linear", "family_trees"), heldout=False)
+    assert learned["regressor"]["offset_overhead"] == floor
+    assert learned["kernel_regressor"]["offset_overhead"] == floor
+
+
 def test_train_rows_are_reused_not_timed_and_never_a_test_model(tmp_path, tiny_cnn_onnx):
     """--train-rows: an earlier dataset's training-only rows join the fit and their workloads
     (here the op sweep) are not timed again; its test-model rows are left out."""
