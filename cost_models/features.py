@@ -151,7 +151,7 @@ def loose_key(k: KernelFeatures) -> str | None:
 
 
 def measured_time(table: dict[str, float], k: KernelFeatures) -> float | None:
-    """``k``'s time in a table of measured kernels (``fit.py: twins``): by ``kernel_key``,
+    """``k``'s time in a table of measured kernels (``lookup.py: twins``): by ``kernel_key``,
     else by ``loose_key``; None when it was not measured."""
     t = table.get(kernel_key(k))
     if t is None and (lk := loose_key(k)) is not None:

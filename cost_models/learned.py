@@ -24,12 +24,12 @@ floor is the fastest kernel timed, ``fit.py: label_floor``), so the roofline car
 outside the sizes the trees saw.
 
 Op costs: ``op_kernels`` turns an op into idealised kernels; ``op_scale`` (per role) and
-``op_overhead`` (per op kernel), fitted by ``fit.py: _op_fit`` against measured whole steps,
+``op_overhead`` (per op kernel), fitted by ``step_fit.py: _op_fit`` against measured whole steps,
 correct their sum towards the step TVM really runs.
 
 Kernels are timed alone (hot caches, no VM around them); inside the compiled step they run
 slower. So a kernel's time in a step is ``step_scale x predicted + call_overhead``, both fitted
-on whole training steps measured through the Relax VM (``fit.py: _step_fit``).
+on whole training steps measured through the Relax VM (``step_fit.py: _step_fit``).
 
 Look-up: a kernel measured in calibration (same fused ops, shapes, dtype and FLOPs,
 ``features.kernel_key``) is priced at its fastest measured time (``twins``), not predicted.
@@ -315,7 +315,7 @@ class LearnedModel:
         self.families = frozenset(data["families"])
         self.call_overhead = float(data.get("call_overhead", 0.0))
         self.step_scale = float(data.get("step_scale", 1.0))
-        # op kernels -> the measured step, per "role/*" (fit.py: _op_fit)
+        # op kernels -> the measured step, per "role/*" (step_fit.py: _op_fit)
         self.op_scale = {k: float(v) for k, v in data.get("op_scale", {}).items()}
         self.op_overhead = float(data.get("op_overhead", 0.0))
         # kernels measured in calibration: their fastest time, by features.kernel_key (and

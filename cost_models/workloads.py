@@ -40,7 +40,7 @@ class Workload:
     # training data only (the op sweep, synthetic models): never a held-out test model
     train_only: bool = False
     # the OpFeatures the planner prices for this model (every op, then the loss): what the
-    # fit compares op-level predictions with measured steps on (fit.py: _op_fit)
+    # fit compares op-level predictions with measured steps on (step_fit.py: _op_fit)
     ops: tuple = ()
     # the model's OpGraph (of the tag_ops module): which op each kernel came from
     # (passes/provenance.py); None for the op sweep

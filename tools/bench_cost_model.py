@@ -13,7 +13,7 @@
 2. Held-out kernels: leave-one-model-out over the 7 test models (``cost_models/fit.py:
    heldout_report``): share of kernels within +-10 % and MAPE for the roofline prior, linear
    and per-family trees on plain and on schedule-aware features (a kernel measured in another
-   model is priced at that time: ``fit.py: twins``), and the same kernels timed again.
+   model is priced at that time: ``lookup.py: twins``), and the same kernels timed again.
 3. Whole step, two ways, each with the model held out of the fit: the sum of the predicted
    kernels of its compiled step (+ VM call overhead), and the sum of the per-op
    ``LearnedModel.op_cost`` the planner sees, vs the measured compiled step (VM).
