@@ -20,7 +20,7 @@ from splitc.cost_models.features import (
     FAMILIES,
     FEATURE_NAMES,
     KernelFeatures,
-    kernel_key,
+    label_key,
     measured_time,
     sched_vector,
     vector,
@@ -47,7 +47,7 @@ def _xy(rows: list[dict], prof: DeviceProfile, sched: bool = False):
     X = np.array([(sched_vector if sched else vector)(k, prof.peak("float32"),
                                                       prof.mem_bandwidth) for k in ks])
     best = twins(rows)
-    y = np.log10(np.maximum([best[kernel_key(k)] for k in ks], 1e-9))
+    y = np.log10(np.maximum([best[label_key(k)] for k in ks], 1e-9))
     return ks, X, y
 
 
@@ -263,7 +263,7 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
             "all_families": list(FAMILIES), "step_scale": scale, "call_overhead": ovh,
             "op_scale": op_scale, "op_overhead": op_ovh,
             # kernels measured here, priced by look-up (4 significant digits: the timing
-            # noise is larger); keys ``features.kernel_key`` and ``loose_key``
+            # noise is larger); keys ``features.kernel_key``, ``structure_key`` and ``loose_key``
             "twins": {k: float(f"{v:.4g}") for k, v in sorted(twins(kern).items())},
             # kernels measured at other batches (``lookup.py``): [leading dim, work, seconds]
             "scaled_twins": {k: [[a, w, float(f"{t:.4g}")] for a, w, t in v]

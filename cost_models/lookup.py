@@ -42,29 +42,45 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from splitc.cost_models.features import KernelFeatures, kernel_key, loose_key
+from splitc.cost_models.features import KernelFeatures, kernel_key, loose_key, structure_key
 
-__all__ = ["MAX_RATIO", "TOLERANCE", "UNSCALED", "batch_key", "scaled_time", "scaled_twins",
+__all__ = ["MAX_RATIO", "TOLERANCE", "TWIN_STAT", "UNSCALED", "batch_key", "scaled_time", "scaled_twins",
            "twins"]
 
 
-def twins(rows: list[dict]) -> dict[str, float]:
-    """``features.kernel_key`` (and, for elementwise kernels, ``loose_key``) -> the fastest
-    time measured for it, over ``rows``' kernels (``features.measured_time`` reads it).
+def twins(rows: list[dict], stat: str | None = None) -> dict[str, float]:
+    """``features.kernel_key``, ``structure_key`` (scheduled kernels) and ``loose_key``
+    (elementwise ones) -> the time measured for it over ``rows``' kernels, the ``stat``
+    (``TWIN_STAT`` by default) of its twins' times (``features.measured_time`` reads it).
 
-    Why the minimum: timing noise on this shared machine only ever adds time, and the same
-    kernel measured in several models (a bias add, a transpose, an SGD update) disagrees
-    across runs far more than the +-10 % goal (the two passes of one calibration: 73 % of
-    sub-us kernels within +-10 %). Held-out (7 models, 379 kernels), per-family trees with
+    Why one figure per key rather than each row's own: the same kernel measured in several
+    models (a bias add, a transpose, an SGD update) disagrees across runs far more than the
+    +-10 % goal on a loaded host (the two passes of one calibration: 73 % of sub-us kernels
+    within +-10 %, session 4). Held-out (7 models, 379 kernels), per-family trees with
     schedule features: 29.8 % within +-10 % as they were; 45.1 % when a kernel measured in
-    another model takes that model's median time, 53.3 % when it takes the minimum."""
-    out: dict[str, float] = {}
+    another model takes that model's median time, 53.3 % when it takes the minimum.
+    ``TWIN_STAT`` says why the median of the twins now."""
+    stat = stat or TWIN_STAT
+    if stat not in _STATS:
+        raise ValueError(f"twins: unknown stat {stat!r}; use {' or '.join(_STATS)}")
+    seen: dict[str, list[float]] = {}
     for r in rows:
         f = KernelFeatures.from_json(r["features"])
-        for k in (kernel_key(f), loose_key(f)):  # elementwise ones under both keys
+        # the loop nest's key too, and elementwise ones under their element counts
+        for k in (structure_key(f), kernel_key(f), loose_key(f)):
             if k is not None:
-                out[k] = min(out.get(k, np.inf), float(r["seconds"]))
-    return out
+                seen.setdefault(k, []).append(float(r["seconds"]))
+    return {k: float(_STATS[stat](v)) for k, v in seen.items()}
+
+
+_STATS = {"min": np.min, "median": np.median}
+# The median of the twins' times, not their minimum (each twin is already the minimum over
+# its own rounds): on a quiet host the twins differ by where their buffers lie, which a new
+# instance of the kernel is as exposed to, so their fastest is biased low. Session 10 (a Zen 5
+# host, the two timing passes agreeing for 99.1 % of kernels): look-ups of held-out kernels
+# under 100 ns 128 -> 136 of 146 within +-10 %, all 265 -> 274 of 289.
+TWIN_STAT = "median"
+
 
 MAX_RATIO = 4.0  # a measured batch at most 4x bigger or smaller
 # work ratio vs leading-dimension ratio: FLOPs (and bytes) of a batch loop scale exactly; 5 %

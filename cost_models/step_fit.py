@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
-from splitc.cost_models.features import KernelFeatures, kernel_key, op_kernels, vector
+from splitc.cost_models.features import KernelFeatures, label_key, op_kernels, vector
 from splitc.cost_models.learned import Regressor
 from splitc.cost_models.lookup import twins
 from splitc.cost_models.profiles import DeviceProfile
@@ -46,7 +46,7 @@ def _step_fit(kernels: list[dict], steps: list[dict]) -> tuple[float, float]:
     best = twins(kernels)
     per = defaultdict(float)
     for r in kernels:
-        per[r["workload"]] += r["calls"] * best[kernel_key(KernelFeatures.from_json(
+        per[r["workload"]] += r["calls"] * best[label_key(KernelFeatures.from_json(
             r["features"]))]
     use = [s for s in steps if s["workload"] in per and s["n_calls"] and s["seconds"] > 0]
     if not use:

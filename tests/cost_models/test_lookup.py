@@ -65,3 +65,61 @@ def test_lookup_doctests():
     from splitc.cost_models import lookup
 
     assert doctest.testmod(lookup).failed == 0
+
+
+def _sum(sched, n=8):
+    """A sum over one axis of an n x n matrix: the same kernel_key whichever axis it sums."""
+    return KernelFeatures(("sum",), float(n * n), 4 * n * n, 4 * n, 0, "backward", ((n, n),),
+                          ((n,),), sched=sched)
+
+
+def test_twins_tell_loop_nests_apart_and_take_the_median():
+    from splitc.cost_models.features import kernel_key, measured_time, structure_key
+    from splitc.cost_models.lookup import twins
+
+    rows_, cols = _sum((1.0, 2.0)), _sum((1.0, 3.0))
+    assert kernel_key(rows_) == kernel_key(cols)
+    assert structure_key(rows_) != structure_key(cols)
+    rows = [{"features": k.to_json(), "seconds": s}
+            for k, s in ((rows_, 1e-6), (rows_, 3e-6), (rows_, 8e-6), (cols, 20e-6))]
+    table = twins(rows)
+    # each loop nest at the median of its own twins; the kernel_key at the median of all
+    assert measured_time(table, rows_) == 3e-6
+    assert measured_time(table, cols) == 20e-6
+    assert table[kernel_key(rows_)] == pytest.approx(5.5e-6)
+    assert twins(rows, "min")[structure_key(rows_)] == 1e-6
+    # a loop nest never measured: the kernel_key's figure, or nothing when strict
+    other = _sum((4.0, 5.0))
+    assert measured_time(table, other) == pytest.approx(5.5e-6)
+    assert measured_time(table, other, strict=True) is None
+    # kernels without schedule features (the planner's op kernels) have only the kernel_key
+    assert structure_key(_sum(None)) is None
+    assert measured_time(table, _sum(None), strict=True) == pytest.approx(5.5e-6)
+    with pytest.raises(ValueError, match="twins: unknown stat 'mean'; use min or median"):
+        twins(rows, "mean")
+
+
+def test_elementwise_twins_by_element_counts_need_the_same_loops():
+    from splitc.cost_models.features import loose_key, measured_time
+    from splitc.cost_models.lookup import twins
+
+    loops = lambda inner: (1.0, 0.0, 2.76, 2.76, 0.0, 0.0, 1.0, 0.0, inner, 0.0, 0.0, 1.0, 0.0,
+                           0.0, 0.0)
+    sgd = lambda shape, inner: KernelFeatures(
+        ("multiply", "subtract"), 1152.0, 4608, 2304, 0, "update", (shape, shape), (shape,),
+        sched=loops(inner) + (7.0,))
+    flat, conv_w = sgd((576,), 2.76), sgd((64, 1, 3, 3), 0.48)
+    assert loose_key(flat) != loose_key(conv_w)
+    assert loose_key(flat).startswith("~multiply+subtract|576,576|576|float32|1152|1,0,2.76,")
+    table = twins([{"features": flat.to_json(), "seconds": 15e-9}])
+    # the same element counts and loops in another shape: found; another innermost extent: not
+    assert measured_time(table, sgd((8, 72), 2.76)) == 15e-9
+    assert measured_time(table, conv_w) is None
+
+
+def test_features_doctests():
+    import doctest
+
+    from splitc.cost_models import features
+
+    assert doctest.testmod(features).failed == 0
