@@ -142,8 +142,8 @@ def structure_key(k: KernelFeatures) -> str | None:
     ``tir_features.py``), for kernels that carry them; None otherwise. ``kernel_key`` names what
     a kernel computes only up to its shapes: a sum over the rows and one over the columns of
     the same square matrix, or two transposes with different permutations, share it, and
-    their loop nests, strides and times differ. Look-up and label de-noising take the fastest
-    time of identical loop nests (``lookup.py: twins``).
+    their loop nests, strides and times differ. Look-up and label de-noising take the time of
+    identical loop nests where there is one (``lookup.py: twins``).
 
     >>> k = KernelFeatures(("sum",), 64.0, 256, 32, 0, "backward", ((8, 8),), ((8,),))
     >>> structure_key(k) is None, structure_key(dataclasses.replace(k, sched=(1.0, 2.0)))
@@ -168,8 +168,8 @@ def loose_key(k: KernelFeatures) -> str | None:
     Why the loop features (session 10, a Zen 5 host): the same 576-element SGD update runs
     in 15 ns on a flat ``[576]`` (one vectorised loop) and in 350 ns on ``[64, 1, 3, 3]``
     (innermost extent 3, not vectorised), a 1,024-element ReLU in 18 ns on ``[2, 8, 8, 8]``
-    and 450 ns on ``[4, 16, 4, 4]``. Held out (9 test models, session 10's first dataset):
-    23 kernels found only by element counts, 20 within +-10 %; with the loop features 21, 20.
+    and 450 ns on ``[4, 16, 4, 4]``. Held out (9 test models, session 10's dataset): 21
+    kernels found only by element counts, 16 within +-10 %; with the loop features 20, 19.
 
     >>> loose_key(KernelFeatures(("add", "relu"), 512.0, 4096, 2048, 0, "forward",
     ...                          ((8, 64), (64,)), ((8, 64),)))

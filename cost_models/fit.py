@@ -4,7 +4,8 @@ Linear and per-family tree regressors in log space, on plain and on schedule-awa
 compared by leave-one-model-out error over the tested models (``heldout_report``; training-only
 workloads, the op sweep and synthetic models, are in every fit); the best plain and the best
 overall are refitted on every row (``fit_learned``), with the whole-step correction
-``step ~ step_scale x sum(kernels) + call_overhead x calls`` and the op-cost correction per
+``step ~ step_scale x sum(kernels) + call_overhead x calls`` (a second scale for kernels
+that move many bytes: ``step_fit.py: step_model``) and the op-cost correction per
 role (``step_fit.py``). ``twins``, the measured kernels' table, lives in ``lookup.py``.
 """
 
@@ -28,10 +29,12 @@ from splitc.cost_models.features import (
 from splitc.cost_models.learned import LEARNED_VERSION, Regressor, fit_regressor, mape, within
 from splitc.cost_models.lookup import scaled_time, scaled_twins, twins
 from splitc.cost_models.profiles import DeviceProfile
-from splitc.cost_models.step_fit import (  # noqa: F401 - TRAIN_STEP_WEIGHT: re-export
+from splitc.cost_models.step_fit import (  # noqa: F401 - TRAIN_STEP_WEIGHT, _step_fit: re-export
     TRAIN_STEP_WEIGHT,
+    _nbytes,
     _op_fit,
     _step_fit,
+    step_model,
 )
 from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
 
@@ -40,9 +43,9 @@ __all__ = ["NOISY_REPEAT", "fit_learned", "heldout_report", "label_floor", "nois
 
 
 def _xy(rows: list[dict], prof: DeviceProfile, sched: bool = False):
-    """Features and log10 targets; each target is the fastest time of its kernel over
-    ``rows`` (``twins``: de-noised labels; held-out 49.6 vs 30.6 % within +-10 % for the
-    same trees, before the look-up)."""
+    """Features and log10 targets; each target is its kernel's time over ``rows``
+    (``twins``, by ``label_key``: de-noised labels; held-out 49.6 vs 30.6 % within +-10 % for
+    the same trees, before the look-up, when they were the fastest time)."""
     ks = [KernelFeatures.from_json(r["features"]) for r in rows]
     X = np.array([(sched_vector if sched else vector)(k, prof.peak("float32"),
                                                       prof.mem_bandwidth) for k in ks])
@@ -146,13 +149,19 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
         test = [r for r in kern if r["model"] == m]
         if not train or not test:
             continue
-        ks_tr, _, ytr = _xy(train, prof)
-        ks, _, _ = _xy(test, prof)
+        # features once per fold and feature set, not per candidate
+        xs = {sched: (_xy(train, prof, sched), _xy(test, prof, sched))
+              for sched in {c[2] for c in cands} | {False}}
+        (ks_tr, _, ytr), (ks, _, _) = xs[False]
         y = np.array([r["seconds"] for r in test])
         meas.extend(y)
         again.extend((r.get("seconds_first", np.nan), r.get("seconds_again", np.nan))
                      for r in test)
-        scale, ovh = _step_fit(train, [s for w, s in steps.items() if s["model"] != m])
+        sm = step_model(train, [s for w, s in steps.items() if s["model"] != m])
+        # per kernel, its factor from alone to inside the step (step_fit.py: step_model)
+        large = np.array([sm["large_bytes"] is not None and _nbytes(k) >= sm["large_bytes"]
+                          for k in ks], bool)
+        in_step = np.where(large, sm["step_scale_large"], sm["step_scale"])
         off = label_floor(train)  # regressors learn the ratio to the roofline prior
         seen = {k.family for k in ks_tr}
         scaled = scaled_twins(zip(ks_tr, (r["seconds"] for r in train)))
@@ -166,7 +175,7 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
         roof = _roofline(ks, prof)
         cand = {"roofline": roof}
         for name, kind, sched in cands:
-            Xtr, X = _xy(train, prof, sched)[1], _xy(test, prof, sched)[1]
+            Xtr, X = xs[sched][0][1], xs[sched][1][1]
             p = 10.0 ** fit_regressor(kind, Xtr, ytr, offset_overhead=off).predict(X)
             fb = np.array([k.family not in seen for k in ks])
             cand[name] = np.where(np.isnan(known), np.where(fb, roof, p), known)
@@ -177,9 +186,11 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
                     continue
                 idx = [i for i, r in enumerate(test) if r["workload"] == w]
                 calls = np.array([test[i]["calls"] for i in idx])
-                pred = float((calls * p[idx]).sum())
                 if name != "roofline":
-                    pred = scale * pred + ovh * steps[w]["n_calls"]
+                    pred = float((calls * p[idx] * in_step[idx]).sum()
+                                 + sm["call_overhead"] * steps[w]["n_calls"])
+                else:
+                    pred = float((calls * p[idx]).sum())
                 step_rep[w][name] = pred
                 step_rep[w]["measured"] = steps[w]["seconds"]
                 if "seconds_first" in steps[w]:  # the whole step timed twice
@@ -252,7 +263,7 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
     kreg = reg if not best[2] else fit_regressor(best[1], _xy(kern, prof, True)[1], y,
                                                 offset_overhead=off)
     steps = [r for r in rows if r["type"] == "step"]
-    scale, ovh = _step_fit(kern, steps)
+    sm = step_model(kern, steps)
     op_scale, op_ovh = _op_fit(steps, [r for r in rows if r["type"] == "ops"], prof, reg)
     sample = kern[0]
     return {"version": LEARNED_VERSION, "features": list(FEATURE_NAMES),
@@ -260,7 +271,7 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
             "kernel_regressor": kreg.to_json(), "kernel_regressor_name": best[0],
             "sched_features": list(SCHED_FEATURE_NAMES) if best[2] else [],
             "families": sorted({k.family for k in ks}),
-            "all_families": list(FAMILIES), "step_scale": scale, "call_overhead": ovh,
+            "all_families": list(FAMILIES), **sm,
             "op_scale": op_scale, "op_overhead": op_ovh,
             # kernels measured here, priced by look-up (4 significant digits: the timing
             # noise is larger); keys ``features.kernel_key``, ``structure_key`` and ``loose_key``

@@ -29,10 +29,12 @@ correct their sum towards the step TVM really runs.
 
 Kernels are timed alone (hot caches, no VM around them); inside the compiled step they run
 slower. So a kernel's time in a step is ``step_scale x predicted + call_overhead``, both fitted
-on whole training steps measured through the Relax VM (``step_fit.py: _step_fit``).
+on whole training steps measured through the Relax VM, with ``step_scale_large`` for kernels
+that move ``large_bytes`` or more (``step_fit.py: step_model``).
 
 Look-up: a kernel measured in calibration (same fused ops, shapes, dtype and FLOPs,
-``features.kernel_key``) is priced at its fastest measured time (``twins``), not predicted.
+``features.kernel_key``; the same loop nest, ``structure_key``, first) is priced at the median
+of its measured times (``lookup.py: twins``), not predicted.
 
 Fallback: a kernel whose family was never measured (e.g. ``conv_t`` on a profile calibrated
 on MLPs only) is priced by the roofline prior (``RooflineModel`` of the same profile) and
@@ -315,11 +317,15 @@ class LearnedModel:
         self.families = frozenset(data["families"])
         self.call_overhead = float(data.get("call_overhead", 0.0))
         self.step_scale = float(data.get("step_scale", 1.0))
+        # kernels moving large_bytes or more: step_scale_large (step_fit.py: step_model; absent
+        # from older profiles: one scale)
+        self.large_bytes = data.get("large_bytes")
+        self.step_scale_large = float(data.get("step_scale_large", self.step_scale))
         # op kernels -> the measured step, per "role/*" (step_fit.py: _op_fit)
         self.op_scale = {k: float(v) for k, v in data.get("op_scale", {}).items()}
         self.op_overhead = float(data.get("op_overhead", 0.0))
-        # kernels measured in calibration: their fastest time, by features.kernel_key (and
-        # loose_key for elementwise ones)
+        # kernels measured in calibration: their median time, by features.structure_key,
+        # kernel_key and (elementwise ones) loose_key
         self.twins = {k: float(v) for k, v in data.get("twins", {}).items()}
         # kernels measured at another batch size (lookup.py; absent from older profiles)
         self.scaled_twins = data.get("scaled_twins", {})
@@ -366,7 +372,11 @@ class LearnedModel:
                 t[i] *= self.op_scale.get(f"{k.role}/*", 1.0)
         if op_level:  # op_scale and op_overhead were fitted against whole steps
             return t + self.op_overhead
-        return self.step_scale * t + self.call_overhead
+        scale = self.step_scale
+        if self.large_bytes is not None:
+            nbytes = np.array([k.bytes_read + k.bytes_written for k in ks])
+            scale = np.where(nbytes >= self.large_bytes, self.step_scale_large, scale)
+        return scale * t + self.call_overhead
 
     def op_cost(self, f: OpFeatures) -> OpCost:
         byte_mult, flop_per = OPTIMIZERS[self.optimizer]

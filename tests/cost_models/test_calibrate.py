@@ -244,10 +244,11 @@ def test_step_fit_exact():
     scale, ovh = _step_fit(kern, steps)
     assert scale == pytest.approx(1.5) and ovh == pytest.approx(2e-6)
     assert _step_fit(kern, []) == (1.0, 0.0)
-    # the same kernel measured slower in a third workload counts at its fastest time
-    slow = {**kern[0], "workload": "w3", "seconds": 0.9e-3}
-    assert _step_fit(kern + [slow], steps + [{"workload": "w3", "seconds": 1.52e-3,
-                                              "n_calls": 10}]) == pytest.approx((1.5, 2e-6))
+    # the same kernel measured again, slower in w3: every workload counts it at the median of
+    # its three timings (lookup.TWIN_STAT)
+    again = [{**kern[0], "workload": w, "seconds": t} for w, t in (("w3", 0.9e-3), ("w4", 0.5e-3))]
+    same = [{"workload": w, "seconds": 1.52e-3, "n_calls": 10} for w in ("w3", "w4")]
+    assert _step_fit(kern + again, steps + same) == pytest.approx((1.5, 2e-6))
 
 
 def test_step_fit_weighs_training_only_steps_less():
@@ -463,3 +464,40 @@ def test_noise_warning_when_the_two_timing_passes_disagree():
     # quiet (session 7: 97.2 %), exactly at the bar, or timed once (no --recheck): nothing
     for acc in ({"repeat": {"within_10pct": 0.972}}, {"repeat": {"within_10pct": 0.9}}, {}):
         assert noise_warning(acc) is None
+
+
+def test_step_model_splits_the_scale_by_kernel_bytes():
+    """Kernels moving >= 4 MiB run 1.25x slower in the step than alone, the others 1.0x: the
+    split is found among LARGE_BYTES on the steps (test_learned: LearnedModel applies it)."""
+    import dataclasses
+
+    from splitc.cost_models.features import KernelFeatures
+    from splitc.cost_models.step_fit import step_model
+
+    def feats(mib):  # an add over n floats: 3 x 4n bytes = mib MiB
+        n = mib * 2 ** 20 // 12
+        return KernelFeatures(("add",), n, 8 * n, 4 * n, 0, "forward", ((n,), (n,)), ((n,),))
+
+    small, large = feats(3), feats(16)  # 3 MiB: between the 2 and 4 MiB candidates
+    kern, steps = [], []
+    for i, (t_small, t_large) in enumerate(((1e-3, 4e-3), (2e-3, 1e-3), (5e-3, 2e-3),
+                                            (1e-3, 8e-3), (3e-3, 3e-3))):
+        w = f"w{i}"
+        # one kernel of each size per workload, each measured only there (its own twin)
+        kern += [{"workload": w, "calls": 1, "seconds": t_small,
+                  "features": dataclasses.replace(small, flops=small.flops + i).to_json()},
+                 {"workload": w, "calls": 1, "seconds": t_large,
+                  "features": dataclasses.replace(large, flops=large.flops + i).to_json()}]
+        steps.append({"workload": w, "seconds": 1.0 * t_small + 1.25 * t_large + 20e-6,
+                      "n_calls": 20})
+    sm = step_model(kern, steps)
+    assert sm["large_bytes"] == 4 * 2 ** 20
+    assert sm["step_scale"] == pytest.approx(1.0) and sm["step_scale_large"] == pytest.approx(1.25)
+    assert sm["call_overhead"] == pytest.approx(1e-6)
+    # one scale explains steps that follow one scale: no split
+    flat = [{**s, "seconds": 1.1 * (k1["seconds"] + k2["seconds"]) + 20e-6}
+            for s, k1, k2 in zip(steps, kern[::2], kern[1::2])]
+    assert step_model(kern, flat) == pytest.approx(
+        {"step_scale": 1.1, "call_overhead": 1e-6, "step_scale_large": 1.1, "large_bytes": None})
+    # fewer than 4 steps: no split tried
+    assert step_model(kern, steps[:3])["large_bytes"] is None

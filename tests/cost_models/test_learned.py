@@ -499,3 +499,23 @@ def test_conv_geometry_features_exact():
     k = KernelFeatures(("matmul",), 1e6, 1000, 1000, 0, "forward", ((8, 64), (64, 64)),
                        ((8, 64),))
     assert vector(k, 1e11, 1e10)[-3:] == [0.0, 0.0, 0.0]
+
+
+def test_kernel_times_apply_the_large_kernels_step_scale():
+    """step_fit.step_model's split: kernels moving large_bytes or more (read + written) take
+    step_scale_large, the others step_scale; profiles without it one scale."""
+    small = KernelFeatures(("add",), 1e3, 8000, 4000, 0, "forward", ((1000,), (1000,)), ((1000,),))
+    large = dataclasses.replace(small, bytes_read=2 ** 22, bytes_written=2 ** 20)
+    base = _learned_profile(overhead=0.0)
+    one = LearnedModel(base).kernel_times([small, large])
+    split = LearnedModel(dataclasses.replace(base, learned={
+        **base.learned, "step_scale": 1.5, "call_overhead": 1e-6, "step_scale_large": 2.0,
+        "large_bytes": 2 ** 22}))
+    np.testing.assert_allclose(split.kernel_times([small, large]),
+                               [1.5 * one[0] + 1e-6, 2.0 * one[1] + 1e-6], rtol=1e-9)
+    # the boundary belongs to the large side; without large_bytes, one scale
+    edge = dataclasses.replace(small, bytes_read=2 ** 22 - 4000, bytes_written=4000)
+    assert split.kernel_times([edge])[0] == pytest.approx(
+        2.0 * LearnedModel(base).kernel_times([edge])[0] + 1e-6)
+    plain = LearnedModel(dataclasses.replace(base, learned={**base.learned, "step_scale": 1.5}))
+    np.testing.assert_allclose(plain.kernel_times([small, large]), 1.5 * one, rtol=1e-9)
