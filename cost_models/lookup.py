@@ -120,7 +120,9 @@ def _work(k: KernelFeatures) -> float:
 def scaled_twins(kernels: Iterable[tuple[KernelFeatures, float]]
                  ) -> dict[str, list[list[float]]]:
     """``batch_key`` -> ``[[leading dim, work, fastest seconds], ...]``, one entry per
-    distinct (leading dim, work), over (features, seconds) pairs of measured kernels."""
+    distinct (leading dim, work), over (features, seconds) pairs of measured kernels.
+    The fastest, not the median as in ``twins``: held out (session 10), the median priced 45
+    of the 61 scaled kernels within +-10 %, the fastest 46."""
     best: dict[str, dict[tuple[int, float], float]] = {}
     for k, sec in kernels:
         key = batch_key(k)
