@@ -34,11 +34,12 @@
    workload, the op sweep and ``synthetic`` random models included, test on a model never
    seen); the best plain one (op costs) and the best overall (kernels), by the share of
    kernels within +-10 %, are refitted on everything (labels: the median time of each
-   identical kernel, ``lookup.py: twins``) and written, with the comparison against the roofline prior, the op-cost
-   correction fitted on whole steps (``op_scale``, ``op_overhead``), the measured kernels'
-   times (``twins``) and a digest of the rows (not the rows), into a ``DeviceProfile`` JSON
-   (``"learned"`` key, ``provenance.status = "calibrated"``; ~0.6 MB for 2,540 kernels of 48
-   workloads) that ``load_profile(path)`` and ``cost_model_for`` read.
+   identical kernel, ``lookup.py: twins``) and written, with the comparison against the
+   roofline prior, the op-cost correction fitted on whole steps (``op_scale``,
+   ``op_overhead``), the measured kernels' times (``twins``) and a digest of the rows (not
+   the rows), into a ``DeviceProfile`` JSON (``"learned"`` key, ``provenance.status =
+   "calibrated"``; ~0.6 MB for 2,540 kernels of 48 workloads) that ``load_profile(path)``
+   and ``cost_model_for`` read.
 
 Layering note: ``cost_models`` does not import ``passes`` at module level; building the
 training step needs the frontend and SplitModule, so ``workloads.py: model_module`` and

@@ -274,7 +274,7 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
             "all_families": list(FAMILIES), **sm,
             "op_scale": op_scale, "op_overhead": op_ovh,
             # kernels measured here, priced by look-up (4 significant digits: the timing
-            # noise is larger); keys ``features.kernel_key``, ``structure_key`` and ``loose_key``
+            # noise is larger); keys ``features.structure_key``, ``kernel_key``, ``loose_key``
             "twins": {k: float(f"{v:.4g}") for k, v in sorted(twins(kern).items())},
             # kernels measured at other batches (``lookup.py``): [leading dim, work, seconds]
             "scaled_twins": {k: [[a, w, float(f"{t:.4g}")] for a, w, t in v]

@@ -44,8 +44,8 @@ from collections.abc import Iterable
 import numpy as np
 from splitc.cost_models.features import KernelFeatures, kernel_key, loose_key, structure_key
 
-__all__ = ["MAX_RATIO", "TOLERANCE", "TWIN_STAT", "UNSCALED", "batch_key", "scaled_time", "scaled_twins",
-           "twins"]
+__all__ = ["MAX_RATIO", "TOLERANCE", "TWIN_STAT", "UNSCALED", "batch_key", "scaled_time",
+           "scaled_twins", "twins"]
 
 
 def twins(rows: list[dict], stat: str | None = None) -> dict[str, float]:
@@ -56,9 +56,9 @@ def twins(rows: list[dict], stat: str | None = None) -> dict[str, float]:
     Why one figure per key rather than each row's own: the same kernel measured in several
     models (a bias add, a transpose, an SGD update) disagrees across runs far more than the
     +-10 % goal on a loaded host (the two passes of one calibration: 73 % of sub-us kernels
-    within +-10 %, session 4). Held-out (7 models, 379 kernels), per-family trees with
-    schedule features: 29.8 % within +-10 % as they were; 45.1 % when a kernel measured in
-    another model takes that model's median time, 53.3 % when it takes the minimum.
+    within +-10 %). Held-out (7 models, 379 kernels), per-family trees with schedule
+    features: 29.8 % within +-10 % as they were; 45.1 % when a kernel measured in another
+    model takes that model's median time, 53.3 % when it takes the minimum.
     ``TWIN_STAT`` says why the median of the twins now."""
     stat = stat or TWIN_STAT
     if stat not in _STATS:
