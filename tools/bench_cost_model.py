@@ -2,7 +2,7 @@
 
     TVM_NUM_THREADS=1 python -m splitc.tools.bench_cost_model --out /tmp/costbench \
         [--target host] [--synthetic 40] [--synthetic-large 12] [--big] [--family-sweep 300]
-        [--train-rows EARLIER/bench.jsonl ...]
+        [--train-rows EARLIER/bench.jsonl ...] [--roofline-from EARLIER/bench.json]
 
 1. Calibrates (resumably, dataset in OUT/bench.jsonl) on the op sweep, ``--synthetic`` random
    small and ``--synthetic-large`` realistic-size models and ``--family-sweep`` one-block
@@ -172,8 +172,11 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
               help="random one-block models per kernel family, training data only")
 @click.option("--train-rows", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="an earlier dataset whose training-only rows are reused, not timed again")
+@click.option("--roofline-from", default="local-cpu", show_default=True,
+              help="roofline constants from this profile (e.g. an earlier run's OUT/bench.json) "
+              "instead of measuring them now: two runs on the same rows then fit the same model")
 def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: int,
-         big: bool, family_sweep: int, train_rows: tuple[Path, ...]) -> None:
+         big: bool, family_sweep: int, train_rows: tuple[Path, ...], roofline_from: str) -> None:
     import torch
     from splitc.cost_models.attribute import attribute
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
@@ -196,7 +199,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
                                           synthetic=synthetic,
                                           synthetic_large=synthetic_large, recheck=True,
                                           family_sweep=family_sweep, train_rows=train_rows,
-                                          progress=log))
+                                          base_profile=roofline_from, progress=log))
     click.echo(f"calibrated in {time.time() - t0:.0f}s (measure + fit)")
     prof = load_profile(str(prof_path))
     acc = prof.learned["accuracy"]

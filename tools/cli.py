@@ -165,6 +165,13 @@ def bench(ctx, name, args):
               "synthetic and family models) join the fit without re-timing; repeatable")
 @click.option("--recheck", is_flag=True, help="time each tested model twice: the rows keep "
               "both timings (the noise floor of the fit) and the smaller")
+@click.option("--roofline-from", default="local-cpu", show_default=True,
+              help="take the roofline constants (peak, bandwidth, per-call overhead) from this "
+              "profile (a name or .json) instead of measuring this CPU now: they are the "
+              "fallback for unseen kernels and normalise the learned model's features, so a "
+              "board's own profile belongs here with --rpc-tracker, and pinning them refits "
+              "the same rows to the same model (re-measured, they move the fit by up to 2 "
+              "points of held-out kernels)")
 @click.option("--no-sweep", is_flag=True, help="skip the single-op shape sweep")
 @click.option("--no-resume", is_flag=True, help="re-measure rows already in the dataset")
 @click.option("--name", default=None, help="profile name (default: the output file's stem)")
@@ -175,26 +182,27 @@ def bench(ctx, name, args):
 @click.option("-q", "--quiet", is_flag=True)
 @_errors
 def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning_records,
-              synthetic, synthetic_large, family_sweep, train_rows, recheck, no_sweep, no_resume,
-              name, output, as_json, quiet):
+              synthetic, synthetic_large, family_sweep, train_rows, recheck, roofline_from,
+              no_sweep, no_resume, name, output, as_json, quiet):
     """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.calibrate import calibrate as run
+    from splitc.cost_models.profiles import LOCAL_CPU, load_profile
 
     if bool(rpc_tracker) != bool(rpc_key):
         raise click.BadParameter("--rpc-tracker and --rpc-key go together",
                                  param_hint="--rpc-key")
+    if roofline_from != LOCAL_CPU:  # a bad name or file fails now, not after the timing
+        load_profile(roofline_from)
     cfg = CalibrateConfig(target=target, output=output, rpc_tracker=rpc_tracker,
                           rpc_key=rpc_key, models=tuple(models), batch_sizes=tuple(batch_sizes),
                           repeats=repeats, sweep=not no_sweep, resume=not no_resume, name=name,
                           tuning_records=tuning_records, synthetic=synthetic,
                           synthetic_large=synthetic_large, family_sweep=family_sweep,
                           train_rows=tuple(train_rows), recheck=recheck,
-                          progress=_progress(quiet))
+                          base_profile=roofline_from, progress=_progress(quiet))
     path = run(cfg)
     if as_json:
-        from splitc.cost_models.profiles import load_profile
-
         p = load_profile(path)
         click.echo(json.dumps({"profile": str(path), "dataset": str(cfg.dataset_path),
                                 "name": p.name, "provenance": p.provenance,

@@ -170,6 +170,18 @@ def test_calibrate_passes_the_synthetic_model_counts(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     c = seen[0]
     assert (c.synthetic, c.synthetic_large, c.family_sweep, c.train_rows) == (3, 2, 4, (rows,))
+    assert c.base_profile == "local-cpu"  # the roofline constants: this CPU, measured now
+    # pinned to another profile's (a board's with --rpc-tracker, or an earlier calibration's)
+    r = _run(["calibrate", "--roofline-from", "jetson-orin-nano", "-q", "-o",
+              str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert seen[1].base_profile == "jetson-orin-nano"
+    # a bad name fails before anything is timed
+    r = _run(["calibrate", "--roofline-from", str(tmp_path / "none.json"), "-q", "-o",
+              str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and len(seen) == 2
+    assert f"error: Profile: profile file {str(tmp_path / 'none.json')!r} does not exist" \
+        in r.output
 
 
 def test_profiles_names_a_missing_profile_file(tmp_path):
