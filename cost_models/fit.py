@@ -26,12 +26,18 @@ from splitc.cost_models.features import (
     sched_vector,
     vector,
 )
-from splitc.cost_models.learned import LEARNED_VERSION, Regressor, fit_regressor, mape, within
+from splitc.cost_models.learned import (
+    LEARNED_VERSION,
+    Regressor,
+    fit_regressor,
+    mape,
+    step_scales,
+    within,
+)
 from splitc.cost_models.lookup import scaled_time, scaled_twins, twins
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.step_fit import (  # noqa: F401 - TRAIN_STEP_WEIGHT, _step_fit: re-export
     TRAIN_STEP_WEIGHT,
-    _nbytes,
     _op_fit,
     _step_fit,
     step_model,
@@ -159,9 +165,7 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
                      for r in test)
         sm = step_model(train, [s for w, s in steps.items() if s["model"] != m])
         # per kernel, its factor from alone to inside the step (step_fit.py: step_model)
-        large = np.array([sm["large_bytes"] is not None and _nbytes(k) >= sm["large_bytes"]
-                          for k in ks], bool)
-        in_step = np.where(large, sm["step_scale_large"], sm["step_scale"])
+        in_step = step_scales(ks, sm["step_scale"], sm["step_scale_large"], sm["large_bytes"])
         off = label_floor(train)  # regressors learn the ratio to the roofline prior
         seen = {k.family for k in ks_tr}
         scaled = scaled_twins(zip(ks_tr, (r["seconds"] for r in train)))

@@ -372,17 +372,25 @@ class LearnedModel:
                 t[i] *= self.op_scale.get(f"{k.role}/*", 1.0)
         if op_level:  # op_scale and op_overhead were fitted against whole steps
             return t + self.op_overhead
-        scale = self.step_scale
-        if self.large_bytes is not None:
-            nbytes = np.array([k.bytes_read + k.bytes_written for k in ks])
-            scale = np.where(nbytes >= self.large_bytes, self.step_scale_large, scale)
-        return scale * t + self.call_overhead
+        return (step_scales(ks, self.step_scale, self.step_scale_large, self.large_bytes) * t
+                + self.call_overhead)
 
     def op_cost(self, f: OpFeatures) -> OpCost:
         byte_mult, flop_per = OPTIMIZERS[self.optimizer]
         ks = op_kernels(f, byte_mult, flop_per)
         cost = {role: float(self.kernel_times(ks[role], op_level=True).sum()) for role in ks}
         return OpCost(cost["forward"], cost["backward"], cost["update"])
+
+
+def step_scales(ks: list[KernelFeatures], scale: float, scale_large: float,
+                large_bytes: int | None) -> np.ndarray:
+    """Per kernel, its factor from alone to inside the step (``step_fit.py: step_model``):
+    ``scale_large`` for kernels moving ``large_bytes`` or more (read + written), else
+    ``scale``."""
+    if large_bytes is None:
+        return np.full(len(ks), float(scale))
+    nbytes = np.array([k.bytes_read + k.bytes_written for k in ks])
+    return np.where(nbytes >= large_bytes, scale_large, scale)
 
 
 def cost_model_for(profile: DeviceProfile, optimizer: str = "sgd"):

@@ -42,7 +42,11 @@ def _step_fit(kernels: list[dict], steps: list[dict]) -> tuple[float, float]:
     mostly on 64 synthetic models timed in session 5); 0.1 puts all 9 within -4.5..+5.1 %
     (scale 1.071); 0 (the other test models only) -5.0..+4.7 %, but nothing to fit on when a
     calibration has a single model."""
-    per = _step_cols(kernels, None)
+    return _fit_one(_step_cols(_timed(kernels), None), steps)
+
+
+def _fit_one(per: dict, steps: list[dict]) -> tuple[float, float]:
+    """``_step_fit`` on the per-workload kernel times ``per`` (``_step_cols``)."""
     use = [s for s in steps if s["workload"] in per and s["n_calls"] and s["seconds"] > 0]
     if not use:
         return 1.0, 0.0
@@ -57,25 +61,29 @@ def _step_fit(kernels: list[dict], steps: list[dict]) -> tuple[float, float]:
     return float(scale), ovh
 
 
-def _step_cols(kernels: list[dict], large: int | None) -> dict[str, dict[str, float]]:
-    """Per workload, the time of its kernels (calls x each kernel's ``twins`` time, as
-    predictions are: held-out, fitted on raw times, the kernel sums missed 5 of 7 steps by
-    -11 to -24 %), under ``kernels`` and, for kernels moving ``large`` bytes or more, under
-    ``large``."""
+def _timed(kernels: list[dict]) -> list[tuple[str, int, float]]:
+    """(workload, bytes moved, calls x the kernel's ``twins`` time) per kernel row, each
+    kernel at its twins' time as predictions are (held-out, fitted on raw times, the kernel
+    sums missed 5 of 7 steps by -11 to -24 %)."""
     best = twins(kernels)
+    return [(r["workload"], _nbytes(r["features"]),
+             r["calls"] * best[label_key(KernelFeatures.from_json(r["features"]))])
+            for r in kernels]
+
+
+def _step_cols(timed: list[tuple[str, int, float]], large: int | None
+               ) -> dict[str, dict[str, float]]:
+    """Per workload, the time of its kernels (``_timed``) under ``kernels`` and, for kernels
+    moving ``large`` bytes or more, under ``large``."""
     per: dict = defaultdict(lambda: defaultdict(float))
-    for r in kernels:
-        f = r["features"]
-        col = "large" if large is not None and _nbytes(f) >= large else "kernels"
-        per[r["workload"]][col] += r["calls"] * best[label_key(KernelFeatures.from_json(f))]
+    for w, nbytes, t in timed:
+        per[w]["large" if large is not None and nbytes >= large else "kernels"] += t
     return per
 
 
-def _nbytes(f) -> int:
-    """Bytes a kernel reads and writes (``KernelFeatures`` or its JSON)."""
-    if isinstance(f, dict):
-        return int(f["bytes_read"]) + int(f["bytes_written"])
-    return int(f.bytes_read) + int(f.bytes_written)
+def _nbytes(f: dict) -> int:
+    """Bytes a kernel reads and writes (its features' JSON)."""
+    return int(f["bytes_read"]) + int(f["bytes_written"])
 
 
 # Where a kernel starts to run slower inside the step than timed alone, the candidates
@@ -102,10 +110,11 @@ def step_model(kernels: list[dict], steps: list[dict]) -> dict:
     bytes, chosen on the training steps alone: 4 MiB for every held-out model, 1.02x below
     and 1.24x above, 7 of 9 (encoder -6.6 %, small_resnet +4.0 %); fixed splits at 256 KiB ..
     8 MiB gave 6-7 of 9."""
-    scale, ovh = _step_fit(kernels, steps)
+    timed = _timed(kernels)  # parsed and looked up once for every candidate split
+    base = _step_cols(timed, None)
+    scale, ovh = _fit_one(base, steps)
     out = {"step_scale": scale, "call_overhead": ovh, "step_scale_large": scale,
            "large_bytes": None}
-    base = _step_cols(kernels, None)
     use = [s for s in steps if s["workload"] in base and s["n_calls"] and s["seconds"] > 0]
     if len(use) < 4:  # too few steps to tell two scales apart
         return out
@@ -121,7 +130,7 @@ def step_model(kernels: list[dict], steps: list[dict]) -> dict:
     # (less 1e-9: where one scale fits exactly, rounding must not pick a split)
     best = (residual(base, {"kernels": scale}, ovh) * SPLIT_GAIN - 1e-9, None)
     for large in LARGE_BYTES:
-        per = _step_cols(kernels, large)
+        per = _step_cols(timed, large)
         coef, o = _nnls_rel([per[s["workload"]] for s in use], list(sec), list(n), list(w))
         if coef.get("kernels", 0.0) <= 0 or coef.get("large", 0.0) <= 0:
             continue  # nothing on one side, or NNLS at its bound
