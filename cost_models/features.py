@@ -19,14 +19,11 @@ vector both regressors read. No TVM import here: plain data and arithmetic.
 
 from __future__ import annotations
 
-import dataclasses  # noqa: F401 - structure_key's doctest
-import hashlib
 import math
 import re
 from dataclasses import dataclass
 
 from splitc.cost_models.base import OpFeatures
-from splitc.cost_models.tir_features import LOOP_FEATURES
 
 __all__ = [
     "FAMILIES",
@@ -34,15 +31,10 @@ __all__ = [
     "ROLES",
     "KernelFeatures",
     "family_of",
-    "kernel_key",
-    "label_key",
-    "loose_key",
-    "measured_time",
     "op_kernels",
     "parallel_guess",
     "parse_kinds",
     "sched_vector",
-    "structure_key",
     "vector",
 ]
 
@@ -120,89 +112,6 @@ class KernelFeatures:
                    tuple(tuple(s) for s in d.get("out_shapes", ())), d.get("dtype", "float32"),
                    d.get("parallel"),
                    tuple(float(x) for x in d["sched"]) if d.get("sched") is not None else None)
-
-
-def kernel_key(k: KernelFeatures) -> str:
-    """Identity of a kernel for exact look-up: fused kinds, shapes, dtype and FLOPs. Two
-    kernels with the same key compute the same thing on the same sizes (the role is left out:
-    an update's ``multiply_subtract`` is the forward's over the same shapes).
-
-    >>> kernel_key(KernelFeatures(("add", "relu"), 512.0, 4096, 2048, 0, "forward",
-    ...                           ((8, 64), (8, 64)), ((8, 64),)))
-    'add+relu|8x64,8x64|8x64|float32|512'
-    """
-    shapes = ["x".join(map(str, s)) for s in k.in_shapes], ["x".join(map(str, s))
-                                                              for s in k.out_shapes]
-    return (f"{'+'.join(k.kinds)}|{','.join(shapes[0])}|{','.join(shapes[1])}|{k.dtype}"
-            f"|{round(k.flops)}")
-
-
-def structure_key(k: KernelFeatures) -> str | None:
-    """``kernel_key`` plus a digest of the scheduled loop nest (the schedule-aware features,
-    ``tir_features.py``), for kernels that carry them; None otherwise. ``kernel_key`` names what
-    a kernel computes only up to its shapes: a sum over the rows and one over the columns of
-    the same square matrix, or two transposes with different permutations, share it, and
-    their loop nests, strides and times differ. Look-up and label de-noising take the time of
-    identical loop nests where there is one (``lookup.py: twins``).
-
-    >>> k = KernelFeatures(("sum",), 64.0, 256, 32, 0, "backward", ((8, 8),), ((8,),))
-    >>> structure_key(k) is None, structure_key(dataclasses.replace(k, sched=(1.0, 2.0)))
-    (True, 'sum|8x8|8|float32|64#37e65497ea')
-    """
-    if k.sched is None:
-        return None
-    digest = hashlib.sha1(repr(tuple(float(x) for x in k.sched)).encode()).hexdigest()[:10]
-    return f"{kernel_key(k)}#{digest}"
-
-
-def loose_key(k: KernelFeatures) -> str | None:
-    """Identity of an elementwise kernel up to how its elements are laid out in dims: fused
-    kinds, each argument's and output's element count, dtype and FLOPs (``~`` first, so it
-    never equals a ``kernel_key``), and for a scheduled kernel its loop features
-    (``tir_features.LOOP_FEATURES``: trip counts, vector lanes, innermost extent); None for
-    other families, whose time depends on the shape itself (a transpose, a reduction's axes).
-    Held out (session 6's data, 9 test models): 22 predicted elementwise kernels have such a
-    twin in another model, 21 of them within +-10 % of it, 16 as predicted; layout kernels
-    would lose (13 vs 19 of 27).
-
-    Why the loop features (session 10, a Zen 5 host): the same 576-element SGD update runs
-    in 15 ns on a flat ``[576]`` (one vectorised loop) and in 350 ns on ``[64, 1, 3, 3]``
-    (innermost extent 3, not vectorised), a 1,024-element ReLU in 18 ns on ``[2, 8, 8, 8]``
-    and 450 ns on ``[4, 16, 4, 4]``. Held out (9 test models, session 10's dataset): 21
-    kernels found only by element counts, 16 within +-10 %; with the loop features 20, 19.
-
-    >>> loose_key(KernelFeatures(("add", "relu"), 512.0, 4096, 2048, 0, "forward",
-    ...                          ((8, 64), (64,)), ((8, 64),)))
-    '~add+relu|512,64|512|float32|512'
-    """
-    if k.family != "ewise":
-        return None
-    n = lambda shapes: ",".join(str(math.prod(s)) for s in shapes)
-    key = f"~{'+'.join(k.kinds)}|{n(k.in_shapes)}|{n(k.out_shapes)}|{k.dtype}|{round(k.flops)}"
-    if k.sched is not None:
-        key += "|" + ",".join(f"{x:g}" for x in k.sched[:len(LOOP_FEATURES)])
-    return key
-
-
-def label_key(k: KernelFeatures) -> str:
-    """The key a kernel's label is de-noised under: ``structure_key`` when it has schedule
-    features, else ``kernel_key``."""
-    return structure_key(k) or kernel_key(k)
-
-
-def measured_time(table: dict[str, float], k: KernelFeatures, strict: bool = False
-                  ) -> float | None:
-    """``k``'s time in a table of measured kernels (``lookup.py: twins``): by
-    ``structure_key``, else by ``kernel_key`` (not for a scheduled kernel when ``strict``: a
-    twin with the same key but another loop nest is another kernel), else by ``loose_key``;
-    None when it was not measured."""
-    sk = structure_key(k)
-    t = table.get(sk) if sk is not None else None
-    if t is None and (sk is None or not strict):
-        t = table.get(kernel_key(k))
-    if t is None and (lk := loose_key(k)) is not None:
-        t = table.get(lk)
-    return t
 
 
 def parse_kinds(kernel_name: str) -> tuple[str, ...]:

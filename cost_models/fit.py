@@ -21,8 +21,6 @@ from splitc.cost_models.features import (
     FAMILIES,
     FEATURE_NAMES,
     KernelFeatures,
-    label_key,
-    measured_time,
     sched_vector,
     vector,
 )
@@ -34,7 +32,7 @@ from splitc.cost_models.learned import (
     step_scales,
     within,
 )
-from splitc.cost_models.lookup import scaled_time, scaled_twins, twins
+from splitc.cost_models.lookup import label_key, measured_time, scaled_time, scaled_twins, twins
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.step_fit import (  # noqa: F401 - TRAIN_STEP_WEIGHT, _step_fit: re-export
     TRAIN_STEP_WEIGHT,
@@ -278,7 +276,7 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
             "all_families": list(FAMILIES), **sm,
             "op_scale": op_scale, "op_overhead": op_ovh,
             # kernels measured here, priced by look-up (4 significant digits: the timing
-            # noise is larger); keys ``features.structure_key``, ``kernel_key``, ``loose_key``
+            # noise is larger); keys ``lookup.structure_key``, ``kernel_key``, ``loose_key``
             "twins": {k: float(f"{v:.4g}") for k, v in sorted(twins(kern).items())},
             # kernels measured at other batches (``lookup.py``): [leading dim, work, seconds]
             "scaled_twins": {k: [[a, w, float(f"{t:.4g}")] for a, w, t in v]

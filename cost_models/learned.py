@@ -33,7 +33,7 @@ on whole training steps measured through the Relax VM, with ``step_scale_large``
 that move ``large_bytes`` or more (``step_fit.py: step_model``).
 
 Look-up: a kernel measured in calibration (same fused ops, shapes, dtype and FLOPs,
-``features.kernel_key``; the same loop nest, ``structure_key``, first) is priced at the median
+``lookup.kernel_key``; the same loop nest, ``structure_key``, first) is priced at the median
 of its measured times (``lookup.py: twins``), not predicted.
 
 Fallback: a kernel whose family was never measured (e.g. ``conv_t`` on a profile calibrated
@@ -53,12 +53,11 @@ from splitc.cost_models.features import (
     FAMILIES,
     FEATURE_NAMES,
     KernelFeatures,
-    measured_time,
     op_kernels,
     sched_vector,
     vector,
 )
-from splitc.cost_models.lookup import scaled_time
+from splitc.cost_models.lookup import measured_time, scaled_time
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.roofline import OPTIMIZERS, RooflineModel
 from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
@@ -324,7 +323,7 @@ class LearnedModel:
         # op kernels -> the measured step, per "role/*" (step_fit.py: _op_fit)
         self.op_scale = {k: float(v) for k, v in data.get("op_scale", {}).items()}
         self.op_overhead = float(data.get("op_overhead", 0.0))
-        # kernels measured in calibration: their median time, by features.structure_key,
+        # kernels measured in calibration: their median time, by lookup.structure_key,
         # kernel_key and (elementwise ones) loose_key
         self.twins = {k: float(v) for k, v in data.get("twins", {}).items()}
         # kernels measured at another batch size (lookup.py; absent from older profiles)

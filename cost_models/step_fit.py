@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
-from splitc.cost_models.features import KernelFeatures, label_key, op_kernels, vector
+from splitc.cost_models.features import KernelFeatures, op_kernels, vector
 from splitc.cost_models.learned import Regressor
-from splitc.cost_models.lookup import twins
+from splitc.cost_models.lookup import label_key, twins
 from splitc.cost_models.profiles import DeviceProfile
 
 __all__ = ["LARGE_BYTES", "SPLIT_GAIN", "TRAIN_STEP_WEIGHT", "step_model"]

@@ -133,10 +133,10 @@ def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
 
     assert prof.learned["dataset"]["sha256"] == rows_digest(rows)
     assert out.stat().st_size < 400_000 and '"seconds"' not in out.read_text()
-    # every measured kernel is priced at its fastest measured time (4 significant digits; a
+    # every measured kernel is priced at its twins' time (4 significant digits; a
     # kernel may run in two roles), in the step: step_scale x time + call_overhead
-    from splitc.cost_models.features import kernel_key
     from splitc.cost_models.fit import twins
+    from splitc.cost_models.lookup import kernel_key
 
     m = LearnedModel(prof)
     ks = [KernelFeatures.from_json(r["features"]) for r in kern]

@@ -457,8 +457,8 @@ def test_learned_model_prices_a_kernel_at_another_batch_by_scaling():
 
 
 def test_elementwise_kernels_are_looked_up_by_element_counts_only():
-    from splitc.cost_models.features import loose_key, measured_time
     from splitc.cost_models.fit import twins
+    from splitc.cost_models.lookup import loose_key, measured_time
 
     ew = KernelFeatures(("multiply", "add"), 1024.0, 8192, 4096, 0, "backward",
                         ((16, 64), (16, 64)), ((16, 64),))

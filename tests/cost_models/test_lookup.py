@@ -74,8 +74,7 @@ def _sum(sched, n=8):
 
 
 def test_twins_tell_loop_nests_apart_and_take_the_median():
-    from splitc.cost_models.features import kernel_key, measured_time, structure_key
-    from splitc.cost_models.lookup import twins
+    from splitc.cost_models.lookup import kernel_key, measured_time, structure_key, twins
 
     rows_, cols = _sum((1.0, 2.0)), _sum((1.0, 3.0))
     assert kernel_key(rows_) == kernel_key(cols)
@@ -100,8 +99,7 @@ def test_twins_tell_loop_nests_apart_and_take_the_median():
 
 
 def test_elementwise_twins_by_element_counts_need_the_same_loops():
-    from splitc.cost_models.features import loose_key, measured_time
-    from splitc.cost_models.lookup import twins
+    from splitc.cost_models.lookup import loose_key, measured_time, twins
 
     loops = lambda inner: (1.0, 0.0, 2.76, 2.76, 0.0, 0.0, 1.0, 0.0, inner, 0.0, 0.0, 1.0, 0.0,
                            0.0, 0.0)
