@@ -24,16 +24,10 @@ from splitc.cost_models.features import (
     sched_vector,
     vector,
 )
-from splitc.cost_models.learned import (
-    LEARNED_VERSION,
-    Regressor,
-    fit_regressor,
-    mape,
-    step_scales,
-    within,
-)
+from splitc.cost_models.learned import LEARNED_VERSION, step_scales
 from splitc.cost_models.lookup import label_key, measured_time, scaled_time, scaled_twins, twins
 from splitc.cost_models.profiles import DeviceProfile
+from splitc.cost_models.regressors import Regressor, fit_regressor, mape, within
 from splitc.cost_models.step_fit import (  # noqa: F401 - TRAIN_STEP_WEIGHT, _step_fit: re-export
     TRAIN_STEP_WEIGHT,
     _op_fit,
@@ -61,7 +55,7 @@ def _xy(rows: list[dict], prof: DeviceProfile, sched: bool = False):
 def label_floor(kern: list[dict]) -> float:
     """The per-call floor of the kernel labels: the fastest kernel timed (an empty reshape,
     ~6 ns here, where ``time_evaluator`` loops over one launch). The regressors learn
-    log10(time / (roofline time + this)) (``learned._offset``).
+    log10(time / (roofline time + this)) (``regressors._offset``).
 
     Why not the profile's ``kernel_overhead`` (a NumPy call, ~0.45 us, re-measured in every
     process): it is 80 times the labels' floor, so every kernel under ~1 us got the same

@@ -16,9 +16,9 @@ from collections import defaultdict
 
 import numpy as np
 from splitc.cost_models.features import KernelFeatures, op_kernels, vector
-from splitc.cost_models.learned import Regressor
 from splitc.cost_models.lookup import label_key, twins
 from splitc.cost_models.profiles import DeviceProfile
+from splitc.cost_models.regressors import Regressor
 
 __all__ = ["LARGE_BYTES", "SPLIT_GAIN", "TRAIN_STEP_WEIGHT", "step_model"]
 

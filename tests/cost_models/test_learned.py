@@ -1,4 +1,4 @@
-"""cost_models/features.py and learned.py: kernel features, JSON regressors, fallback."""
+"""cost_models/features.py, regressors.py, learned.py: features, JSON regressors, fallback."""
 
 import dataclasses
 import json
@@ -385,7 +385,7 @@ def test_heavy_families_fit_a_low_quantile_the_rest_the_mean():
     only adds time), the others least squares; the JSON copy predicts as scikit-learn does."""
     from sklearn.ensemble import GradientBoostingRegressor
     from splitc.cost_models.features import FAMILIES
-    from splitc.cost_models.learned import _QUANTILE, _QUANTILE_FAMILIES
+    from splitc.cost_models.regressors import _QUANTILE, _QUANTILE_FAMILIES
 
     assert (_QUANTILE, _QUANTILE_FAMILIES) == (0.3, ("conv", "conv_t", "matmul"))
     rng = np.random.default_rng(2)
