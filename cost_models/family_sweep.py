@@ -14,7 +14,8 @@ forward, data-gradient, weight-gradient and update kernels look exactly like a m
 
 - ``conv``: conv (1x1 / 3x3, stride 1 / 2, with or without bias) [+ batch norm] + ReLU,
   optionally a second 3x3 conv and a residual add (with a 1x1 projection when shapes change);
-- ``dwconv``: MobileNetV2 inverted residual (expand 1x1, depthwise 3x3, project 1x1);
+- ``dwconv``: MobileNetV2 inverted residual (expand 1x1, depthwise 3x3, project 1x1), its
+  three convs with or without bias (MobileNetV2's own have none: batch norm follows);
 - ``dense``: linear layers on (batch, features) or (batch, seq, features), bias or not,
   ReLU / GELU / Tanh / none, residual adds where the widths allow;
 - ``attention``: pre-LN attention + MLP block (layer norm, softmax, batched matmuls);
@@ -43,9 +44,11 @@ from splitc import InputError
 __all__ = ["FAMILY_KINDS", "PREFIX", "family_block", "family_models"]
 
 FAMILY_KINDS = ("conv", "dense", "dwconv", "attention", "pool")
-# file-name prefix of the exported blocks (cached by name): "famB" since the stems of session
-# 7; session 6's "fam" blocks had none, so a cached "fam" file must not stand in for one
-PREFIX = "famB"
+# file-name prefix of the exported blocks (cached by name), new whenever a kind's draws change
+# so that a cached file never stands in for another block: "famB" from the stems of session 7
+# (session 6's "fam" blocks had none), "famC" from the dwconv bias draw of session 11
+# (earlier dwconv blocks all had biases)
+PREFIX = "famC"
 
 _BATCH = [1, 2, 4, 8, 16, 32]
 _CH = [3, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
@@ -79,7 +82,8 @@ def _draw(kind: str, rng) -> dict:
         elif kind == "dwconv":
             n, ch, hw, e = c(_BATCH), c(_CH[1:8]), c(_HW[1:]), c([2, 4, 6])
             cfg = {"n": n, "ch": ch, "hw": hw, "e": e, "s": c([1, 1, 2]),
-                   "bn": bool(rng.integers(2)), "stem": c(["relu", "relu6"])}
+                   "bn": bool(rng.integers(2)), "stem": c(["relu", "relu6"]),
+                   "bias": bool(rng.integers(2))}
             flops = _conv_flops(n, ch, ch * e, hw, 1, 1)
         elif kind == "dense":
             seq = c([None, None, 8, 16, 32, 64, 128])
@@ -155,9 +159,10 @@ def family_block(kind: str, rng):
             def __init__(self):
                 super().__init__()
                 self.stem = stem(nn.Conv2d(ch, ch, 1, bias=False))
-                self.f = nn.Sequential(nn.Conv2d(ch, m, 1), norm(m), nn.ReLU6(),
-                                       nn.Conv2d(m, m, 3, s, 1, groups=m), norm(m), nn.ReLU6(),
-                                       nn.Conv2d(m, ch, 1), norm(ch))
+                b = cfg["bias"]
+                self.f = nn.Sequential(nn.Conv2d(ch, m, 1, bias=b), norm(m), nn.ReLU6(),
+                                       nn.Conv2d(m, m, 3, s, 1, groups=m, bias=b), norm(m),
+                                       nn.ReLU6(), nn.Conv2d(m, ch, 1, bias=b), norm(ch))
                 self.head = nn.Linear(ch, 10)
 
             def forward(self, x):
@@ -209,11 +214,12 @@ def family_block(kind: str, rng):
     return Attention(), (cfg["b"], cfg["s"], d), False, cfg
 
 
-def family_models(out: Path, n: int, seed: int = 0) -> list[Path]:
+def family_models(out: Path, n: int, seed: int = 0, only=()) -> list[Path]:
     """``n`` random blocks (``FAMILY_KINDS`` in turn; sizes drawn with ``seed``) exported to
-    ONNX under ``out`` as ``famB<seed>_<i>_<kind>.onnx`` (cached by name: a resumed
-    calibration finds the same files and skips their measured rows). Needs torch."""
+    ONNX under ``out`` as ``<PREFIX><seed>_<i>_<kind>.onnx`` (cached by name: a resumed
+    calibration finds the same files and skips their measured rows); with ``only``, just the
+    blocks of those kinds (block ``i`` keeps its kind and draws). Needs torch."""
     from splitc.cost_models.workloads import export_random_models
 
     return export_random_models(out, n, FAMILY_KINDS, f"{PREFIX}{seed}",
-                                lambda i: [seed, i, 2], family_block, "--family-sweep")
+                                lambda i: [seed, i, 2], family_block, "--family-sweep", only)

@@ -270,12 +270,13 @@ def synthetic_models(out: Path, n: int, seed: int = 0, size: str = "small") -> l
 
 
 def export_random_models(out: Path, n: int, kinds, prefix: str, key, build,
-                         flag: str) -> list[Path]:
+                         flag: str, only=()) -> list[Path]:
     """Export ``n`` random torch models to ``out/<prefix>_<i>_<kind>.onnx`` (``kinds`` in
     turn; cached by name, so a resumed calibration finds the same files and skips their
     measured rows). Model ``i`` is ``build(kind, rng)`` -> (module, input shape, has batch
-    norm, ...) with ``rng = default_rng(key(i))``. ``flag`` names the option in the error
-    raised when torch is missing."""
+    norm, ...) with ``rng = default_rng(key(i))``. With ``only``, models of other kinds are
+    neither exported nor listed. ``flag`` names the option in the error raised when torch is
+    missing."""
     import numpy as np
 
     try:
@@ -290,6 +291,8 @@ def export_random_models(out: Path, n: int, kinds, prefix: str, key, build,
     paths = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
+        if only and kind not in only:
+            continue
         p = out / f"{prefix}_{i:03d}_{kind}.onnx"
         paths.append(p)
         if p.exists():

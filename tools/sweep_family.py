@@ -55,8 +55,8 @@ def main(out: Path, n: int, start: int, kinds: str, target: str) -> None:
         click.echo(f"[{time.time() - t0:7.1f}s] {msg}", err=True)
 
     probe = Probe(runner, resolve(target))
-    paths = [p for p in family_models(out / "family", n)[start:]
-             if not want or p.stem.split("_")[-1] in want]
+    paths = [p for p in family_models(out / "family", n, only=want)
+             if int(p.stem.split("_")[1]) >= start]
     failed = 0
     with ds.open("a") as fh:
         def emit(row: dict) -> None:

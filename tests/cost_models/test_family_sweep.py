@@ -78,3 +78,25 @@ def test_unknown_family_is_refused():
     with pytest.raises(InputError, match=r"^Calibrate: unknown family block 'lstm'; use one "
                        r"of conv, dense, dwconv, attention, pool$"):
         _draw("lstm", np.random.default_rng(0))
+
+
+def test_dwconv_blocks_draw_bias_free_convs():
+    # MobileNetV2's convs have no bias (batch norm follows): the sweep draws both kinds, and
+    # all three convs of a block follow its draw
+    torch = pytest.importorskip("torch")
+    draws = [_draw("dwconv", np.random.default_rng([0, i, 2])) for i in range(20)]
+    assert {c["bias"] for c in draws} == {True, False}
+    for i in range(4):
+        model, _, _, cfg = family_block("dwconv", np.random.default_rng([0, i, 2]))
+        convs = [m for m in model.f if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == 3 and all((m.bias is not None) == cfg["bias"] for m in convs)
+
+
+def test_family_models_only_exports_the_kinds_asked(tmp_path):
+    pytest.importorskip("torch")
+    from splitc.cost_models.family_sweep import PREFIX, family_models
+
+    paths = family_models(tmp_path, 10, only=("pool",))
+    # blocks 4 and 9 are the pool ones (FAMILY_KINDS in turn); nothing else is exported
+    assert [p.name for p in paths] == [f"{PREFIX}0_004_pool.onnx", f"{PREFIX}0_009_pool.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -122,6 +123,23 @@ def test_kernel_features_json_roundtrip():
     k = op_kernels(_conv_features())["backward"][0]
     assert KernelFeatures.from_json(json.loads(json.dumps(k.to_json()))) == k
     assert len(vector(k, 1e11, 1e10)) == len(FEATURE_NAMES)
+
+
+def test_shape_facts_power_of_two_and_output_dims():
+    def facts(ins, outs):
+        k = KernelFeatures(("transpose",), 0.0, 4, 4, 0, "forward", ins, outs)
+        v = vector(k, 1e11, 1e10)
+        return v[FEATURE_NAMES.index("pow2_out_inner"):]
+
+    # encoder's head split: every dim a power of two, 4 dims out
+    assert facts(((16, 64, 256),), ((16, 4, 64, 64),)) == [6.0, 8.0, 1.0, 4.0, 2.0, 6.0, 6.0]
+    # 192 = 64 x 3, 384 = 128 x 3: not every dim a power of two
+    assert facts(((4, 128, 384),), ((4, 2, 128, 192),)) == \
+        [6.0, 7.0, 0.0, 2.0, 1.0, 7.0, math.log2(192)]
+    # a 1-d output fills the last slot, the others read -1; 2048 = 2^11 is capped at 2^10
+    assert facts(((2048,), (2048,)), ((2048,),)) == [10.0, 10.0, 1.0, -1.0, -1.0, -1.0, 11.0]
+    # a scalar output and no inputs: zeros, and -1 in every dim slot
+    assert facts((), ((),)) == [0.0, 0.0, 1.0, -1.0, -1.0, -1.0, -1.0]
 
 
 def _synthetic(n=200, seed=0):
@@ -480,25 +498,29 @@ def test_elementwise_kernels_are_looked_up_by_element_counts_only():
 
 
 def test_conv_geometry_features_exact():
-    """The last three features: fewest channels, input/output height ratio, smallest window
+    """Three features: fewest channels, input/output height ratio, smallest window
     (log10(x + 1), log2 ratio), so a depthwise or strided conv differs from a dense one."""
     from splitc.cost_models.features import FEATURE_NAMES, vector
 
     names = ["log_min_channels", "log2_spatial_ratio", "log_min_window"]
-    assert FEATURE_NAMES[-3:] == names
+    at = FEATURE_NAMES.index(names[0])
+    assert FEATURE_NAMES[at:at + 3] == names
+
+    def geometry(k):
+        return vector(k, 1e11, 1e10)[at:at + 3]
+
     # stride-2 3x3 conv, 8 -> 16 channels at 16x16: fewest channels 8, 16/8 = 2, window 3x3
     k = KernelFeatures(("conv2d",), 1e6, 1000, 1000, 0, "forward",
                        ((2, 8, 16, 16), (16, 8, 3, 3)), ((2, 16, 8, 8),))
-    assert vector(k, 1e11, 1e10)[-3:] == pytest.approx([np.log10(9), 1.0, 1.0])
+    assert geometry(k) == pytest.approx([np.log10(9), 1.0, 1.0])
     # depthwise weight gradient (N*C, 1, H, W) x dy -> (C, 1, 3, 3): one channel
     k = KernelFeatures(("conv2d",), 1e6, 1000, 1000, 0, "backward",
                        ((64, 1, 8, 8), (2, 32, 8, 8)), ((32, 1, 3, 3),))
-    assert vector(k, 1e11, 1e10)[-3:] == pytest.approx([np.log10(2), np.log2(8 / 3),
-                                                       1.0])
+    assert geometry(k) == pytest.approx([np.log10(2), np.log2(8 / 3), 1.0])
     # no 4-d tensor (a matmul): zeros
     k = KernelFeatures(("matmul",), 1e6, 1000, 1000, 0, "forward", ((8, 64), (64, 64)),
                        ((8, 64),))
-    assert vector(k, 1e11, 1e10)[-3:] == [0.0, 0.0, 0.0]
+    assert geometry(k) == [0.0, 0.0, 0.0]
 
 
 def test_kernel_times_apply_the_large_kernels_step_scale():
