@@ -14,6 +14,8 @@ forward, data-gradient, weight-gradient and update kernels look exactly like a m
 
 - ``conv``: conv (1x1 / 3x3, stride 1 / 2, with or without bias) [+ batch norm] + ReLU,
   optionally a second 3x3 conv and a residual add (with a 1x1 projection when shapes change);
+  a third of the conv and pool blocks flatten into their linear head (VGG's and wide_cnn's
+  head: a 10 x 16,384 weight, its transposes and gradients), the others mean-pool;
 - ``dwconv``: MobileNetV2 inverted residual (expand 1x1, depthwise 3x3, project 1x1), its
   three convs with or without bias (MobileNetV2's own have none: batch norm follows);
 - ``dense``: linear layers on (batch, features) or (batch, seq, features), bias or not,
@@ -46,8 +48,8 @@ __all__ = ["FAMILY_KINDS", "PREFIX", "family_block", "family_models"]
 FAMILY_KINDS = ("conv", "dense", "dwconv", "attention", "pool")
 # file-name prefix of the exported blocks (cached by name), new whenever a kind's draws change
 # so that a cached file never stands in for another block: "famB" from the stems of session 7
-# (session 6's "fam" blocks had none), "famC" from the dwconv bias draw of session 11
-# (earlier dwconv blocks all had biases)
+# (session 6's "fam" blocks had none), "famC" from session 11's draws of the dwconv blocks'
+# biases (earlier ones all had them) and of the conv and pool blocks' flatten heads
 PREFIX = "famC"
 
 _BATCH = [1, 2, 4, 8, 16, 32]
@@ -57,6 +59,8 @@ _WIDTH = [32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048]
 # one kernel's forward FLOPs at most: a 1 GFLOP conv runs ~10 ms at ~100 GFLOP/s here, and its
 # gradients as long; bigger ones add timing time, not new behaviour (GFLOP/s flat above ~1 ms)
 _MAX_FLOPS = 1.0e9
+# a flatten head's inputs at most (wide_cnn's 64 x 16 x 16 = 16,384): a 10 x 32,768 weight
+_MAX_FLAT = 32768
 
 
 def _conv_flops(n, cin, cout, hw, k, s, groups=1) -> float:
@@ -74,8 +78,14 @@ def _draw(kind: str, rng) -> dict:
                    "s": c([1, 1, 2]), "bias": bool(rng.integers(2)), "bn": bool(rng.integers(2)),
                    "second": bool(rng.integers(2)) and kind == "conv",
                    "pool": c(["max", "avg"]) if kind == "pool" else None,
-                   "pk": c([2, 3]), "ps": c([1, 2]), "stem": c(["relu", "relu6"])}
+                   "pk": c([2, 3]), "ps": c([1, 2]), "stem": c(["relu", "relu6"]),
+                   "head": c(["mean", "mean", "flatten"])}
             o = (hw + cfg["s"] - 1) // cfg["s"]
+            if cfg["pool"]:
+                pad = cfg["pk"] // 2 if cfg["pk"] == 3 else 0
+                o = (o + 2 * pad - cfg["pk"]) // cfg["ps"] + 1
+            if cout * o * o > _MAX_FLAT:
+                cfg["head"] = "mean"
             flops = max(_conv_flops(n, cin, cout, hw, cfg["k"], cfg["s"]),
                         _conv_flops(n, cout, cout, o, 3, 1) if cfg["second"] else 0.0,
                         _conv_flops(n, cin, cin, hw, 1, 1))  # the stem
@@ -139,7 +149,15 @@ def family_block(kind: str, rng):
                 pool = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}.get(cfg["pool"])
                 self.pool = pool(cfg["pk"], cfg["ps"], cfg["pk"] // 2 if cfg["pk"] == 3 else 0) \
                     if pool else None
-                self.head = nn.Linear(cout, 10)
+                flat = cfg["head"] == "flatten"
+                self.head = nn.Linear(cout * self._side() ** 2 if flat else cout, 10)
+
+            def _side(self) -> int:  # the trunk's output height (= width)
+                o = (cfg["hw"] + s - 1) // s
+                if self.pool is not None:
+                    pad = cfg["pk"] // 2 if cfg["pk"] == 3 else 0
+                    o = (o + 2 * pad - cfg["pk"]) // cfg["ps"] + 1
+                return o
 
             def forward(self, x):
                 x = self.stem(x)
@@ -148,6 +166,8 @@ def family_block(kind: str, rng):
                     y = torch.relu(self.c2(y) + (x if self.sc is None else self.sc(x)))
                 if self.pool is not None:
                     y = self.pool(y)
+                if cfg["head"] == "flatten":  # VGG's and wide_cnn's head, not a mean pool
+                    return self.head(y.flatten(1))
                 return self.head(y.mean((2, 3)))
 
         return Conv(), (cfg["n"], cin, cfg["hw"], cfg["hw"]), cfg["bn"], cfg

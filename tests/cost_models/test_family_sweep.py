@@ -100,3 +100,24 @@ def test_family_models_only_exports_the_kinds_asked(tmp_path):
     # blocks 4 and 9 are the pool ones (FAMILY_KINDS in turn); nothing else is exported
     assert [p.name for p in paths] == [f"{PREFIX}0_004_pool.onnx", f"{PREFIX}0_009_pool.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]
+
+
+@pytest.mark.parametrize("kind", ["conv", "pool"])
+def test_flatten_heads_read_the_whole_feature_map(kind):
+    # a third of the conv and pool blocks flatten into the head (wide_cnn's 64 x 16 x 16 ->
+    # 10), capped at _MAX_FLAT inputs; the others mean-pool into a head of cout inputs
+    torch = pytest.importorskip("torch")
+    from splitc.cost_models.family_sweep import _MAX_FLAT
+
+    heads = []
+    for i in range(30):
+        model, shape, _, cfg = family_block(kind, np.random.default_rng([0, i, 2]))
+        heads.append(cfg["head"])
+        if cfg["head"] == "flatten" or i < 3:
+            seen = []
+            model.head.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(inp[0]))
+            y = model(torch.randn(*shape))
+            assert tuple(y.shape) == (shape[0], 10)
+            want = seen[0].shape[1] if cfg["head"] == "flatten" else cfg["cout"]
+            assert model.head.in_features == want <= _MAX_FLAT
+    assert set(heads) == {"mean", "flatten"}
