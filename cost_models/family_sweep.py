@@ -68,6 +68,18 @@ def _conv_flops(n, cin, cout, hw, k, s, groups=1) -> float:
     return 2.0 * n * cout * o * o * (cin // groups) * k * k
 
 
+def _pool_pad(cfg: dict) -> int:
+    return cfg["pk"] // 2 if cfg["pk"] == 3 else 0
+
+
+def _head_side(cfg: dict) -> int:
+    """Height (= width) of a conv or pool block's output, what its head reads."""
+    o = (cfg["hw"] + cfg["s"] - 1) // cfg["s"]
+    if cfg["pool"]:
+        o = (o + 2 * _pool_pad(cfg) - cfg["pk"]) // cfg["ps"] + 1
+    return o
+
+
 def _draw(kind: str, rng) -> dict:
     """One configuration of ``kind`` (plain data), redrawn until every kernel fits."""
     c = lambda xs: xs[int(rng.integers(len(xs)))]
@@ -81,10 +93,7 @@ def _draw(kind: str, rng) -> dict:
                    "pk": c([2, 3]), "ps": c([1, 2]), "stem": c(["relu", "relu6"]),
                    "head": c(["mean", "mean", "flatten"])}
             o = (hw + cfg["s"] - 1) // cfg["s"]
-            if cfg["pool"]:
-                pad = cfg["pk"] // 2 if cfg["pk"] == 3 else 0
-                o = (o + 2 * pad - cfg["pk"]) // cfg["ps"] + 1
-            if cout * o * o > _MAX_FLAT:
+            if cout * _head_side(cfg) ** 2 > _MAX_FLAT:
                 cfg["head"] = "mean"
             flops = max(_conv_flops(n, cin, cout, hw, cfg["k"], cfg["s"]),
                         _conv_flops(n, cout, cout, o, 3, 1) if cfg["second"] else 0.0,
@@ -147,17 +156,9 @@ def family_block(kind: str, rng):
                 self.sc = (None if not cfg["second"] or (cin == cout and s == 1) else
                            nn.Sequential(nn.Conv2d(cin, cout, 1, s, bias=False), norm(cout)))
                 pool = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}.get(cfg["pool"])
-                self.pool = pool(cfg["pk"], cfg["ps"], cfg["pk"] // 2 if cfg["pk"] == 3 else 0) \
-                    if pool else None
+                self.pool = pool(cfg["pk"], cfg["ps"], _pool_pad(cfg)) if pool else None
                 flat = cfg["head"] == "flatten"
-                self.head = nn.Linear(cout * self._side() ** 2 if flat else cout, 10)
-
-            def _side(self) -> int:  # the trunk's output height (= width)
-                o = (cfg["hw"] + s - 1) // s
-                if self.pool is not None:
-                    pad = cfg["pk"] // 2 if cfg["pk"] == 3 else 0
-                    o = (o + 2 * pad - cfg["pk"]) // cfg["ps"] + 1
-                return o
+                self.head = nn.Linear(cout * _head_side(cfg) ** 2 if flat else cout, 10)
 
             def forward(self, x):
                 x = self.stem(x)

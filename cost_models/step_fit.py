@@ -66,9 +66,11 @@ def _timed(kernels: list[dict]) -> list[tuple[str, int, float]]:
     kernel at its twins' time as predictions are (held-out, fitted on raw times, the kernel
     sums missed 5 of 7 steps by -11 to -24 %)."""
     best = twins(kernels)
-    return [(r["workload"], _nbytes(r["features"]),
-             r["calls"] * best[label_key(KernelFeatures.from_json(r["features"]))])
-            for r in kernels]
+    out = []
+    for r in kernels:
+        k = KernelFeatures.from_json(r["features"])
+        out.append((r["workload"], k.bytes_read + k.bytes_written, r["calls"] * best[label_key(k)]))
+    return out
 
 
 def _step_cols(timed: list[tuple[str, int, float]], large: int | None
@@ -79,11 +81,6 @@ def _step_cols(timed: list[tuple[str, int, float]], large: int | None
     for w, nbytes, t in timed:
         per[w]["large" if large is not None and nbytes >= large else "kernels"] += t
     return per
-
-
-def _nbytes(f: dict) -> int:
-    """Bytes a kernel reads and writes (its features' JSON)."""
-    return int(f["bytes_read"]) + int(f["bytes_written"])
 
 
 # Where a kernel starts to run slower inside the step than timed alone, the candidates
