@@ -181,6 +181,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
     from splitc.cost_models.attribute import attribute
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
     from splitc.cost_models.dataset import load_train_rows
+    from splitc.cost_models.fit import UNSCALED_SUFFIX
     from splitc.cost_models.learned import LearnedModel
     from splitc.cost_models.link import Link
     from splitc.cost_models.profiles import DeviceProfile, load_profile
@@ -206,7 +207,8 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
     click.echo(f"held-out kernels: {acc['kernels']} from {len(acc['models'])} models "
                f"(+ {learned_train(prof)} training-only workloads in every fit); "
                f"{acc.get('looked_up', 0)} measured in another model, priced by look-up; "
-               f"{acc.get('scaled', 0)} measured there at another batch, scaled")
+               f"{acc.get('scaled', 0)} measured there at another batch, scaled (the "
+               f"{UNSCALED_SUFFIX} candidates price them by their regressor)")
     for k, v in acc.items():
         if isinstance(v, dict) and "within_10pct" in v:
             big = (f" | kernels >= 10 us ({acc['kernels_ge_10us']}): "

@@ -398,6 +398,39 @@ def test_heldout_report_groups_by_size_pricing_and_model():
     assert (n["model=a"], n["model=b"]) == (3, 3)
     # a's relayout priced at b's time x 4 / 8 (3.8e-5, -5 %), b's at a's x 2 (8e-5, +5 %)
     assert rep["linear"]["groups"]["looked_up"] == 1.0 == rep["linear"]["groups"]["scaled"]
+    # the unscaled variant prices the same two by the regressor; the look-ups are the same
+    un = rep["linear/unscaled"]
+    assert un["groups"]["looked_up"] == 1.0 and un["groups"]["scaled"] < 1.0
+    assert un["groups"]["predicted"] == rep["linear"]["groups"]["predicted"]
+
+
+@pytest.mark.parametrize("unscaled_share, scales", [(0.80, False), (0.75, True), (0.70, True)])
+def test_profile_scales_batches_only_when_that_won_held_out(monkeypatch, unscaled_share,
+                                                            scales):
+    """fit_learned keeps batch-scaled look-ups (``scaled_twins``) when they priced held-out
+    kernels at least as well as the regressor did (a tie keeps them), and stores none, with
+    ``batch_scaling`` false, when the ``/unscaled`` candidate won; op costs then come from
+    the unscaled plain candidate too."""
+    from splitc.cost_models import fit as F
+    from splitc.cost_models.features import KernelFeatures
+
+    def row(model, n, batch, seconds):
+        f = KernelFeatures(("add",), batch * n, 8 * batch * n, 4 * batch * n, 0, "forward",
+                           ((batch, n), (batch, n)), ((batch, n),))
+        return {"type": "kernel", "model": model, "workload": model, "calls": 1,
+                "features": f.to_json(), "seconds": batch * n * 1e-10 + 6e-9,
+                "target": "llvm", "board": "local", "tvm": "0.27", "repeats": 30}
+
+    rows = [row("sweep", n, b, 0) for n in (16, 256, 4096) for b in (1, 2, 4)]
+    share = {"linear": 0.70, "linear/unscaled": 0.72, "family_trees": 0.75,
+             "family_trees/unscaled": unscaled_share}
+    monkeypatch.setattr(F, "heldout_report", lambda *a: {
+        "models": ["a"], "kernels": 9, **{k: {"within_10pct": v} for k, v in share.items()}})
+    learned = F.fit_learned(rows, load_profile("local-cpu"), ("linear", "family_trees"))
+    assert learned["batch_scaling"] is scales
+    assert bool(learned["scaled_twins"]) is scales
+    assert learned["kernel_regressor_name"] == "family_trees" + ("" if scales else "/unscaled")
+    assert learned["regressor_name"] == "family_trees" + ("" if scales else "/unscaled")
 
 
 def test_regressors_learn_the_ratio_to_the_roofline_plus_the_label_floor():
