@@ -2,7 +2,8 @@
 
 Linear and per-family tree regressors in log space, on plain and on schedule-aware features,
 compared by leave-one-model-out error over the tested models (``heldout_report``; training-only
-workloads, the op sweep and synthetic models, are in every fit); the best plain and the best
+workloads, the op sweep and synthetic models, are in every fit), each with and without
+batch-scaled look-ups (``UNSCALED_SUFFIX``); the best plain and the best
 overall are refitted on every row (``fit_learned``), with the whole-step correction
 ``step ~ step_scale x sum(kernels) + call_overhead x calls`` (a second scale for kernels
 that move many bytes: ``step_fit.py: step_model``) and the op-cost correction per
