@@ -228,7 +228,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     best = learned["kernel_regressor_name"]
     notes = (f"{learned['dataset']['kernels']} kernels from {len(learned['dataset']['models'])} "
              f"workloads; held-out ({', '.join(acc.get('models', [])) or 'none'}): "
-             + "; ".join(f"{k} {v['within_10pct']:.0%} within 10%, MAPE {v['mape_pct']:.1f}%"
+             + "; ".join(f"{k} {v['within_10pct']:.2%} within 10%, MAPE {v['mape_pct']:.1f}%"
                          for k, v in acc.items() if isinstance(v, dict) and "mape_pct" in v)
              + f"; chosen {best} (kernels), {learned['regressor_name']} (op costs). Roofline "
              f"constants from {base.name}.")

@@ -203,6 +203,12 @@ def test_profiles_summarises_held_out_accuracy():
         "family_trees+sched": {"within_10pct": 0.801, "mape_pct": 9.0},
         "roofline": {"within_10pct": 0.106, "mape_pct": 1082.2}}
     assert _accuracy_summary({}) is None  # priors have no learned part
+    # the table's line counts kernels: 485 of 539 is 89.98 %, not "90.0%"
+    from splitc.tools.cli import _accuracy_line
+
+    assert _accuracy_line({"kernels": 539, "chosen": "t/unscaled", "t/unscaled": {
+        "within_10pct": 485 / 539, "mape_pct": 4.64}}) == (
+        "held-out 485 of 539 kernels (89.98%) within 10% (t/unscaled, MAPE 4.6%)")
     # calibrated with --recheck: the two passes' agreement, and a warning when it is low
     quiet = {**learned, "accuracy": {**acc, "repeat": {"within_10pct": 0.972}}}
     assert _accuracy_summary(quiet)["repeat_within_10pct"] == 0.972
