@@ -214,13 +214,13 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
             big = (f" | kernels >= 10 us ({acc['kernels_ge_10us']}): "
                    f"{v['within_10pct_ge_10us']:.1%}, {v['mape_pct_ge_10us']:.1f}%"
                    if "within_10pct_ge_10us" in v else "")
-            click.echo(f"  {k:20s} within10={v['within_10pct']:.1%}  MAPE={v['mape_pct']:.1f}%"
+            click.echo(f"  {k:20s} within10={v['within_10pct']:.2%}  MAPE={v['mape_pct']:.1f}%"
                        + big)
     click.echo(f"  chosen: kernels {prof.learned['kernel_regressor_name']}, op costs "
                f"{prof.learned['regressor_name']}")
     sets = _set_accuracy(acc, prof.learned["kernel_regressor_name"])
     for g, (n, v, r) in sets.items():
-        click.echo(f"  {g:34s} {n:4d} kernels: chosen {v:.1%}, roofline {r:.1%} within +-10 %")
+        click.echo(f"  {g:34s} {n:4d} kernels: chosen {v:.2%}, roofline {r:.1%} within +-10 %")
     rows = load_rows(out / "bench.jsonl")
     rows += load_train_rows(train_rows, skip={r["workload"] for r in rows})
     base = DeviceProfile(prof.name, prof.kind, prof.peak_flops, prof.mem_bandwidth,
