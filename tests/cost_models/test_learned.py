@@ -377,7 +377,8 @@ def test_kernel_regressor_serves_kernels_with_schedule_features():
 
 
 def test_family_trees_route_rows_by_family_and_roundtrip_json():
-    """One ensemble per family with >= 30 rows; the JSON copy predicts exactly the same."""
+    """One ensemble per family with >= 30 rows (a bag of them); the JSON copy predicts exactly
+    the same; a profile's single ensemble (before bags) predicts as a bag of one."""
     from splitc.cost_models.features import FAMILIES
 
     rng = np.random.default_rng(1)
@@ -392,6 +393,13 @@ def test_family_trees_route_rows_by_family_and_roundtrip_json():
     assert sorted(reg.params["families"]) == ["conv", "matmul"]  # loss: 10 rows, global
     back = Regressor.from_json(json.loads(json.dumps(reg.to_json())))
     np.testing.assert_array_equal(back.predict(X), reg.predict(X))
+    # a profile from before the bags (one ensemble per family, not a list) predicts with it
+    one = {**reg.params, "global": reg.params["global"][0],
+           "families": {f: e[0] for f, e in reg.params["families"].items()}}
+    solo = {**reg.params, "global": reg.params["global"][:1],
+            "families": {f: e[:1] for f, e in reg.params["families"].items()}}
+    np.testing.assert_array_equal(Regressor("family_trees", one).predict(X),
+                                  Regressor("family_trees", solo).predict(X))
     # conv and matmul fit a quantile (sign-only gradients): most rows within 0.01, the few
     # at the ends of the range converge slower in 100 trees (worst 0.79 here)
     err = np.abs(reg.predict(X)[:290] - y[:290])
