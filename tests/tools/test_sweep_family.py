@@ -4,6 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from splitc.cost_models.family_sweep import PREFIX
 from splitc.tools.sweep_family import main
 
 
@@ -16,7 +17,7 @@ def test_sweep_family_times_training_rows_and_resumes(tmp_path):
     assert r.output.splitlines()[-1] == f"1 blocks timed into {out / 'fam.jsonl'}"
     rows = [json.loads(line) for line in (out / "fam.jsonl").read_text().splitlines()]
     kern = [x for x in rows if x["type"] == "kernel"]
-    assert kern and all(x["train_only"] and x["model"] == "famC0_004_pool" for x in kern)
+    assert kern and all(x["train_only"] and x["model"] == f"{PREFIX}0_004_pool" for x in kern)
     assert [x["type"] for x in rows].count("done") == 1
     # again: the block is done, nothing is timed twice
     r = CliRunner().invoke(main, [str(out), "5", "--kinds", "pool"])
@@ -24,7 +25,7 @@ def test_sweep_family_times_training_rows_and_resumes(tmp_path):
     assert len((out / "fam.jsonl").read_text().splitlines()) == len(rows)
     # --start skips blocks: from the 5th on, with no kind filter, the pool block only
     r = CliRunner().invoke(main, [str(out), "5", "--start", "4"])
-    assert r.exit_code == 0 and "block 1/1: famC0_004_pool.onnx" in r.output
+    assert r.exit_code == 0 and f"block 1/1: {PREFIX}0_004_pool.onnx" in r.output
 
 
 def test_sweep_family_unknown_kind():
