@@ -49,19 +49,15 @@ FAMILY_KINDS = ("conv", "dense", "dwconv", "attention", "pool")
 # file-name prefix of the exported blocks (cached by name), new whenever a kind's draws change
 # so that a cached file never stands in for another block: "famB" from the stems of session 7
 # (session 6's "fam" blocks had none), "famC" from session 11's draws of the dwconv blocks'
-# biases (earlier ones all had them) and of the conv and pool blocks' flatten heads, "famD"
-# from session 13's dense widths that are not multiples of 32 (the conv, dwconv, attention and
-# pool blocks draw as they did, so their "famC" rows and files stay valid)
-PREFIX = "famD"
+# biases (earlier ones all had them) and of the conv and pool blocks' flatten heads
+PREFIX = "famC"
 
 _BATCH = [1, 2, 4, 8, 16, 32]
 _CH = [3, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 _HW = [4, 7, 8, 14, 16, 28, 32, 56]
-# with widths that are not multiples of 32 (a 300-100 MLP's, MNIST's 784 pixels, 1,000
-# classes): a matmul over them runs its vector loops with a remainder. In session 12 only
-# the synthetic MLPs had kernels at 784, and the mlp test model's (512 x 784) weight gradient
-# was priced -30 %.
-_WIDTH = [32, 64, 96, 100, 128, 192, 256, 300, 384, 512, 768, 784, 1000, 1024, 2048]
+# multiples of 32 only: session 13 timed 160 dense blocks with 100, 300, 784 and 1,000 in the
+# grid too, and held-out kernels fell from 485 to 478 of 539 (tools/BENCHMARK_LOG.md)
+_WIDTH = [32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048]
 # one kernel's forward FLOPs at most: a 1 GFLOP conv runs ~10 ms at ~100 GFLOP/s here, and its
 # gradients as long; bigger ones add timing time, not new behaviour (GFLOP/s flat above ~1 ms)
 _MAX_FLOPS = 1.0e9
