@@ -50,11 +50,11 @@ def _tvm_version() -> str:
 
 def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
                      emit: Callable[[dict], None], say: Callable[[str], None],
-                     probe: Probe | None = None) -> None:
-    """Compile ``w`` as the build does, time its kernels (skipping keys in ``done``) and its
-    whole step in rounds (``sampling.py: time_rounds``; ``probe``, shared by every workload
-    of a calibration, decides when a round was quiet), and ``emit`` one row per kernel and
-    one ``step`` row."""
+                     probe: Probe | None = None, kernels: bool = True) -> None:
+    """Compile ``w`` as the build does, time its kernels (skipping keys in ``done``; none
+    when not ``kernels``) and its whole step in rounds (``sampling.py: time_rounds``;
+    ``probe``, shared by every workload of a calibration, decides when a round was quiet),
+    and ``emit`` one row per kernel and one ``step`` row."""
     import tvm
     from splitc.cost_models.tir_features import schedule_features
     from splitc.passes.provenance import trace
@@ -86,7 +86,8 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
             "stat": "min", "threads": runner.threads, "schema": DATASET_VERSION,
             "rounds": cfg.rounds, "max_rounds": cfg.max_rounds,
             "schedules": schedules_label(cfg)}
-    todo = [(k, cs) for k, cs in groups.items() if row_key(w.key, *k[:3]) not in done]
+    todo = [(k, cs) for k, cs in groups.items()
+            if kernels and row_key(w.key, *k[:3]) not in done]
     # training-only workloads are not tested on: their noise floor is not needed (half the
     # timing time of a calibration with 40 synthetic models)
     recheck = cfg.recheck and not w.train_only
