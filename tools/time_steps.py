@@ -2,9 +2,9 @@
 
 Calibration times a model's step once, in the calibrating process, and its recheck pass
 again in the same process; the two agree closely (within 0.4% for mlp in session 14). Another
-process does not always agree: the same compiled step of mlp read 543 us in a fresh process
-and 631 us inside the bench's calibration (session 14, each with a quiet round). A cost
-model's step error can only be read against that spread:
+process does not always agree: the same compiled step of mlp read 534–538 us in seven fresh
+processes and 631 us inside the bench's calibration (session 14, each with a quiet round). A
+cost model's step error can only be read against that spread:
 
     TVM_NUM_THREADS=1 python -m splitc.tools.time_steps A.onnx [B.onnx ...] \\
         [--processes 5] [--bench-results COSTBENCH/results.json] [--json]
