@@ -55,7 +55,8 @@ def compare(old: list[dict], new: list[dict]) -> dict:
     summary, one per family (``features["family"]``), one per size of the old time and
     per workload, and every pair as ``(workload, symbol, role, old s, new s)``."""
     before = {_key(r): r for r in old if r["type"] == "kernel"}
-    pairs = [(before[_key(r)], r) for r in new if r["type"] == "kernel" and _key(r) in before]
+    pairs = [(before[_key(r)], r) for r in new if r["type"] == "kernel" and _key(r) in before
+             and before[_key(r)]["seconds"] > 0]  # a 0 s row (none seen) has no ratio
     if not pairs:
         return {"all": None, "family": {}, "size": {}, "workload": {}, "pairs": []}
     groups: dict[str, dict[str, list[float]]] = {"family": {}, "size": {}, "workload": {}}
@@ -118,14 +119,16 @@ def main(dataset: Path, models_dir: Path, sample: int, seed: int, prefix: str, t
     cfg = CalibrateConfig(target=target, output=models_dir / "recheck.json")  # never written
     probe = Probe(runner, resolve(target))
     new: list[dict] = []
-    for i, w in enumerate(picked):
-        say(f"workload {i + 1}/{len(picked)}: {w}")
-        work = model_module(models_dir / f"{models[w]}.onnx", None, True, step=False)
-        if work.key != w:  # another batch or another build of the model: not comparable
-            say(f"skipped: the model now builds as {work.key}, not {w}")
-            continue
-        measure_workload(work, runner, cfg, set(), new.append, say, probe)
-    runner.close()
+    try:
+        for i, w in enumerate(picked):
+            say(f"workload {i + 1}/{len(picked)}: {w}")
+            work = model_module(models_dir / f"{models[w]}.onnx", None, True, step=False)
+            if work.key != w:  # another batch or another build of the model: not comparable
+                say(f"skipped: the model now builds as {work.key}, not {w}")
+                continue
+            measure_workload(work, runner, cfg, set(), new.append, say, probe)
+    finally:
+        runner.close()
     res = compare(old, new)
     if as_json:
         click.echo(json.dumps(res, indent=1))

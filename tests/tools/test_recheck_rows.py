@@ -15,9 +15,11 @@ def _row(workload, symbol, seconds, family="conv", role="forward"):
 def test_compare_pairs_same_kernels_only():
     us1, us15 = 2.0 ** -20, 2.0 ** -16  # 0.95 and 15.3 us: ratios exact in binary
     old = [_row("a", "k1", us1), _row("a", "k2", us15, "matmul"), _row("b", "k1", 4e-6),
-           _row("b", "gone", 1e-6), {"type": "step", "workload": "a", "seconds": 1.0}]
+           _row("b", "gone", 1e-6), _row("b", "zero", 0.0),
+           {"type": "step", "workload": "a", "seconds": 1.0}]
     new = [_row("a", "k1", 1.25 * us1), _row("a", "k2", 0.9375 * us15, "matmul"),
-           _row("b", "k1", 4e-6), _row("c", "k1", 9.0)]  # c: not in the old rows
+           _row("b", "k1", 4e-6), _row("b", "zero", 1e-6),  # 0 s before: no ratio
+           _row("c", "k1", 9.0)]  # c: not in the old rows
     res = compare(old, new)
     assert res["all"] == {"kernels": 3, "median_ratio": 1.0, "within_10pct": 2 / 3}
     assert res["family"] == {
