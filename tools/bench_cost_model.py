@@ -16,7 +16,9 @@
    model is priced at that time: ``lookup.py: twins``), and the same kernels timed again.
 3. Whole step, two ways, each with the model held out of the fit: the sum of the predicted
    kernels of its compiled step (+ VM call overhead), and the sum of the per-op
-   ``LearnedModel.op_cost`` the planner sees, vs the measured compiled step (VM).
+   ``LearnedModel.op_cost`` the planner sees, vs the measured compiled step (VM); with
+   ``--step-processes K`` also vs the median of the step timed in K fresh processes
+   (``tools/time_steps.py``: mlp's step read 631 us in the bench, 534-538 us fresh).
 4. Decisions: per-op "measured" costs are the measured kernel times attributed back to ops
    (``cost_models/attribute.py``: per role and family, in proportion to each op's roofline
    time; the step's time beyond its kernels spread evenly);
@@ -158,6 +160,20 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
     return dataclasses.replace(graph, ops=tuple(ops))
 
 
+def _fresh_lines(fresh: dict) -> list[str]:
+    """One line per test model of ``time_steps.summarize``'s output: the fresh-process
+    median, its spread, and the predicted steps' errors against it."""
+    nan, lines = float("nan"), []
+    for r in fresh.values():
+        b = r.get("bench")
+        if b:
+            lines.append(f"  {b['name']:18s} {r['median'] * 1e3:8.3f} (spread "
+                         f"{r['spread'] * 100:4.1f}%) | "
+                         f"{b.get('kernel_sum_vs_median', nan) * 100:+6.1f}% | "
+                         f"{b.get('op_sum_vs_median', nan) * 100:+6.1f}%")
+    return lines
+
+
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("/tmp/splitc-costbench"))
 @click.option("--target", default="host", show_default=True)
@@ -175,8 +191,12 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
 @click.option("--roofline-from", default="local-cpu", show_default=True,
               help="roofline constants from this profile (e.g. an earlier run's OUT/bench.json) "
               "instead of measuring them now: two runs on the same rows then fit the same model")
+@click.option("--step-processes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also time each test model's step in this many fresh processes and score "
+              "the predicted steps against their median (tools/time_steps.py)")
 def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: int,
-         big: bool, family_sweep: int, train_rows: tuple[Path, ...], roofline_from: str) -> None:
+         big: bool, family_sweep: int, train_rows: tuple[Path, ...], roofline_from: str,
+         step_processes: int) -> None:
     import torch
     from splitc.cost_models.attribute import attribute
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
@@ -290,6 +310,15 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
         click.echo("      decision gap: " + ", ".join(
             f"{r} {d['gap_pct']:.2f}% (dev ops {d['device_ops_pred']}/{d['device_ops_best']})"
             for r, d in dec.items()))
+    if step_processes:  # the step's time moves with the process that times it (session 14)
+        from splitc.tools.time_steps import summarize, time_fresh
+
+        runs = time_fresh(list(paths.values()), step_processes, target, log)
+        results["steps_fresh"] = summarize(runs, results["steps"])
+        click.echo(f"whole step, median of {step_processes} fresh processes: kernel-sum pred | "
+                   "op-sum pred (learned)  [ms]")
+        for line in _fresh_lines(results["steps_fresh"]):
+            click.echo(line)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     click.echo(f"wrote {out / 'results.json'} in {time.time() - t0:.0f}s")
 

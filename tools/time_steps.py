@@ -28,7 +28,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["main", "summarize"]
+__all__ = ["main", "summarize", "time_fresh"]
 
 
 def summarize(runs: dict[str, list[float]], bench: dict | None = None) -> dict:
@@ -50,6 +50,27 @@ def summarize(runs: dict[str, list[float]], bench: dict | None = None) -> dict:
                     row["bench"][f"{k}_vs_measured"] = b[k] / b["measured"] - 1
         out[model] = row
     return out
+
+
+def time_fresh(models, processes: int, target: str = "host",
+               say=lambda msg: None) -> dict[str, list[float]]:
+    """Each model's step timed in ``processes`` fresh Python processes, the models in turn
+    within each pass: {workload's model name: [seconds, ...]}."""
+    from splitc import InputError
+
+    runs: dict[str, list[float]] = {}
+    for i in range(processes):
+        for m in models:
+            p = subprocess.run([sys.executable, "-m", "splitc.tools.time_steps", "--one",
+                                "--target", target, str(m)], check=False, capture_output=True,
+                               text=True)
+            if p.returncode != 0:
+                raise InputError(f"time_steps: timing {str(m)!r} failed:\n{p.stderr[-2000:]}")
+            row = json.loads(p.stdout.splitlines()[-1])
+            runs.setdefault(row["model"], []).append(row["seconds"])
+            quiet = "" if row["quiet"] else " (no quiet round)"
+            say(f"pass {i + 1}/{processes}: {row['model']} {row['seconds'] * 1e3:.3f} ms{quiet}")
+    return runs
 
 
 def _one(path: Path, target: str) -> dict:
@@ -85,26 +106,13 @@ def _one(path: Path, target: str) -> dict:
 @click.option("--one", is_flag=True, hidden=True, help="(internal) time one model here")
 def main(models: tuple[Path, ...], processes: int, bench_results: Path | None, target: str,
          as_json: bool, one: bool) -> None:
-    from splitc import InputError
-
     if one:
         click.echo(json.dumps(_one(models[0], target)))
         return
     bench = json.loads(bench_results.read_text()).get("steps") if bench_results else None
-    runs: dict[str, list[float]] = {}
     t0 = time.time()
-    for i in range(processes):
-        for m in models:
-            p = subprocess.run([sys.executable, "-m", "splitc.tools.time_steps", "--one",
-                                "--target", target, str(m)], check=False, capture_output=True,
-                               text=True)
-            if p.returncode != 0:
-                raise InputError(f"time_steps: timing {str(m)!r} failed:\n{p.stderr[-2000:]}")
-            row = json.loads(p.stdout.splitlines()[-1])
-            runs.setdefault(row["model"], []).append(row["seconds"])
-            quiet = "" if row["quiet"] else " (no quiet round)"
-            click.echo(f"[{time.time() - t0:7.1f}s] pass {i + 1}/{processes}: {row['model']} "
-                       f"{row['seconds'] * 1e3:.3f} ms{quiet}", err=True)
+    runs = time_fresh(models, processes, target,
+                      lambda m: click.echo(f"[{time.time() - t0:7.1f}s] {m}", err=True))
     res = summarize(runs, bench)
     if as_json:
         click.echo(json.dumps(res, indent=1))

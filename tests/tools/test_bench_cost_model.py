@@ -1,7 +1,8 @@
 """tools/bench_cost_model.py: accuracy over the small and the big test models."""
 
 import pytest
-from splitc.tools.bench_cost_model import _set_accuracy
+from splitc.tools.bench_cost_model import _fresh_lines, _set_accuracy
+from splitc.tools.time_steps import summarize
 
 
 def test_set_accuracy_weights_models_by_their_kernels():
@@ -13,3 +14,11 @@ def test_set_accuracy_weights_models_by_their_kernels():
     assert out["small test models (session 4's 7)"] == (30, 0.9, pytest.approx(0.1))
     assert out["big test models"] == (10, 0.5, 0.3)
     assert out["all test models"] == (40, pytest.approx(0.8), pytest.approx(0.15))
+
+
+def test_fresh_lines_score_predictions_against_the_fresh_median():
+    fresh = summarize({"mlp": [0.5, 0.5625, 0.625], "stray": [1.0]},
+                      {"mlp": {"measured": 0.625, "kernel_sum": 0.5, "op_sum": 0.5625}})
+    # one line per model the bench knows: median, spread, kernel-sum and op-sum errors
+    assert _fresh_lines(fresh) == [
+        "  mlp                 562.500 (spread 25.0%) |  -11.1% |   +0.0%"]
