@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import click
+from splitc.cost_models.dataset import row_key
 
 __all__ = ["compare", "main"]
 
@@ -37,7 +38,7 @@ _SIZES = ((2e-6, "< 2 us"), (10e-6, "2-10 us"), (float("inf"), ">= 10 us"))
 
 
 def _key(r: dict) -> tuple:
-    return (r["workload"], r["function"], r["role"], r["symbol"])
+    return row_key(r["workload"], r["function"], r["role"], r["symbol"])
 
 
 def _size(seconds: float) -> str:
@@ -59,13 +60,13 @@ def compare(old: list[dict], new: list[dict]) -> dict:
              and before[_key(r)]["seconds"] > 0]  # a 0 s row (none seen) has no ratio
     if not pairs:
         return {"all": None, "family": {}, "size": {}, "workload": {}, "pairs": []}
+    ratios = [n["seconds"] / o["seconds"] for o, n in pairs]
     groups: dict[str, dict[str, list[float]]] = {"family": {}, "size": {}, "workload": {}}
-    for o, n in pairs:
-        x = n["seconds"] / o["seconds"]
+    for (o, _), x in zip(pairs, ratios):
         for by, name in (("family", o["features"].get("family", "?")),
                          ("size", _size(o["seconds"])), ("workload", o["workload"])):
             groups[by].setdefault(name, []).append(x)
-    out = {"all": _summary([n["seconds"] / o["seconds"] for o, n in pairs])}
+    out = {"all": _summary(ratios)}
     out.update({by: {k: _summary(v) for k, v in sorted(g.items())} for by, g in groups.items()})
     out["pairs"] = [(o["workload"], o["symbol"], o["role"], o["seconds"], n["seconds"])
                     for o, n in pairs]
