@@ -13,7 +13,7 @@ and caches the exported blocks under ``/tmp/fam/family``. A block that fails to 
 reported and skipped; the others go on. Needs torch (to export the blocks).
 
 Each block is timed in a fresh Python process (``--blocks-per-process 1``, the default): a
-long-lived timing process drifts slow. In session 15, four 8x8 depthwise blocks timed 6-12%
+long-lived timing process drifts slow. In session 15, four 8x8 depthwise blocks timed 5-12%
 faster (forward conv) in fresh processes than in session 14's one-process sweep, step timed
 or not; the test models' steps are timed early in their process, and the trees learn the rate
 they are fitted on. ``--blocks-per-process 0`` times every block in this process.
@@ -82,7 +82,8 @@ def main(out: Path, n: int, start: int, kinds: str, target: str, blocks_per_proc
             fh.flush()  # a killed sweep keeps every finished row
 
         for i, m in enumerate(paths):
-            say(f"block {i + 1}/{len(paths)}: {m.name}")
+            if not only:  # a child of _fresh: the parent numbered its blocks
+                say(f"block {i + 1}/{len(paths)}: {m.name}")
             try:
                 w = model_module(m, None, True, step=False)
                 measure_workload(w, runner, cfg, done, emit, say, probe)
