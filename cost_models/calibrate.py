@@ -21,7 +21,8 @@
    >= 1 ms spread over >= ``rounds`` rounds, more rounds until one ran on a quiet machine,
    the minimum recorded; ``recheck`` times tested workloads twice), so ``step ~ step_scale x
    sum(kernels) + call_overhead x calls`` can be fitted. Locally or on a board through TVM's
-   RPC tracker (no authentication: trusted networks only, see ``cost_models/rpc.py``).
+   RPC tracker (no authentication: trusted networks only, see ``cost_models/rpc.py``). Each
+   workload in a fresh process (``fresh.py``) unless ``fresh_processes`` is False.
 4. Dataset (``dataset.py``): JSON lines, one row per (workload, function, role, kernel) with
    its plain and schedule-aware features (``tir_features.py``), one ``ops`` row (the
    planner's OpFeatures) and one ``step`` row per model workload and a ``done`` row closing
@@ -61,6 +62,7 @@ from splitc.cost_models.dataset import (
     load_rows,
     load_train_rows,
     now,
+    row_key,
 )
 from splitc.cost_models.fit import (  # noqa: F401 - re-export
     NOISY_REPEAT,
@@ -69,6 +71,7 @@ from splitc.cost_models.fit import (  # noqa: F401 - re-export
     heldout_report,
     noise_warning,
 )
+from splitc.cost_models.fresh import time_fresh
 from splitc.cost_models.kernels import resolve as _target
 from splitc.cost_models.measure import measure_workload, schedules_label
 from splitc.cost_models.profiles import DeviceProfile
@@ -139,11 +142,33 @@ class CalibrateConfig:
     # a `splitc tune` directory: kernels are timed with its knob records applied, as
     # `splitc compile --tuning-records` builds them; None: the default schedules
     tuning_records: Path | None = None
+    # time each workload in a fresh Python process (fresh.py says why: a long-lived timing
+    # process drifts slow); False: every workload in this one
+    fresh_processes: bool = True
     progress: Callable[[str], None] | None = field(default=None, compare=False)
 
     @property
     def dataset_path(self) -> Path:
         return Path(self.dataset) if self.dataset else Path(self.output).with_suffix(".jsonl")
+
+
+def build_workload(m, b):
+    """The workload ``(m, b)`` of a calibration: the op sweep (``m == "sweep"``), a synthetic
+    or family model (``b``), or a model at batch ``b`` (None: its own)."""
+    if m == "sweep":
+        return sweep_module()
+    if b == "synthetic":
+        return model_module(m, None, True)
+    if b == "family":
+        return model_module(m, None, True, step=False)
+    return model_module(m, b)
+
+
+def failed_message(m, error: str) -> str:
+    """What ``calibrate`` says when the training step of ``m`` does not build."""
+    lines = [ln for ln in error.splitlines() if ln.strip()] or ["error"]
+    return (f"Calibrate: compiling the training step of {m} failed ({lines[-1][:160]}); "
+            "leave this model out of --models")
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -191,8 +216,13 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         rows.append(row)
 
     try:
-        # one probe for the whole calibration: "quiet" is relative to its best reading
-        probe = Probe(runner, _target(cfg.target)) if cfg.max_rounds > cfg.rounds else None
+        # one probe for the whole calibration: "quiet" is relative to its best reading (the
+        # fresh processes carry it from one to the next)
+        probe = (Probe(runner, _target(cfg.target))
+                 if cfg.max_rounds > cfg.rounds and not cfg.fresh_processes else None)
+        probe_best: dict[str, float] = {}
+        if cfg.fresh_processes:  # each child opens its own runner: a board behind RPC serves
+            runner.close()  # one session at a time
         workloads = [("sweep", None)] if cfg.sweep else []
         workloads += [(m, b) for m in models for b in (cfg.batch_sizes or (None,))]
         syn = synthetic_models(ds.parent / "synthetic", cfg.synthetic) if cfg.synthetic else []
@@ -207,17 +237,20 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         for i, (m, b) in enumerate(workloads):
             say(f"workload {i + 1}/{len(workloads)}: {m if m == 'sweep' else Path(m).name}")
             try:
-                w = (sweep_module() if m == "sweep" else model_module(m, None, True)
-                     if b == "synthetic" else model_module(m, None, True, step=False)
-                     if b == "family" else model_module(m, b))
-                measure_workload(w, runner, cfg, done, emit, say, probe)
+                w = build_workload(m, b)
+                if not cfg.fresh_processes:
+                    measure_workload(w, runner, cfg, done, emit, say, probe)
             except SplitcError:
                 raise
             except Exception as e:  # noqa: BLE001 - TVM's legalizer raises AssertionError...
-                lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-                raise BuildError(f"Calibrate: compiling the training step of {m} failed "
-                                 f"({lines[-1][:160]}); leave this model out of --models"
-                                 ) from None
+                raise BuildError(failed_message(m, str(e))) from None
+            if cfg.fresh_processes:
+                if row_key(w.key, "done", "", "") in done:
+                    say(f"{w.key}: already measured")
+                else:
+                    probe_best = time_fresh(cfg, (m, b), probe_best, say)
+        if cfg.fresh_processes:  # what the children wrote
+            rows = load_rows(ds, cfg.target, board)
     finally:
         fh.close()
         runner.close()

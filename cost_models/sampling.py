@@ -49,9 +49,10 @@ QUIET = 1.05  # a round is quiet when the probe reads within 5 % of its best bef
 class Probe:
     """A 64^3 float32 matmul (compute, L1) and a 1M-element add (12 MiB: L3 and memory), built
     for the runner's target and timed through it (on a board behind RPC too): ``()`` returns
-    how much slower than its best so far the machine runs now (>= 1.0)."""
+    how much slower than its best so far the machine runs now (>= 1.0). ``best``: the fastest
+    readings of an earlier probe (``Probe.best``), carried from process to process."""
 
-    def __init__(self, runner, target):
+    def __init__(self, runner, target, best: dict[str, float] | None = None):
         import tvm
         from tvm import te
 
@@ -71,7 +72,7 @@ class Probe:
         f32 = "float32"
         self.args = {"probe_mm": random_args([((64, 64), f32)] * 3, runner.dev),
                      "probe_add": random_args([((1 << 20,), f32)] * 3, runner.dev)}
-        self.best = {k: float("inf") for k in self.args}
+        self.best = {k: (best or {}).get(k, float("inf")) for k in self.args}
 
     def __call__(self) -> float:
         ratio = 1.0

@@ -173,6 +173,8 @@ def bench(ctx, name, args):
               "the same rows to the same model (re-measured, they move the fit by up to 2 "
               "points of held-out kernels)")
 @click.option("--no-sweep", is_flag=True, help="skip the single-op shape sweep")
+@click.option("--in-process", is_flag=True, help="time every workload in this process, not "
+              "each in a fresh one (a long-lived timing process drifted 5-18% slow here)")
 @click.option("--no-resume", is_flag=True, help="re-measure rows already in the dataset")
 @click.option("--name", default=None, help="profile name (default: the output file's stem)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -183,7 +185,7 @@ def bench(ctx, name, args):
 @_errors
 def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning_records,
               synthetic, synthetic_large, family_sweep, train_rows, recheck, roofline_from,
-              no_sweep, no_resume, name, output, as_json, quiet):
+              no_sweep, in_process, no_resume, name, output, as_json, quiet):
     """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.calibrate import calibrate as run
@@ -200,7 +202,8 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning
                           tuning_records=tuning_records, synthetic=synthetic,
                           synthetic_large=synthetic_large, family_sweep=family_sweep,
                           train_rows=tuple(train_rows), recheck=recheck,
-                          base_profile=roofline_from, progress=_progress(quiet))
+                          fresh_processes=not in_process, base_profile=roofline_from,
+                          progress=_progress(quiet))
     path = run(cfg)
     if as_json:
         p = load_profile(path)

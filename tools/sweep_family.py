@@ -41,8 +41,10 @@ import click
 @click.option("--blocks-per-process", type=click.IntRange(min=0), default=1, show_default=True,
               help="time this many blocks in each fresh process (0: all in this one)")
 @click.option("--only", multiple=True, hidden=True, help="(internal) time these blocks here")
+@click.option("--probe-best", default="{}", hidden=True,
+              help="(internal) the probe's best readings so far, JSON")
 def main(out: Path, n: int, start: int, kinds: str, target: str, blocks_per_process: int,
-         only: tuple[str, ...]) -> None:
+         only: tuple[str, ...], probe_best: str) -> None:
     from splitc import InputError
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.dataset import done_keys, load_rows
@@ -74,7 +76,7 @@ def main(out: Path, n: int, start: int, kinds: str, target: str, blocks_per_proc
     def say(msg: str) -> None:
         click.echo(f"[{time.time() - t0:7.1f}s] {msg}", err=True)
 
-    probe = Probe(runner, resolve(target))
+    probe = Probe(runner, resolve(target), json.loads(probe_best))
     failed = 0
     with ds.open("a") as fh:
         def emit(row: dict) -> None:
@@ -91,8 +93,8 @@ def main(out: Path, n: int, start: int, kinds: str, target: str, blocks_per_proc
                 failed += 1
                 say(f"FAILED {m.name}: {type(e).__name__}: {e}")
     runner.close()
-    if only:  # a child of _fresh: its count, for the parent
-        click.echo(json.dumps({"failed": failed}))
+    if only:  # a child of _fresh: its count and the probe's best, for the parent
+        click.echo(json.dumps({"failed": failed, "probe_best": probe.best}))
         return
     click.echo(f"{len(paths) - failed} blocks timed into {ds}" +
                (f", {failed} failed" if failed else ""))
@@ -108,17 +110,19 @@ def _fresh(out: Path, n: int, target: str, paths: list[Path], per: int,
     if skipped := [m for m in paths if m.stem in done]:
         click.echo(f"{len(skipped)} blocks already measured", err=True)
     paths = [m for m in paths if m.stem not in done]
-    failed = 0
+    failed, best = 0, {}  # the probe's best readings, carried from process to process
     for i in range(0, len(paths), per):
         chunk = paths[i:i + per]
         for j, m in enumerate(chunk):
             click.echo(f"[{time.time() - t0:7.1f}s] block {i + j + 1}/{len(paths)}: {m.name}",
                        err=True)
         cmd = [sys.executable, "-m", "splitc.tools.sweep_family", str(out), str(n),
-               "--target", target, *(a for m in chunk for a in ("--only", m.name))]
+               "--target", target, "--probe-best", json.dumps(best),
+               *(a for m in chunk for a in ("--only", m.name))]
         p = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)
         if p.returncode == 0:
-            failed += json.loads(p.stdout.splitlines()[-1])["failed"]
+            res = json.loads(p.stdout.splitlines()[-1])
+            failed, best = failed + res["failed"], res["probe_best"]
         else:  # e.g. killed by a signal: its finished rows are in the file already
             failed += len(chunk)
             click.echo(f"FAILED {', '.join(m.name for m in chunk)}: the timing process "

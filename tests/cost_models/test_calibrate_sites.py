@@ -10,8 +10,9 @@ from splitc.passes.frontend import load_onnx
 
 
 def test_kernel_rows_name_the_ops_they_came_from(tmp_path, tiny_cnn_onnx):
+    # timed in this process (the other calibrations in the tests time in a fresh one)
     calibrate(CalibrateConfig(output=tmp_path / "cal.json", models=(tiny_cnn_onnx,),
-                              repeats=1, number=1, sweep=False))
+                              repeats=1, number=1, sweep=False, fresh_processes=False))
     rows = load_rows(tmp_path / "cal.jsonl")
     kern = [r for r in rows if r["type"] == "kernel"]
     (step,) = [r for r in rows if r["type"] == "step"]

@@ -121,5 +121,8 @@ def test_probe_reads_relative_to_its_best():
         p = Probe(r, "llvm")
         assert p() == 1.0  # the first reading is the best so far
         assert p() >= 1.0 and all(0 < b < 1 for b in p.best.values())
+        # an earlier process's best carried in: a reading is measured against it
+        fast = Probe(r, "llvm", {k: v / 4 for k, v in p.best.items()})
+        assert fast() >= 2.0 and fast.best == {k: v / 4 for k, v in p.best.items()}
     finally:
         r.close()

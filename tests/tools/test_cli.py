@@ -171,11 +171,12 @@ def test_calibrate_passes_the_synthetic_model_counts(tmp_path, monkeypatch):
     c = seen[0]
     assert (c.synthetic, c.synthetic_large, c.family_sweep, c.train_rows) == (3, 2, 4, (rows,))
     assert c.base_profile == "local-cpu"  # the roofline constants: this CPU, measured now
+    assert c.fresh_processes  # each workload timed in a fresh process unless --in-process
     # pinned to another profile's (a board's with --rpc-tracker, or an earlier calibration's)
-    r = _run(["calibrate", "--roofline-from", "jetson-orin-nano", "-q", "-o",
+    r = _run(["calibrate", "--roofline-from", "jetson-orin-nano", "--in-process", "-q", "-o",
               str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
-    assert seen[1].base_profile == "jetson-orin-nano"
+    assert seen[1].base_profile == "jetson-orin-nano" and not seen[1].fresh_processes
     # a bad name fails before anything is timed
     r = _run(["calibrate", "--roofline-from", str(tmp_path / "none.json"), "-q", "-o",
               str(tmp_path / "p.json")])

@@ -51,6 +51,26 @@ def test_sweep_family_process_that_dies(tmp_path, monkeypatch):
                                          "(2 a process)")
 
 
+def test_sweep_family_carries_the_probe_best(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import subprocess
+
+    from splitc.tools import sweep_family
+
+    cmds, best = [], {"probe_mm": 1e-6, "probe_add": 2e-4}
+
+    def run(cmd, **kw):
+        cmds.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps({"failed": 0, "probe_best": best}))
+
+    monkeypatch.setattr(sweep_family.subprocess, "run", run)
+    r = CliRunner().invoke(main, [str(tmp_path / "fam"), "5", "--kinds", "dwconv,pool"])
+    assert r.exit_code == 0, r.output
+    # the first process starts with no reading; the next with the first one's best
+    arg = [c[c.index("--probe-best") + 1] for c in cmds]
+    assert [json.loads(a) for a in arg] == [{}, best]
+
+
 def test_sweep_family_unknown_kind():
     r = CliRunner().invoke(main, ["/tmp/never-made", "5", "--kinds", "conv,lstm"])
     assert r.exit_code != 0
