@@ -164,11 +164,15 @@ def build_workload(m, b):
     return model_module(m, b)
 
 
-def failed_message(m, error: str) -> str:
-    """What ``calibrate`` says when the training step of ``m`` does not build."""
+def failed_message(m, error: str, b=None) -> str:
+    """What ``calibrate`` says when the training step of workload ``(m, b)`` does not build:
+    a user's model can be left out; a generated one (the op sweep, a synthetic or family
+    model) is splitc's to fix."""
     lines = [ln for ln in error.splitlines() if ln.strip()] or ["error"]
-    return (f"Calibrate: compiling the training step of {m} failed ({lines[-1][:160]}); "
+    hint = ("this generated training model should build: please report it"
+            if m == "sweep" or b in ("synthetic", "family") else
             "leave this model out of --models")
+    return f"Calibrate: compiling the training step of {m} failed ({lines[-1][:160]}); {hint}"
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -243,7 +247,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             except SplitcError:
                 raise
             except Exception as e:  # noqa: BLE001 - TVM's legalizer raises AssertionError...
-                raise BuildError(failed_message(m, str(e))) from None
+                raise BuildError(failed_message(m, str(e), b)) from None
             if cfg.fresh_processes:
                 if row_key(w.key, "done", "", "") in done:
                     say(f"{w.key}: already measured")

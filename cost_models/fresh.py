@@ -63,7 +63,7 @@ def time_fresh(cfg, workload: tuple[str, object], probe_best: dict[str, float],
     if err := result["error"]:
         if err["class"]:
             raise getattr(splitc, err["class"], SplitcError)(err["message"])
-        raise BuildError(failed_message(workload[0], err["message"]))
+        raise BuildError(failed_message(workload[0], err["message"], workload[1]))
     return result["probe_best"]
 
 

@@ -138,7 +138,9 @@ class Runner:
         return self.key if self.remote is not None else "local"
 
     def close(self) -> None:
-        self.remote = None
+        """Ends the RPC session (the device holds it too), so the tracker can hand the board to
+        the next one, and removes the temporary files."""
+        self.remote = self.dev = None
         self._tmp.cleanup()
 
     def pinned(self):

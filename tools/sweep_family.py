@@ -9,21 +9,20 @@ timed once (or in pieces: ``--start``) and reused by later calibrations and by
         [--kinds conv,dense]
 
 writes ``/tmp/fam/fam.jsonl`` (rows as calibration writes them, every block training-only)
-and caches the exported blocks under ``/tmp/fam/family``. A block that fails to build is
-reported and skipped; the others go on. Needs torch (to export the blocks).
+and caches the exported blocks under ``/tmp/fam/family``. A block that fails to build, or
+whose timing process dies, is reported and skipped; the others go on. A block with a
+``done`` row is not timed again. Needs torch (to export the blocks).
 
-Each block is timed in a fresh Python process (``--blocks-per-process 1``, the default): a
-long-lived timing process drifts slow. In session 15, four 8x8 depthwise blocks timed 5-12%
-faster (forward conv) in fresh processes than in session 14's one-process sweep, step timed
-or not; the test models' steps are timed early in their process, and the trees learn the rate
-they are fitted on. ``--blocks-per-process 0`` times every block in this process.
+Each block is timed in a fresh Python process (``cost_models/fresh.py``, as ``splitc
+calibrate`` times its workloads): a long-lived timing process drifts slow. In session 15,
+four 8x8 depthwise blocks timed 5-12% faster (forward conv) in fresh processes than in
+session 14's one-process sweep, step timed or not. ``--in-process`` times every block in
+this process.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,45 +37,40 @@ import click
 @click.option("--kinds", default="", help="only these block kinds, comma-separated "
               "(conv, dense, dwconv, attention, pool)")
 @click.option("--target", default="host", show_default=True)
-@click.option("--blocks-per-process", type=click.IntRange(min=0), default=1, show_default=True,
-              help="time this many blocks in each fresh process (0: all in this one)")
-@click.option("--only", multiple=True, hidden=True, help="(internal) time these blocks here")
-@click.option("--probe-best", default="{}", hidden=True,
-              help="(internal) the probe's best readings so far, JSON")
-def main(out: Path, n: int, start: int, kinds: str, target: str, blocks_per_process: int,
-         only: tuple[str, ...], probe_best: str) -> None:
+@click.option("--in-process", is_flag=True,
+              help="time every block in this process, not each in a fresh one")
+def main(out: Path, n: int, start: int, kinds: str, target: str, in_process: bool) -> None:
     from splitc import InputError
-    from splitc.cost_models.calibrate import CalibrateConfig
+    from splitc.cost_models.calibrate import CalibrateConfig, build_workload
     from splitc.cost_models.dataset import done_keys, load_rows
     from splitc.cost_models.family_sweep import FAMILY_KINDS, family_models
+    from splitc.cost_models.fresh import time_fresh
     from splitc.cost_models.kernels import resolve
     from splitc.cost_models.measure import measure_workload
     from splitc.cost_models.rpc import Runner
     from splitc.cost_models.sampling import Probe
-    from splitc.cost_models.workloads import model_module
 
     want = [k for k in kinds.split(",") if k]
     if bad := [k for k in want if k not in FAMILY_KINDS]:
         raise InputError(f"sweep_family: unknown kind {bad[0]!r}; use {', '.join(FAMILY_KINDS)}")
     out.mkdir(parents=True, exist_ok=True)
-    ds = out / "fam.jsonl"
-    if only:  # a child of _fresh: the blocks are exported already
-        paths = [out / "family" / name for name in only]
-    else:
-        paths = [p for p in family_models(out / "family", n, only=want)
-                 if int(p.stem.split("_")[1]) >= start]
-    if blocks_per_process and not only:
-        _fresh(out, n, target, paths, blocks_per_process, load_rows(ds, target))
-        return
     cfg = CalibrateConfig(target=target, output=out / "fam.json")
-    runner = Runner(resolve(target), None, None)
-    done = done_keys(load_rows(ds, target, runner.board))
+    ds = cfg.dataset_path
+    paths = [p for p in family_models(out / "family", n, only=want)
+             if int(p.stem.split("_")[1]) >= start]
+    rows = load_rows(ds, target, "local")
+    finished = {r["model"] for r in rows if r["type"] == "done"}
+    if skipped := [m for m in paths if m.stem in finished]:
+        click.echo(f"{len(skipped)} blocks already measured", err=True)
+    paths = [m for m in paths if m.stem not in finished]
     t0 = time.time()
 
     def say(msg: str) -> None:
         click.echo(f"[{time.time() - t0:7.1f}s] {msg}", err=True)
 
-    probe = Probe(runner, resolve(target), json.loads(probe_best))
+    runner = Runner(resolve(target), None, None) if in_process else None
+    probe = Probe(runner, resolve(target)) if runner else None
+    best: dict[str, float] = {}  # the probe's best readings, carried from process to process
     failed = 0
     with ds.open("a") as fh:
         def emit(row: dict) -> None:
@@ -84,52 +78,21 @@ def main(out: Path, n: int, start: int, kinds: str, target: str, blocks_per_proc
             fh.flush()  # a killed sweep keeps every finished row
 
         for i, m in enumerate(paths):
-            if not only:  # a child of _fresh: the parent numbered its blocks
-                say(f"block {i + 1}/{len(paths)}: {m.name}")
+            say(f"block {i + 1}/{len(paths)}: {m.name}")
             try:
-                w = model_module(m, None, True, step=False)
-                measure_workload(w, runner, cfg, done, emit, say, probe)
+                if runner:
+                    measure_workload(build_workload(m, "family"), runner, cfg,
+                                     done_keys(rows), emit, say, probe)
+                else:
+                    best = time_fresh(cfg, (m, "family"), best, say)
             except Exception as e:  # noqa: BLE001 - one block failing must not stop the sweep
                 failed += 1
                 say(f"FAILED {m.name}: {type(e).__name__}: {e}")
-    runner.close()
-    if only:  # a child of _fresh: its count and the probe's best, for the parent
-        click.echo(json.dumps({"failed": failed, "probe_best": probe.best}))
-        return
+    if runner:
+        runner.close()
     click.echo(f"{len(paths) - failed} blocks timed into {ds}" +
-               (f", {failed} failed" if failed else ""))
-
-
-def _fresh(out: Path, n: int, target: str, paths: list[Path], per: int,
-           rows: list[dict]) -> None:
-    """Time ``paths`` in fresh processes of ``per`` blocks each (this tool with ``--only``),
-    but not the blocks with a ``done`` row in ``rows`` (the dataset so far); a process that
-    dies counts its blocks as failed, and the sweep goes on."""
-    t0 = time.time()
-    done = {r["model"] for r in rows if r["type"] == "done"}
-    if skipped := [m for m in paths if m.stem in done]:
-        click.echo(f"{len(skipped)} blocks already measured", err=True)
-    paths = [m for m in paths if m.stem not in done]
-    failed, best = 0, {}  # the probe's best readings, carried from process to process
-    for i in range(0, len(paths), per):
-        chunk = paths[i:i + per]
-        for j, m in enumerate(chunk):
-            click.echo(f"[{time.time() - t0:7.1f}s] block {i + j + 1}/{len(paths)}: {m.name}",
-                       err=True)
-        cmd = [sys.executable, "-m", "splitc.tools.sweep_family", str(out), str(n),
-               "--target", target, "--probe-best", json.dumps(best),
-               *(a for m in chunk for a in ("--only", m.name))]
-        p = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)
-        if p.returncode == 0:
-            res = json.loads(p.stdout.splitlines()[-1])
-            failed, best = failed + res["failed"], res["probe_best"]
-        else:  # e.g. killed by a signal: its finished rows are in the file already
-            failed += len(chunk)
-            click.echo(f"FAILED {', '.join(m.name for m in chunk)}: the timing process "
-                       f"exited with {p.returncode}", err=True)
-    click.echo(f"{len(paths) - failed} blocks timed into {out / 'fam.jsonl'}" +
                (f", {failed} failed" if failed else "") +
-               f" ({per} a process)")
+               (" in this process" if in_process else ", each in a fresh process"))
 
 
 if __name__ == "__main__":

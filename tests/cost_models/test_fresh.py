@@ -67,3 +67,13 @@ def test_a_workload_that_fails_in_the_child(monkeypatch, tmp_path):
     res["error"] = {"message": "Calibrate: target 'cuda' is not a CPU", "class": "InputError"}
     with pytest.raises(InputError, match="^Calibrate: target 'cuda' is not a CPU$"):
         _run(monkeypatch, tmp_path, [fresh._RESULT + json.dumps(res)], rc=0)
+
+
+def test_a_generated_workload_that_fails_is_reported_not_left_out():
+    from splitc.cost_models.calibrate import failed_message
+
+    assert failed_message("s/syn0_001_cnn.onnx", "x\nValueError: no", "synthetic") == (
+        "Calibrate: compiling the training step of s/syn0_001_cnn.onnx failed (ValueError: "
+        "no); this generated training model should build: please report it")
+    assert failed_message("a.onnx", "", None).endswith("failed (error); leave this model out "
+                                                       "of --models")

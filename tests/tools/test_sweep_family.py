@@ -1,5 +1,6 @@
 """tools/sweep_family.py: the family sweep alone, resumable, as --train-rows data."""
 
+import io
 import json
 
 import pytest
@@ -15,7 +16,9 @@ def test_sweep_family_times_training_rows_and_resumes(tmp_path):
     # the block is timed in a fresh process of its own (the default)
     r = CliRunner().invoke(main, [str(out), "5", "--kinds", "pool"])
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[-1] == f"1 blocks timed into {out / 'fam.jsonl'} (1 a process)"
+    assert r.output.splitlines()[-1] == (f"1 blocks timed into {out / 'fam.jsonl'}, each in a "
+                                         "fresh process")
+    assert "timing 0 kernels" not in r.output and "round 1: " in r.output  # the child's lines
     rows = [json.loads(line) for line in (out / "fam.jsonl").read_text().splitlines()]
     kern = [x for x in rows if x["type"] == "kernel"]
     assert kern and all(x["train_only"] and x["model"] == f"{PREFIX}0_004_pool" for x in kern)
@@ -23,52 +26,40 @@ def test_sweep_family_times_training_rows_and_resumes(tmp_path):
     # again: the block is done, nothing is timed twice and no process is started for it
     r = CliRunner().invoke(main, [str(out), "5", "--kinds", "pool"])
     assert r.exit_code == 0, r.output
-    assert "1 blocks already measured" in r.output and "block 1/1" not in r.output
+    assert "1 blocks already measured" in r.output and "block 1/" not in r.output
     assert len((out / "fam.jsonl").read_text().splitlines()) == len(rows)
-    # --start skips blocks: from the 5th on, with no kind filter, the pool block only; timed
-    # in this process, which finds its rows
-    r = CliRunner().invoke(main, [str(out), "5", "--start", "4", "--blocks-per-process", "0"])
-    assert r.exit_code == 0 and f"block 1/1: {PREFIX}0_004_pool.onnx" in r.output
-    assert "already measured" in r.output
-    assert r.output.splitlines()[-1] == f"1 blocks timed into {out / 'fam.jsonl'}"
+    # --start skips blocks: from the 4th on, with no kind filter, the attention block (the
+    # pool block is done), timed in this process
+    r = CliRunner().invoke(main, [str(out), "5", "--start", "3", "--in-process"])
+    assert r.exit_code == 0, r.output
+    assert f"block 1/1: {PREFIX}0_003_attention.onnx" in r.output
+    assert r.output.splitlines()[-1] == f"1 blocks timed into {out / 'fam.jsonl'} in this process"
+    rows = [json.loads(line) for line in (out / "fam.jsonl").read_text().splitlines()]
+    assert [x["model"] for x in rows if x["type"] == "done"] == [
+        f"{PREFIX}0_004_pool", f"{PREFIX}0_003_attention"]
 
 
-def test_sweep_family_process_that_dies(tmp_path, monkeypatch):
+def test_sweep_family_goes_on_past_a_process_that_dies(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    import subprocess
+    from splitc.cost_models import fresh
 
-    from splitc.tools import sweep_family
+    class Dead:  # a timing process killed by a signal before it printed its result
+        def __init__(self, cmd, **kw):
+            self.stdin, self.stdout = io.StringIO(), io.StringIO("round 1: ...\n")
 
-    monkeypatch.setattr(sweep_family.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, -9, ""))
+        def wait(self):
+            return -9
+
+    monkeypatch.setattr(fresh.subprocess, "Popen", Dead)
     out = tmp_path / "fam"
-    r = CliRunner().invoke(main, [str(out), "5", "--kinds", "dwconv,pool",
-                                  "--blocks-per-process", "2"])
+    r = CliRunner().invoke(main, [str(out), "5", "--kinds", "dwconv,pool"])
     assert r.exit_code == 0, r.output
-    assert (f"FAILED {PREFIX}0_002_dwconv.onnx, {PREFIX}0_004_pool.onnx: the timing process "
-            "exited with -9") in r.output
-    assert r.output.splitlines()[-1] == (f"0 blocks timed into {out / 'fam.jsonl'}, 2 failed "
-                                         "(2 a process)")
-
-
-def test_sweep_family_carries_the_probe_best(tmp_path, monkeypatch):
-    pytest.importorskip("torch")
-    import subprocess
-
-    from splitc.tools import sweep_family
-
-    cmds, best = [], {"probe_mm": 1e-6, "probe_add": 2e-4}
-
-    def run(cmd, **kw):
-        cmds.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, json.dumps({"failed": 0, "probe_best": best}))
-
-    monkeypatch.setattr(sweep_family.subprocess, "run", run)
-    r = CliRunner().invoke(main, [str(tmp_path / "fam"), "5", "--kinds", "dwconv,pool"])
-    assert r.exit_code == 0, r.output
-    # the first process starts with no reading; the next with the first one's best
-    arg = [c[c.index("--probe-best") + 1] for c in cmds]
-    assert [json.loads(a) for a in arg] == [{}, best]
+    for name in (f"{PREFIX}0_002_dwconv.onnx", f"{PREFIX}0_004_pool.onnx"):
+        assert (f"FAILED {name}: BuildError: Calibrate: the process timing "
+                f"{out / 'family' / name} exited with -9; the rows it finished are in "
+                f"{out / 'fam.jsonl'}: run again to resume") in r.output
+    assert r.output.splitlines()[-1] == (f"0 blocks timed into {out / 'fam.jsonl'}, 2 failed, "
+                                         "each in a fresh process")
 
 
 def test_sweep_family_unknown_kind():
