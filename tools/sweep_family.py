@@ -9,7 +9,8 @@ timed once (or in pieces: ``--start``) and reused by later calibrations and by
         [--kinds conv,dense]
 
 writes ``/tmp/fam/fam.jsonl`` (rows as calibration writes them, every block training-only)
-and caches the exported blocks under ``/tmp/fam/family``. A block that fails to build, or
+and caches the exported blocks under ``/tmp/fam/family``; ``--blocks DIR`` times an
+earlier sweep's exported blocks again instead (rows timed in a long-lived process). A block that fails to build, or
 whose timing process dies, is reported and skipped; the others go on. A block with a
 ``done`` row is not timed again. Needs torch (to export the blocks).
 
@@ -39,7 +40,11 @@ import click
 @click.option("--target", default="host", show_default=True)
 @click.option("--in-process", is_flag=True,
               help="time every block in this process, not each in a fresh one")
-def main(out: Path, n: int, start: int, kinds: str, target: str, in_process: bool) -> None:
+@click.option("--blocks", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="time the first N blocks exported under this folder (an "
+              "earlier sweep's family/) again, instead of drawing new ones")
+def main(out: Path, n: int, start: int, kinds: str, target: str, in_process: bool,
+         blocks: Path | None) -> None:
     from splitc import InputError
     from splitc.cost_models.calibrate import CalibrateConfig, build_workload
     from splitc.cost_models.dataset import done_keys, load_rows
@@ -56,8 +61,12 @@ def main(out: Path, n: int, start: int, kinds: str, target: str, in_process: boo
     out.mkdir(parents=True, exist_ok=True)
     cfg = CalibrateConfig(target=target, output=out / "fam.json")
     ds = cfg.dataset_path
-    paths = [p for p in family_models(out / "family", n, only=want)
-             if int(p.stem.split("_")[1]) >= start]
+    if blocks:  # an earlier sweep's blocks (their names end in their kind)
+        paths = [p for p in sorted(blocks.glob("*.onnx"))[:n]
+                 if not want or p.stem.rsplit("_", 1)[1] in want]
+    else:
+        paths = family_models(out / "family", n, only=want)
+    paths = [p for p in paths if int(p.stem.split("_")[1]) >= start]
     rows = load_rows(ds, target, "local")
     finished = {r["model"] for r in rows if r["type"] == "done"}
     if skipped := [m for m in paths if m.stem in finished]:

@@ -37,6 +37,14 @@ def test_sweep_family_times_training_rows_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (out / "fam.jsonl").read_text().splitlines()]
     assert [x["model"] for x in rows if x["type"] == "done"] == [
         f"{PREFIX}0_004_pool", f"{PREFIX}0_003_attention"]
+    # --blocks: that sweep's pool block timed again into another dataset, nothing drawn
+    again = tmp_path / "again"
+    r = CliRunner().invoke(main, [str(again), "5", "--kinds", "pool", "--in-process",
+                                  "--blocks", str(out / "family")])
+    assert r.exit_code == 0, r.output
+    assert f"block 1/1: {PREFIX}0_004_pool.onnx" in r.output and not (again / "family").exists()
+    new = [json.loads(line) for line in (again / "fam.jsonl").read_text().splitlines()]
+    assert {x["model"] for x in new} == {f"{PREFIX}0_004_pool"}
 
 
 def test_sweep_family_goes_on_past_a_process_that_dies(tmp_path, monkeypatch):
