@@ -86,9 +86,9 @@ def main() -> None:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    error, best = None, job["probe_best"]
-    runner = Runner(resolve(cfg.target), cfg.rpc_tracker, cfg.rpc_key)
+    error, best, runner = None, job["probe_best"], None
     try:
+        runner = Runner(resolve(cfg.target), cfg.rpc_tracker, cfg.rpc_key)
         probe = (Probe(runner, resolve(cfg.target), best)
                  if cfg.max_rounds > cfg.rounds else None)
         m, b = job["workload"]
@@ -98,15 +98,15 @@ def main() -> None:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()  # a killed process keeps every finished row
 
-            try:
-                measure_workload(build_workload(m, b), runner, cfg, done, emit, say, probe)
-            except SplitcError as e:  # the parent raises it again, as it is
-                error = {"message": str(e), "class": type(e).__name__}
-            except Exception as e:  # noqa: BLE001 - TVM's legalizer raises AssertionError...
-                error = {"message": str(e) or type(e).__name__, "class": None}
+            measure_workload(build_workload(m, b), runner, cfg, done, emit, say, probe)
         best = probe.best if probe else best
+    except SplitcError as e:  # no board from the tracker, ...: the parent raises it again
+        error = {"message": str(e), "class": type(e).__name__}
+    except Exception as e:  # noqa: BLE001 - TVM's legalizer raises AssertionError...
+        error = {"message": str(e) or type(e).__name__, "class": None}
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
     print(_RESULT + json.dumps({"error": error, "probe_best": best}), flush=True)
 
 

@@ -9,10 +9,10 @@ timed once (or in pieces: ``--start``) and reused by later calibrations and by
         [--kinds conv,dense]
 
 writes ``/tmp/fam/fam.jsonl`` (rows as calibration writes them, every block training-only)
-and caches the exported blocks under ``/tmp/fam/family``; ``--blocks DIR`` times an
-earlier sweep's exported blocks again instead (rows timed in a long-lived process). A block that fails to build, or
-whose timing process dies, is reported and skipped; the others go on. A block with a
-``done`` row is not timed again. Needs torch (to export the blocks).
+and caches the exported blocks under ``/tmp/fam/family``; ``--blocks DIR`` times an earlier
+sweep's exported blocks again instead (rows that were timed in a long-lived process). A block
+that fails to build, or whose timing process dies, is reported and skipped; the others go on.
+A block with a ``done`` row is not timed again. Needs torch (to export the blocks).
 
 Each block is timed in a fresh Python process (``cost_models/fresh.py``, as ``splitc
 calibrate`` times its workloads): a long-lived timing process drifts slow. In session 15,

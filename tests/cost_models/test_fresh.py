@@ -77,3 +77,20 @@ def test_a_generated_workload_that_fails_is_reported_not_left_out():
         "no); this generated training model should build: please report it")
     assert failed_message("a.onnx", "", None).endswith("failed (error); leave this model out "
                                                        "of --models")
+
+
+def test_a_real_child_hands_back_its_error(tmp_path):
+    """No board from the tracker (nothing listens there): the child's SplitcError, raised
+    again in the parent with its class and message."""
+    import socket
+
+    from splitc import SplitcError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = CalibrateConfig(output=tmp_path / "cal.json", rpc_tracker=f"127.0.0.1:{port}",
+                          rpc_key="k")
+    with pytest.raises(SplitcError, match=r"^Calibrate: cannot get a board with key 'k' from "
+                                          rf"the RPC tracker 127\.0\.0\.1:{port} "):
+        fresh.time_fresh(cfg, ("sweep", None), {}, lambda m: None)
