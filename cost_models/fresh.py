@@ -3,9 +3,10 @@
 A long-lived timing process drifts slow. Session 15 timed four 8x8 depthwise blocks, each in
 its own process, at 0.88-0.95 of what a one-process sweep of 160 blocks had read for their
 forward convs, with or without their step timed; session 14 timed mlp's whole step at 631 us
-late in the bench's calibration process and at 534-538 us in fresh processes. The test
-models' steps were timed early in that process, the synthetic and family models later, so the
-fit learned rates slower than the ones it was tested on.
+late in the bench's calibration process and at 534-538 us in fresh processes. Session 16,
+each test model in its own process: the calibration's steps came within -5.1..+0.8% of their
+fresh-process medians (-1.8..+17.7% in one process). The drift is not uniform: session 10's
+family blocks, timed again in fresh processes, read 0.998 of their old times in the median.
 
 ``time_fresh(cfg, workload, probe_best, say)`` runs ``python -m splitc.cost_models.fresh``,
 which builds the workload (``calibrate.build_workload``), times it with ``measure_workload``

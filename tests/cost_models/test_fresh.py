@@ -1,5 +1,6 @@
 """cost_models/fresh.py: each workload of a calibration timed in a fresh process; what the
-parent says when that process fails or dies (the real child runs in test_calibrate.py)."""
+parent says when that process fails or dies (real children: test_calibrate.py, and the
+last test here)."""
 
 import io
 import json

@@ -18,7 +18,7 @@ def test_sweep_family_times_training_rows_and_resumes(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1] == (f"1 blocks timed into {out / 'fam.jsonl'}, each in a "
                                          "fresh process")
-    assert "timing 0 kernels" not in r.output and "round 1: " in r.output  # the child's lines
+    assert "round 1: " in r.output  # the child's progress, passed on
     rows = [json.loads(line) for line in (out / "fam.jsonl").read_text().splitlines()]
     kern = [x for x in rows if x["type"] == "kernel"]
     assert kern and all(x["train_only"] and x["model"] == f"{PREFIX}0_004_pool" for x in kern)
