@@ -27,7 +27,7 @@ from collections.abc import Callable
 import splitc
 from splitc import BuildError, SplitcError
 
-__all__ = ["time_fresh"]
+__all__ = ["measure_into", "time_fresh"]
 
 _RESULT = "splitc-fresh-result "
 # the CalibrateConfig fields that timing one workload reads (measure.py)
@@ -68,14 +68,28 @@ def time_fresh(cfg, workload: tuple[str, object], probe_best: dict[str, float],
     return result["probe_best"]
 
 
+def measure_into(cfg, workload: tuple[str, object], runner, probe, done: set,
+                 say: Callable[[str], None]) -> None:
+    """Time ``workload`` here, with ``runner`` and ``probe``, appending its rows to the dataset
+    as they finish (the child's work, and ``sweep_family --in-process``'s)."""
+    from splitc.cost_models.calibrate import build_workload
+    from splitc.cost_models.measure import measure_workload
+
+    with cfg.dataset_path.open("a") as fh:
+        def emit(row: dict) -> None:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()  # a killed process keeps every finished row
+
+        measure_workload(build_workload(*workload), runner, cfg, done, emit, say, probe)
+
+
 def main() -> None:
     """The child: a job (JSON) on stdin, progress lines and then the result on stdout."""
     from pathlib import Path
 
-    from splitc.cost_models.calibrate import CalibrateConfig, build_workload
+    from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.dataset import done_keys, load_rows
     from splitc.cost_models.kernels import resolve
-    from splitc.cost_models.measure import measure_workload
     from splitc.cost_models.rpc import Runner
     from splitc.cost_models.sampling import Probe
 
@@ -92,14 +106,8 @@ def main() -> None:
         runner = Runner(resolve(cfg.target), cfg.rpc_tracker, cfg.rpc_key)
         probe = (Probe(runner, resolve(cfg.target), best)
                  if cfg.max_rounds > cfg.rounds else None)
-        m, b = job["workload"]
         done = done_keys(load_rows(cfg.dataset_path, cfg.target, runner.board))
-        with cfg.dataset_path.open("a") as fh:
-            def emit(row: dict) -> None:
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()  # a killed process keeps every finished row
-
-            measure_workload(build_workload(m, b), runner, cfg, done, emit, say, probe)
+        measure_into(cfg, tuple(job["workload"]), runner, probe, done, say)
         best = probe.best if probe else best
     except SplitcError as e:  # no board from the tracker, ...: the parent raises it again
         error = {"message": str(e), "class": type(e).__name__}

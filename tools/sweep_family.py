@@ -23,7 +23,6 @@ this process.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -46,12 +45,11 @@ import click
 def main(out: Path, n: int, start: int, kinds: str, target: str, in_process: bool,
          blocks: Path | None) -> None:
     from splitc import InputError
-    from splitc.cost_models.calibrate import CalibrateConfig, build_workload
+    from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.dataset import done_keys, load_rows
     from splitc.cost_models.family_sweep import FAMILY_KINDS, family_models
-    from splitc.cost_models.fresh import time_fresh
+    from splitc.cost_models.fresh import measure_into, time_fresh
     from splitc.cost_models.kernels import resolve
-    from splitc.cost_models.measure import measure_workload
     from splitc.cost_models.rpc import Runner
     from splitc.cost_models.sampling import Probe
 
@@ -79,24 +77,19 @@ def main(out: Path, n: int, start: int, kinds: str, target: str, in_process: boo
 
     runner = Runner(resolve(target), None, None) if in_process else None
     probe = Probe(runner, resolve(target)) if runner else None
+    done = done_keys(rows)  # kernels of a block a killed sweep left unfinished
     best: dict[str, float] = {}  # the probe's best readings, carried from process to process
     failed = 0
-    with ds.open("a") as fh:
-        def emit(row: dict) -> None:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()  # a killed sweep keeps every finished row
-
-        for i, m in enumerate(paths):
-            say(f"block {i + 1}/{len(paths)}: {m.name}")
-            try:
-                if runner:
-                    measure_workload(build_workload(m, "family"), runner, cfg,
-                                     done_keys(rows), emit, say, probe)
-                else:
-                    best = time_fresh(cfg, (m, "family"), best, say)
-            except Exception as e:  # noqa: BLE001 - one block failing must not stop the sweep
-                failed += 1
-                say(f"FAILED {m.name}: {type(e).__name__}: {e}")
+    for i, m in enumerate(paths):
+        say(f"block {i + 1}/{len(paths)}: {m.name}")
+        try:
+            if runner:
+                measure_into(cfg, (m, "family"), runner, probe, done, say)
+            else:
+                best = time_fresh(cfg, (m, "family"), best, say)
+        except Exception as e:  # noqa: BLE001 - one block failing must not stop the sweep
+            failed += 1
+            say(f"FAILED {m.name}: {type(e).__name__}: {e}")
     if runner:
         runner.close()
     click.echo(f"{len(paths) - failed} blocks timed into {ds}" +
