@@ -22,3 +22,27 @@ def test_fresh_lines_score_predictions_against_the_fresh_median():
     # one line per model the bench knows: median, spread, kernel-sum and op-sum errors
     assert _fresh_lines(fresh) == [
         "  mlp                 562.500 (spread 25.0%) |  -11.1% |   +0.0%"]
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flag, fresh", [([], True), (["--in-process"], False)])
+def test_in_process_times_every_workload_in_the_bench_process(monkeypatch, tmp_path, flag,
+                                                               fresh):
+    from click.testing import CliRunner
+    from splitc.cost_models import calibrate as cal
+    from splitc.tools import bench_cost_model as bench
+
+    seen = []
+
+    def stop(cfg):
+        seen.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(bench, "_models", lambda out, big=False: {})
+    monkeypatch.setattr(cal, "calibrate", stop)
+    res = CliRunner().invoke(bench.main, ["--out", str(tmp_path), *flag])
+    assert isinstance(res.exception, _Stop)
+    assert seen[0].fresh_processes is fresh
