@@ -14,7 +14,7 @@
    Each workload is timed in a fresh process (``cost_models/fresh.py``); ``--in-process``
    times them all in this one, the way every reused training row so far was timed (session
    17: the 402 held-out kernels priced by look-up agreed with their twins within +-10 % for
-   389 timed in-process, 377 timed in fresh processes in the same hour).
+   389 timed in-process, 376 timed in fresh processes in the same hour).
 2. Held-out kernels: leave-one-model-out over the 7 test models (``cost_models/fit.py:
    heldout_report``): share of kernels within +-10 % and MAPE for the roofline prior, linear
    and per-family trees on plain and on schedule-aware features (a kernel measured in another
