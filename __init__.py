@@ -5,6 +5,8 @@ solver), ``splitc.cost_models``, ``splitc.runtime`` and ``splitc.tools`` (the CL
 Nothing heavy is imported here: ``import splitc`` must not pull in TVM.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -62,3 +64,22 @@ class TransportError(SplitcError):
     """A message on the link broke the transport spec, or the peer went away."""
 
     exit_code = 7
+
+
+def _keep_cpu_set() -> None:
+    """Keep TVM's threads on the cores this process was started on.
+
+    TVM's thread pool binds its threads, the calling one included, to cores 0..n-1 when it
+    first starts (``threading::ThreadGroup::Configure``), whatever cores the process may use.
+    Under ``taskset -c 1`` a calibration went on to time every kernel on core 0 (session 17,
+    seen with strace); work started on core 0 "beside it" then shared its core, and steps of
+    60 ms read 115-145 ms. Where the process may not use every core, binding is turned off
+    (``TVM_BIND_THREADS=0``, read when the pool starts, after this import), so the threads
+    stay on the cores given. A ``TVM_BIND_THREADS`` the user set is left alone."""
+    if "TVM_BIND_THREADS" in _os.environ or not hasattr(_os, "sched_getaffinity"):
+        return
+    if len(_os.sched_getaffinity(0)) < (_os.cpu_count() or 1):
+        _os.environ["TVM_BIND_THREADS"] = "0"
+
+
+_keep_cpu_set()

@@ -102,3 +102,41 @@ def test_two_runs_agree():
     assert max(a["flops"], b["flops"]) / min(a["flops"], b["flops"]) < 1.5
     assert max(a["bandwidth"], b["bandwidth"]) / min(a["bandwidth"], b["bandwidth"]) < 2.5
     assert np.isfinite(a["overhead"]) and 0 < a["overhead"] < 1e-3
+
+
+_PINNED = """
+import os, sys
+os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+import splitc
+import tvm
+tvm.get_global_func("runtime.NumThreads")()  # starts TVM's thread pool
+print(sorted(os.sched_getaffinity(0)), os.environ.get("TVM_BIND_THREADS"))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_tvm_threads_stay_on_the_cores_the_process_was_started_on():
+    # TVM's pool binds the calling thread to core 0 when it starts, whatever the process was
+    # given (taskset); importing splitc first turns the binding off for a narrowed process
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    out = subprocess.run([sys.executable, "-c", _PINNED], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [f"[{max(os.sched_getaffinity(0))}]", "0"]
+
+
+@pytest.mark.parametrize("env, cores, bind", [({}, 2, None), ({}, 1, "0"),
+                                              ({"TVM_BIND_THREADS": "1"}, 1, "1")])
+def test_keep_cpu_set_only_where_the_process_may_not_use_every_core(monkeypatch, env, cores,
+                                                                     bind):
+    import splitc
+
+    monkeypatch.delenv("TVM_BIND_THREADS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    splitc._keep_cpu_set()
+    assert os.environ.get("TVM_BIND_THREADS") == bind
