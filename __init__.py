@@ -73,7 +73,7 @@ def _keep_cpu_set() -> None:
     first starts (``threading::ThreadGroup::Configure``), whatever cores the process may use.
     Under ``taskset -c 1`` a calibration went on to time every kernel on core 0 (session 17,
     seen with strace); work started on core 0 "beside it" then shared its core, and steps of
-    60 ms read 115-145 ms. Where the process may not use every core, binding is turned off
+    56-67 ms read 115-145 ms. Where the process may not use every core, binding is turned off
     (``TVM_BIND_THREADS=0``, read when the pool starts, after this import), so the threads
     stay on the cores given. A ``TVM_BIND_THREADS`` the user set is left alone."""
     if "TVM_BIND_THREADS" in _os.environ or not hasattr(_os, "sched_getaffinity"):
