@@ -7,6 +7,10 @@ late in the bench's calibration process and at 534-538 us in fresh processes. Se
 each test model in its own process: the calibration's steps came within -5.1..+0.8% of their
 fresh-process medians (-1.8..+17.7% in one process). The drift is not uniform: session 10's
 family blocks, timed again in fresh processes, read 0.998 of their old times in the median.
+Session 17 found that TVM had bound those timings to core 0, where other work may have run
+beside them (``splitc/__init__.py: _keep_cpu_set``); with nothing beside it, only mlp's step
+still drifted in one process (611 us as the fifth model, 531 us fresh), the other eight
+steps within -4.7..+2.2% of their fresh medians.
 
 ``time_fresh(cfg, workload, probe_best, say)`` runs ``python -m splitc.cost_models.fresh``,
 which builds the workload (``calibrate.build_workload``), times it with ``measure_workload``

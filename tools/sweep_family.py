@@ -77,7 +77,8 @@ def main(out: Path, n: int, start: int, kinds: str, target: str, in_process: boo
 
     runner = Runner(resolve(target), None, None) if in_process else None
     probe = Probe(runner, resolve(target)) if runner else None
-    done = done_keys(rows)  # kernels of a block a killed sweep left unfinished
+    # kernels of a block a killed sweep left unfinished (a fresh process reads its own)
+    done = done_keys(rows) if runner else None
     best: dict[str, float] = {}  # the probe's best readings, carried from process to process
     failed = 0
     for i, m in enumerate(paths):

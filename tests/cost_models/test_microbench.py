@@ -105,7 +105,7 @@ def test_two_runs_agree():
 
 
 _PINNED = """
-import os, sys
+import os
 os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
 import splitc
 import tvm
