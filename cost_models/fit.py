@@ -29,6 +29,7 @@ from splitc.cost_models.learned import LEARNED_VERSION, step_scales
 from splitc.cost_models.lookup import label_key, measured_time, scaled_time, scaled_twins, twins
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.regressors import Regressor, fit_regressor, mape, within
+from splitc.cost_models.step_costs import kernel_id
 from splitc.cost_models.step_fit import (  # noqa: F401 - TRAIN_STEP_WEIGHT, _step_fit: re-export
     TRAIN_STEP_WEIGHT,
     _op_fit,
@@ -200,6 +201,10 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
                 if name != "roofline":
                     pred = float((calls * p[idx] * in_step[idx]).sum()
                                  + sm["call_overhead"] * steps[w]["n_calls"])
+                    # each kernel as timed alone, for op costs priced from the compiled step
+                    # (step_costs.py: op_costs_from_kernels; the bench's decisions)
+                    step_rep[w].setdefault("kernel_times", {})[name] = {
+                        kernel_id(test[i]): float(p[i]) for i in idx}
                 else:
                     pred = float((calls * p[idx]).sum())
                 step_rep[w][name] = pred

@@ -12,11 +12,13 @@ compiler (see ``calibrate.py``).
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 from splitc.cost_models.features import KernelFeatures, parse_kinds
 
-__all__ = ["Call", "calls", "features", "resolve", "scheduled", "vm_builtins", "vm_specs"]
+__all__ = ["Call", "calls", "describe", "features", "kernel_groups", "resolve", "scheduled",
+           "vm_builtins", "vm_specs"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +136,65 @@ def scheduled(mod, target, tuning_records=None):
         return default_cpu_schedule(
             relax.transform.LegalizeOps()(rewrite_for_cpu(mod)), target, tile_knobs=knobs
         )
+
+
+def kernel_groups(w, target, tuning_records=None, say=lambda m: None):
+    """Workload ``w`` (``workloads.Workload``) scheduled as the build does (``scheduled``):
+    ``(sched, calls, prims, groups, sites)``: the scheduled module, its kernel ``calls``, its
+    PrimFuncs by name, the calls grouped by ``(function, role, symbol, specs)`` (one dataset
+    row each) and, per group, where each call came from (``_sites``)."""
+    from splitc.passes.provenance import trace
+    from tvm import tirx
+
+    with trace() as tr:
+        sched = scheduled(w.module, target, tuning_records)
+    cs = calls(sched, w.weights)
+    prims = {gv.name_hint: f for gv, f in sched.functions.items() if isinstance(f, tirx.PrimFunc)}
+    groups: dict[tuple, list] = defaultdict(list)
+    for c in cs:
+        groups[(c.function, c.role, c.symbol, c.specs)].append(c)
+    return sched, cs, prims, groups, _sites(tr, w, sched, groups, say)
+
+
+def describe(key: tuple, cs: list[Call], prims: dict, target, sites: dict) -> dict:
+    """One kernel group of ``kernel_groups`` as the untimed part of its dataset row:
+    ``function``, ``role``, ``symbol``, ``calls``, ``features`` (FLOPs from TVM's estimate,
+    schedule features from ``tir_features.py``) and ``sites`` where traced."""
+    import tvm
+    from splitc.cost_models.tir_features import schedule_features
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    fname, role, sym, _ = key
+    try:
+        flops = float(estimate_tir_flops(tvm.IRModule({sym: prims[sym]})))
+    except Exception:  # noqa: BLE001 - opaque extern calls have no FLOP estimate
+        flops = 0.0
+    sf = schedule_features(prims[sym], target)
+    row = {"function": fname, "role": role, "symbol": sym, "calls": len(cs),
+           "features": features(cs[0], flops, "T.parallel(" in prims[sym].script(),
+                                sf).to_json()}
+    if key in sites:
+        row["sites"] = sites[key]
+    return row
+
+
+def _sites(tr, w, sched, groups: dict, say) -> dict:
+    """Per kernel row (group key), the parts of each of its calls: which planner op each
+    fused binding came from (``passes/provenance.py``; ``cost_models/attribute.py`` splits
+    the row's time by them). Empty for workloads without an OpGraph (the op sweep), and on
+    a tracing failure, which is reported: the timings do not depend on it."""
+    if w.graph is None:
+        return {}
+    try:
+        by_call = defaultdict(list)
+        for site in tr.sites(w.module, sched, w.graph):
+            by_call[(site.function, site.symbol)].append(site.to_json()["parts"])
+    except Exception as e:  # noqa: BLE001 - provenance is extra data; timing goes on
+        say(f"{w.key}: kernel provenance failed ({type(e).__name__}: {e}); rows keep none")
+        return {}
+    out = {}
+    for key, cs in groups.items():  # calls and sites are both in program order
+        parts = by_call.get((key[0], key[2]), [])
+        if len(parts) >= len(cs):
+            out[key], by_call[(key[0], key[2])] = parts[:len(cs)], parts[len(cs):]
+    return out

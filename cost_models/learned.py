@@ -131,10 +131,12 @@ class LearnedModel:
         """Seconds for one kernel call, VM call overhead included."""
         return float(self.kernel_times([k])[0])
 
-    def kernel_times(self, ks: list[KernelFeatures], op_level: bool = False) -> np.ndarray:
-        """Seconds per call of each kernel. ``op_level``: ``ks`` are op kernels
+    def kernel_times(self, ks: list[KernelFeatures], op_level: bool = False,
+                     alone: bool = False) -> np.ndarray:
+        """Seconds per call of each kernel inside the step. ``op_level``: ``ks`` are op kernels
         (``op_kernels``), corrected by the profile's ``op_scale`` and ``op_overhead`` towards
-        the step TVM really runs; never looked up (``twins`` are fused kernels)."""
+        the step TVM really runs; never looked up (``twins`` are fused kernels). ``alone``:
+        each kernel as timed alone (no step scale, no call overhead)."""
         if not ks:
             return np.zeros(0)
         self.kernels += len(ks)
@@ -158,6 +160,8 @@ class LearnedModel:
                 t[i] *= self.op_scale.get(f"{k.role}/*", 1.0)
         if op_level:  # op_scale and op_overhead were fitted against whole steps
             return t + self.op_overhead
+        if alone:
+            return t
         return (step_scales(ks, self.step_scale, self.step_scale_large, self.large_bytes) * t
                 + self.call_overhead)
 

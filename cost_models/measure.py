@@ -3,24 +3,21 @@
 ``measure_workload`` is step 3 of calibration (``calibrate.py`` says how the pieces fit): it
 schedules a workload's kernels as ``splitc compile`` would, builds them into one library and
 the step for the Relax VM, times both in rounds (``sampling.py: time_rounds``), traces each
-kernel call back to the bindings and planner ops it covers (``_sites``, from
-``passes/provenance.py``'s map) and emits kernel, ``ops``, ``step`` and ``done`` rows with
+kernel call back to the bindings and planner ops it covers (``kernels.py: kernel_groups``,
+from ``passes/provenance.py``'s map) and emits kernel, ``ops``, ``step`` and ``done`` rows with
 their provenance. A workload whose ``done`` row is in the dataset is skipped.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from splitc import InputError, __version__
 from splitc.cost_models.dataset import DATASET_VERSION, now, row_key
-from splitc.cost_models.kernels import calls as _calls
-from splitc.cost_models.kernels import features as _features
+from splitc.cost_models.kernels import describe, kernel_groups
 from splitc.cost_models.kernels import resolve as _target
-from splitc.cost_models.kernels import scheduled as _schedule
 from splitc.cost_models.kernels import vm_builtins as _vm_builtins
 from splitc.cost_models.kernels import vm_specs as _vm_specs
 from splitc.cost_models.sampling import Probe, time_rounds
@@ -56,10 +53,6 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     ``probe``, shared by every workload of a calibration, decides when a round was quiet),
     and ``emit`` one row per kernel and one ``step`` row."""
     import tvm
-    from splitc.cost_models.tir_features import schedule_features
-    from splitc.passes.provenance import trace
-    from tvm import tirx
-    from tvm.s_tir.analysis import estimate_tir_flops
 
     target = _target(cfg.target)
     if target.kind.name != "llvm":
@@ -69,14 +62,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
         say(f"{w.key}: already measured")
         return
     t0 = time.perf_counter()
-    with trace() as tr:
-        sched = _schedule(w.module, target, cfg.tuning_records)
-    calls = _calls(sched, w.weights)
-    prims = {gv.name_hint: f for gv, f in sched.functions.items() if isinstance(f, tirx.PrimFunc)}
-    groups: dict[tuple, list] = defaultdict(list)
-    for c in calls:
-        groups[(c.function, c.role, c.symbol, c.specs)].append(c)
-    sites = _sites(tr, w, sched, groups, say)
+    sched, calls, prims, groups, sites = kernel_groups(w, target, cfg.tuning_records, say)
     # threads: the TVM runtime's pool here (1 on this 2-vCPU box, or TVM_NUM_THREADS);
     # unknown on a board behind RPC. stat: which statistic of the timings "seconds" is.
     prov = {"train_only": w.train_only, "target": str(cfg.target),
@@ -85,7 +71,10 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
             "repeats": cfg.repeats, "number": cfg.number, "min_repeat_ms": cfg.min_repeat_ms,
             "stat": "min", "threads": runner.threads, "schema": DATASET_VERSION,
             "rounds": cfg.rounds, "max_rounds": cfg.max_rounds,
-            "schedules": schedules_label(cfg)}
+            "schedules": schedules_label(cfg),
+            # timed in a process of its own (calibrate's default) or in one shared with other
+            # workloads (--in-process): kernels move by a few % between the two (session 17)
+            "process": "fresh" if cfg.fresh_processes else "shared"}
     todo = [(k, cs) for k, cs in groups.items()
             if kernels and row_key(w.key, *k[:3]) not in done]
     # training-only workloads are not tested on: their noise floor is not needed (half the
@@ -126,21 +115,12 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
     # again, after the whole first measurement: the noise floor of any fit
     ts2, fs2, _ = timed("re-timing") if recheck else ([None] * len(todo), None, None)
     rows = []
-    for (((fname, role, sym, specs_), cs), t, t2) in zip(todo, ts, ts2):
-        try:
-            flops = float(estimate_tir_flops(tvm.IRModule({sym: prims[sym]})))
-        except Exception:  # noqa: BLE001 - opaque extern calls have no FLOP estimate
-            flops = 0.0
-        sf = schedule_features(prims[sym], target)
+    for ((key, cs), t, t2) in zip(todo, ts, ts2):
         rows.append({"type": "kernel", "workload": w.key, "model": w.model,
-                     "function": fname, "role": role, "symbol": sym, "calls": len(cs),
-                     "features": _features(cs[0], flops, "T.parallel(" in prims[sym].script(),
-                                           sf).to_json(),
+                     **describe(key, cs, prims, target, sites),
                      "seconds": t.seconds, "median": t.median, "spread": t.spread,
                      "samples": t.repeats, "rounds_used": info["rounds"],
                      "quiet": info["quiet"], "date": now(), **prov})
-        if (fname, role, sym, specs_) in sites:
-            rows[-1]["sites"] = sites[(fname, role, sym, specs_)]
         if t2 is not None:
             rows[-1].update(seconds=min(t.seconds, t2.seconds), seconds_first=t.seconds,
                             seconds_again=t2.seconds, median_again=t2.median)
@@ -167,24 +147,3 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
         say(f"{w.key}: step {row['seconds'] * 1e3:.3f} ms")
     emit({"type": "done", "workload": w.key, "model": w.model, "date": now(), **prov})
 
-
-def _sites(tr, w: Workload, sched, groups: dict, say) -> dict:
-    """Per kernel row (group key), the parts of each of its calls: which planner op each
-    fused binding came from (``passes/provenance.py``; ``cost_models/attribute.py`` splits
-    the row's time by them). Empty for workloads without an OpGraph (the op sweep), and on
-    a tracing failure, which is reported: the timings do not depend on it."""
-    if w.graph is None:
-        return {}
-    try:
-        by_call = defaultdict(list)
-        for site in tr.sites(w.module, sched, w.graph):
-            by_call[(site.function, site.symbol)].append(site.to_json()["parts"])
-    except Exception as e:  # noqa: BLE001 - provenance is extra data; timing goes on
-        say(f"{w.key}: kernel provenance failed ({type(e).__name__}: {e}); rows keep none")
-        return {}
-    out = {}
-    for key, cs in groups.items():  # calls and sites are both in program order
-        parts = by_call.get((key[0], key[2]), [])
-        if len(parts) >= len(cs):
-            out[key], by_call[(key[0], key[2])] = parts[:len(cs)], parts[len(cs):]
-    return out

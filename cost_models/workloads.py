@@ -48,9 +48,12 @@ class Workload:
 
 
 def model_module(path: Path, batch: int | None = None, train_only: bool = False,
-                 step: bool = True) -> Workload:
+                 step: bool = True, input_shapes: dict | None = None,
+                 loss: str = "cross-entropy", optimizer: str = "sgd") -> Workload:
     """Server-only split of one ONNX model: the whole training step on one side. ``step``:
-    whether calibration times the whole step too (the family sweep's blocks: kernels only)."""
+    whether calibration times the whole step too (the family sweep's blocks: kernels only).
+    ``input_shapes``, ``loss`` and ``optimizer`` as ``splitc plan`` takes them (calibration
+    uses the defaults)."""
     import tvm
     from splitc.cost_models.link import Link
     from splitc.cost_models.roofline import RooflineModel
@@ -60,7 +63,7 @@ def model_module(path: Path, batch: int | None = None, train_only: bool = False,
     from splitc.passes.provenance import tag_ops
     from splitc.passes.split_module import split_module
 
-    mod, info = load_onnx(path, None, batch)
+    mod, info = load_onnx(path, input_shapes or None, batch)
     # main's vars named after their ops: names only, the kernels are the same (provenance)
     mod = tag_ops(mod)
     # costs do not matter for a server-only plan; any profile will do
@@ -75,11 +78,11 @@ def model_module(path: Path, batch: int | None = None, train_only: bool = False,
             seen.append(f)
             return prior.op_cost(f)
 
-    graph = annotate_costs(mod, prior, _Record(), model_hash=info.sha256, name=info.name,
-                           buffers=info.buffers)
+    graph = annotate_costs(mod, prior, _Record(), loss=loss, model_hash=info.sha256,
+                           name=info.name, buffers=info.buffers)
     plan = solve(graph, Link.parse("1Gbps", None, "0"), algorithm="server-only",
                  allow_raw_upload=True)
-    smod, spec = split_module(mod, plan)
+    smod, spec = split_module(mod, plan, loss=loss, optimizer=optimizer)
     keep = {gv: f for gv, f in smod.functions.items()
             if gv.name_hint in ("server_loss_adjoint", "server_step", "server_update")}
     keep = _with_flat_entries(tvm.IRModule(keep), ("server_step", "server_update"))

@@ -19,12 +19,14 @@ from splitc.passes.opgraph import OpGraph
 from splitc.passes.plan import Plan
 
 __all__ = [
+    "OP_COSTS",
     "CompileConfig",
     "PlanConfig",
     "PlanResult",
     "compile_model",
     "plan_model",
     "with_recompute",
+    "with_step_costs",
 ]
 
 
@@ -48,6 +50,9 @@ class PlanConfig:
     tied_policy: str = "sync"
     allow_raw_upload: bool = False
     baselines: bool = True  # also solve every other algorithm for comparison
+    # learned CPU profiles: price ops from the compiled training step ("step"), from each op
+    # alone ("ops"), or the step where the profile allows it ("auto"); see with_step_costs
+    op_costs: str = "auto"
 
     @property
     def link(self) -> Link:
@@ -89,7 +94,7 @@ def with_recompute(graph: OpGraph) -> OpGraph:
     return replace(graph, ops=ops, cost_model=graph.cost_model + "; device recompute")
 
 
-def annotate_model(cfg: PlanConfig, models=None):
+def annotate_model(cfg: PlanConfig, models=None, progress: Callable[[str], None] | None = None):
     """Import and annotate: returns (IRModule, ModelInfo, OpGraph).
 
     ``models``: the ``_cost_models(cfg)`` tuple when the caller already has it.
@@ -101,7 +106,54 @@ def annotate_model(cfg: PlanConfig, models=None):
     dev, srv, _, _ = models or _cost_models(cfg)
     graph = annotate_costs(mod, dev, srv, loss=cfg.loss, model_hash=info.sha256, name=info.name,
                            buffers=info.buffers)
-    return mod, info, graph
+    return mod, info, with_step_costs(cfg, graph, dev, srv, progress)
+
+
+OP_COSTS = ("auto", "step", "ops")
+
+
+def with_step_costs(cfg: PlanConfig, graph: OpGraph, dev, srv,
+                    progress: Callable[[str], None] | None = None) -> OpGraph:
+    """``cfg.op_costs``: each side whose cost model is a learned profile calibrated on a CPU
+    target gets its op costs (and the server its loss) from the compiled training step
+    (``cost_models/step_costs.py`` says how and why). ``auto``: for training plans, where a
+    side allows it; ``step``: both sides must (else ``InputError``); ``ops``: never."""
+    from splitc import InputError
+    from splitc.cost_models.learned import LearnedModel
+    from splitc.cost_models.step_costs import LOSS, step_op_costs, step_target
+
+    if cfg.op_costs not in OP_COSTS:
+        raise InputError(f"unknown op costs {cfg.op_costs!r}; use one of {', '.join(OP_COSTS)}")
+    if cfg.op_costs == "ops" or (cfg.op_costs == "auto" and cfg.objective != "training"):
+        return graph
+    if cfg.objective != "training":
+        raise InputError("--op-costs step prices the compiled training step; use --op-costs "
+                         "ops for an inference plan")
+    sides = {}
+    for side, m in (("device", dev), ("server", srv)):
+        if isinstance(m, LearnedModel) and step_target(m) is not None:
+            sides[side] = m
+        elif cfg.op_costs == "step":
+            raise InputError(f"--op-costs step: the {side} profile is not a learned profile "
+                             f"calibrated on a CPU (llvm) target ({m.name}); use --op-costs ops")
+    if not sides:
+        return graph
+    say = progress or (lambda msg: None)
+    ops = [(op.name, op.features) for op in graph.ops if op.features is not None]
+    costs: dict[str, dict] = {}
+    for side, m in sides.items():
+        if side == "server" and "device" in costs and m.profile == dev.profile:
+            costs[side] = costs["device"]  # one profile on both sides: priced once
+            continue
+        say(f"pricing the {side}'s ops from the compiled training step ({m.profile.name})")
+        costs[side] = step_op_costs(cfg.model, m, ops, cfg.batch_size, cfg.input_shapes or None,
+                                    cfg.loss, cfg.optimizer, say)
+    dc, sc = costs.get("device", {}), costs.get("server", {})
+    new_ops = tuple(replace(op, device=dc.get(op.name, op.device),
+                            server=sc.get(op.name, op.server)) for op in graph.ops)
+    return replace(graph, ops=new_ops, loss_server=sc.get(LOSS, graph.loss_server),
+                   cost_model=graph.cost_model + f"; op costs from the compiled step "
+                   f"({', '.join(sides)})")
 
 
 def plan_model(cfg: PlanConfig, progress: Callable[[str], None] | None = None) -> PlanResult:
@@ -111,12 +163,12 @@ def plan_model(cfg: PlanConfig, progress: Callable[[str], None] | None = None) -
     say(f"importing {cfg.model}")
     models = _cost_models(cfg)
     _, _, dev_name, srv_name = models
-    mod, info, graph = annotate_model(cfg, models)
+    mod, info, graph = annotate_model(cfg, models, say)
     if cfg.recompute:
         graph = with_recompute(graph)
-    kw = dict(objective=cfg.objective, pins=cfg.pins, tied_policy=cfg.tied_policy,
-              allow_raw_upload=cfg.allow_raw_upload, device_profile=dev_name,
-              server_profile=srv_name)
+    kw = {"objective": cfg.objective, "pins": cfg.pins, "tied_policy": cfg.tied_policy,
+              "allow_raw_upload": cfg.allow_raw_upload, "device_profile": dev_name,
+              "server_profile": srv_name}
     say(f"solving ({cfg.algorithm}) over {len(graph.ops)} ops")
     plan = solve(graph, cfg.link, algorithm=cfg.algorithm, engine=cfg.engine, **kw)
     comparison = {cfg.algorithm: plan}

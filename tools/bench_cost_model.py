@@ -29,7 +29,9 @@
    time; the step's time beyond its kernels spread evenly);
    device = those costs, server 10x faster; the mincut plan chosen with predicted costs is
    evaluated with the measured costs against the plan chosen with measured costs, at 10, 100
-   and 1000 Mbps.
+   and 1000 Mbps. Predicted costs: the planner's for this profile (``splitc plan --op-costs
+   auto``: the held-out predicted kernels of the compiled step, attributed by the same rule,
+   ``cost_models/step_costs.py``), and the op-level ones (``--op-costs ops``) beside them.
 
 Timings on a shared machine are noisy: kernels and the whole step are the minimum of timings
 of >= 1 ms taken in >= 3 rounds, pinned to one core, until a round ran on a quiet machine
@@ -165,6 +167,22 @@ def _with_costs(graph, dev: dict, server_speedup: float = 10.0):
     return dataclasses.replace(graph, ops=tuple(ops))
 
 
+def _decisions(gm, gp, Link, solve, evaluate) -> dict:
+    """Per link rate: the plan chosen on ``gp``'s costs against the plan chosen on ``gm``'s
+    (measured), both evaluated with the measured costs."""
+    dec = {}
+    for rate in ("10Mbps", "100Mbps", "1000Mbps"):
+        link = Link.parse(rate, None, "0")
+        best = solve(gm, link, algorithm="mincut")
+        pred = solve(gp, link, algorithm="mincut")
+        t_best = float(evaluate(gm, best.placement, link).total)
+        t_pred = float(evaluate(gm, pred.placement, link).total)
+        dec[rate] = {"gap_pct": (t_pred / t_best - 1) * 100,
+                     "device_ops_pred": len(pred.placement.device),
+                     "device_ops_best": len(best.placement.device)}
+    return dec
+
+
 def _fresh_lines(fresh: dict) -> list[str]:
     """One line per test model of ``time_steps.summarize``'s output: the fresh-process
     median, its spread, and the predicted steps' errors against it."""
@@ -214,6 +232,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
     from splitc.cost_models.link import Link
     from splitc.cost_models.profiles import DeviceProfile, load_profile
     from splitc.cost_models.roofline import RooflineModel
+    from splitc.cost_models.step_costs import kernel_id, op_costs_from_kernels
     from splitc.passes.annotate_costs import annotate_costs
     from splitc.passes.frontend import load_onnx
     from splitc.passes.partition import solve
@@ -304,21 +323,23 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
                        f"{within['within_10pct']:.0%} within 10%, "
                        f"{within['within_25pct']:.0%} within 25% ({len(errs)} ops)")
         gm = _with_costs(g, measured_ops)
-        gp = _with_costs(g, {op.name: op.device for op in g.ops})
-        dec = {}
-        for rate in ("10Mbps", "100Mbps", "1000Mbps"):
-            link = Link.parse(rate, None, "0")
-            best = solve(gm, link, algorithm="mincut")
-            pred = solve(gp, link, algorithm="mincut")
-            t_best = float(evaluate(gm, best.placement, link).total)
-            t_pred = float(evaluate(gm, pred.placement, link).total)
-            dec[rate] = {"gap_pct": (t_pred / t_best - 1) * 100,
-                         "device_ops_pred": len(pred.placement.device),
-                         "device_ops_best": len(best.placement.device)}
-        results["decisions"][name] = dec
-        click.echo("      decision gap: " + ", ".join(
-            f"{r} {d['gap_pct']:.2f}% (dev ops {d['device_ops_pred']}/{d['device_ops_best']})"
-            for r, d in dec.items()))
+        # the planner's costs for this profile (splitc plan --op-costs auto = step): the
+        # held-out kernel predictions of the compiled step, attributed as the measured ones
+        kt = prof.learned["steps"].get(w, {}).get("kernel_times", {})
+        kt = kt.get(prof.learned["kernel_regressor_name"])
+        preds = {"op-level": {op.name: op.device for op in g.ops}}
+        if sites and kt and ksum:
+            preds["step"] = op_costs_from_kernels(
+                [(op.name, op.features) for op in g.ops if op.features is not None], kern,
+                [kt[kernel_id(r)] for r in kern], ksum, base)
+        primary = "step" if "step" in preds else "op-level"
+        for how, costs in preds.items():
+            dec = _decisions(gm, _with_costs(g, costs), Link, solve, evaluate)
+            key = "decisions" if how == primary else "decisions_op_level"
+            results.setdefault(key, {})[name] = dec
+            click.echo(f"      decision gap ({how} costs): " + ", ".join(
+                f"{r} {d['gap_pct']:.2f}% (dev ops {d['device_ops_pred']}/"
+                f"{d['device_ops_best']})" for r, d in dec.items()))
     if step_processes:  # the step's time moves with the process that times it (session 14)
         from splitc.tools.time_steps import summarize, time_fresh
 

@@ -86,6 +86,11 @@ def plan_options(fn):
         click.option("--recompute", is_flag=True,
                      help="device backward recomputes the forward instead of keeping "
                           "residuals (less device memory; the device forward is paid twice)"),
+        click.option("--op-costs", "op_costs", type=click.Choice(["auto", "step", "ops"]),
+                     default="auto", show_default=True,
+                     help="learned CPU profiles: price ops from the compiled training step "
+                          "(step; auto: where a profile allows, for training) or each op "
+                          "alone (ops)"),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -94,7 +99,7 @@ def plan_options(fn):
 
 def _plan_config(model, device, server, uplink, downlink, latency, batch_size, input_shapes,
                  objective, algorithm, pins, engine, loss, tied_policy, optimizer, recompute,
-                 baselines=True):
+                 op_costs="auto", baselines=True):
     from splitc.passes.pipeline import PlanConfig
 
     return PlanConfig(
@@ -102,6 +107,7 @@ def _plan_config(model, device, server, uplink, downlink, latency, batch_size, i
         latency=latency, batch_size=batch_size, input_shapes=parse_input_shapes(input_shapes),
         objective=objective, algorithm=algorithm, pins=parse_pins(pins), engine=engine,
         loss=loss, tied_policy=tied_policy, optimizer=optimizer, recompute=recompute,
+        op_costs=op_costs,
         baselines=baselines,
     )
 

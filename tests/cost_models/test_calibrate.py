@@ -113,6 +113,7 @@ def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
         assert r["target"] == "llvm" and r["board"] == "local" and r["repeats"] == 1
         assert r["tvm"] and r["date"].endswith("Z") and r.get("spread", 0) >= 0
         assert r["stat"] == "min" and r["threads"] >= 1 and r["min_repeat_ms"] == 1
+        assert r["process"] == "fresh"  # each workload timed in a process of its own
     # every kernel carries the schedule-aware features of its scheduled TIR
     from splitc.cost_models.tir_features import SCHED_FEATURE_NAMES
 

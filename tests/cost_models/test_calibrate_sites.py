@@ -16,6 +16,7 @@ def test_kernel_rows_name_the_ops_they_came_from(tmp_path, tiny_cnn_onnx):
     rows = load_rows(tmp_path / "cal.jsonl")
     kern = [r for r in rows if r["type"] == "kernel"]
     (step,) = [r for r in rows if r["type"] == "step"]
+    assert {r["process"] for r in rows} == {"shared"}  # the rows say how they were timed
     mod, info = load_onnx(tiny_cnn_onnx)
     roof = RooflineModel(load_profile("local-cpu"))
     g = annotate_costs(mod, roof, roof, name=info.name, buffers=info.buffers)
