@@ -167,8 +167,8 @@ def plan_model(cfg: PlanConfig, progress: Callable[[str], None] | None = None) -
     if cfg.recompute:
         graph = with_recompute(graph)
     kw = {"objective": cfg.objective, "pins": cfg.pins, "tied_policy": cfg.tied_policy,
-              "allow_raw_upload": cfg.allow_raw_upload, "device_profile": dev_name,
-              "server_profile": srv_name}
+          "allow_raw_upload": cfg.allow_raw_upload, "device_profile": dev_name,
+          "server_profile": srv_name}
     say(f"solving ({cfg.algorithm}) over {len(graph.ops)} ops")
     plan = solve(graph, cfg.link, algorithm=cfg.algorithm, engine=cfg.engine, **kw)
     comparison = {cfg.algorithm: plan}
