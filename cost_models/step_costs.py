@@ -22,8 +22,11 @@ costs summed to +27 % of the step), within 2 % elsewhere (26 of 27); with the he
 kernel predictions attributed this way, all 27 plans were the measured plans (0.00 %).
 
 Limits: only for a profile calibrated on a CPU (llvm) target, the kernels the profile was
-fitted on (``passes/build.py`` schedules others for GPUs); it takes the time of scheduling the
-step (seconds for the test models; the op-level costs take milliseconds).
+fitted on (``passes/build.py`` schedules others for GPUs); a profile calibrated with
+``--target host`` is scheduled for the planning machine's CPU, which is the calibrated one
+unless the profile was copied elsewhere. It takes the time of scheduling the step (about a
+second for tiny_transformer; the op-level costs take milliseconds). Like calibration, it
+needs the compiler: ``passes`` is imported inside the functions only.
 """
 
 from __future__ import annotations
