@@ -120,7 +120,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
                      **describe(key, cs, prims, target, sites),
                      "seconds": t.seconds, "median": t.median, "spread": t.spread,
                      "samples": t.repeats, "rounds_used": info["rounds"],
-                     "quiet": info["quiet"], "date": now(), **prov})
+                     "quiet": info["quiet"], **_probe_s(info), "date": now(), **prov})
         if t2 is not None:
             rows[-1].update(seconds=min(t.seconds, t2.seconds), seconds_first=t.seconds,
                             seconds_again=t2.seconds, median_again=t2.median)
@@ -139,7 +139,7 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
                # VM work around the kernels, every function but inference (kernels.py)
                "vm_builtins": sum(n for f, n in vm_work.items() if "infer" not in f),
                "rounds_used": info["rounds"], "quiet": info["quiet"],
-               "probe": info["probe"], "date": now(), **prov}
+               "probe": info["probe"], **_probe_s(info), "date": now(), **prov}
         if recheck:
             again = sum(t.seconds for t in fs2.values())
             row.update(seconds=min(first, again), seconds_first=first, seconds_again=again)
@@ -147,3 +147,10 @@ def measure_workload(w: Workload, runner, cfg: CalibrateConfig, done: set,
         say(f"{w.key}: step {row['seconds'] * 1e3:.3f} ms")
     emit({"type": "done", "workload": w.key, "model": w.model, "date": now(), **prov})
 
+
+def _probe_s(info: dict) -> dict:
+    """The probe's fastest readings in seconds (``sampling.Probe``: a 64^3 matmul and a 1M
+    add), where a probe ran: the host's speed when the row was timed. Session 18 re-timed 3
+    test models in-process a day after session 17: kernels read 1.057-1.083x in the median,
+    steps 1.06-1.08x, on the same host; rows of different days can be compared by it."""
+    return {"probe_s": info["probe_s"]} if "probe_s" in info else {}

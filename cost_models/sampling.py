@@ -92,7 +92,8 @@ def time_rounds(runner, lib, calls, vm, functions: dict, repeats: int, number: i
     (None: no step). Each kernel gets ``repeats / rounds`` samples a round (fewer for slow
     ones: ``budget_s`` a kernel over all rounds, >= 2 a round), each VM function
     ``max(repeats, 15) / rounds`` (>= 5). Returns the kernels' and functions' Timings over
-    all rounds and ``{"rounds": used, "quiet": a quiet round ran, "probe": readings}``."""
+    all rounds and ``{"rounds": used, "quiet": a quiet round ran, "probe": readings}``, with
+    a ``Probe``'s fastest readings so far in seconds (``probe_s``)."""
     def fresh():  # the same values at new addresses (see the docstring)
         return ([random_args(specs, runner.dev, seed=i) for i, (_, specs) in enumerate(calls)],
                 {f: random_args(s, runner.dev, seed=100 + i)
@@ -132,5 +133,7 @@ def time_rounds(runner, lib, calls, vm, functions: dict, repeats: int, number: i
                     f"{after:.2f}x its best{'' if quiet or not probe else ', no quiet round yet'}")
     info = {"rounds": used, "quiet": quiet if probe else None,
             "probe": [round(r, 3) for r in readings]}
+    if isinstance(probe, Probe):  # the host's speed in absolute terms, for other days' rows
+        info["probe_s"] = {k: float(f"{v:.4g}") for k, v in probe.best.items()}
     return ([timing(s, number) for s in samples],
             {f: timing(s, number) for f, s in vsamples.items()}, info)

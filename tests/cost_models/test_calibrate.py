@@ -123,6 +123,9 @@ def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
              for r in kern}
     assert local["fused_conv2d_add"] == 1 and local["fused_multiply10_subtract2"] == 0
     assert step["seconds"] > 0 and all(r["seconds"] > 0 for r in kern)
+    # the host's speed when they were timed: the probe's fastest readings, in seconds
+    assert all(set(r["probe_s"]) == {"probe_mm", "probe_add"} and
+               all(0 < t < 1 for t in r["probe_s"].values()) for r in kern + [step])
     assert any("timing 41 kernels and 2 VM functions in " in m for m in msgs)
     assert any("round 3: 41 kernels, 2 VM functions, probe" in m for m in msgs)
     prof = load_profile(str(out))
