@@ -301,7 +301,7 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
                              for k, v in scaled_twins(zip(ks, (r["seconds"] for r in kern)))
                              .items()} if best[3] else {},
             "accuracy": {k: v for k, v in report.items() if k != "steps"},
-            "steps": report.get("steps", {}),
+            "steps": _chosen_kernel_times(report.get("steps", {}), best[0]),
             # what the fit saw, without the rows (14.6 MB of profile when trees and rows were
             # stored verbatim): the dataset file holds them, this digest names them
             "dataset": {"rows": len(rows), "kernels": len(kern), "steps": len(steps),
@@ -309,3 +309,15 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
                         "models": sorted({r["model"] for r in kern}),
                         "target": sample["target"], "board": sample["board"],
                         "tvm": sample["tvm"], "repeats": sample["repeats"]}}
+
+
+def _chosen_kernel_times(steps: dict, name: str) -> dict:
+    """``heldout_report``'s steps with each workload's held-out kernel times kept for the
+    chosen kernel candidate ``name`` only (the bench's decisions read those)."""
+    out = {}
+    for w, v in steps.items():
+        v = dict(v)
+        if "kernel_times" in v:
+            v["kernel_times"] = {k: t for k, t in v["kernel_times"].items() if k == name}
+        out[w] = v
+    return out

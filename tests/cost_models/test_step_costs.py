@@ -127,3 +127,27 @@ def test_plan_cli_takes_op_costs(calibrated, tiny_cnn_onnx, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["graph"]["cost_model"].endswith(
         "; op costs from the compiled step (device, server)")
+
+
+def test_heldout_report_keeps_each_kernels_time_alone_for_the_chosen_candidate():
+    from splitc.cost_models.fit import _chosen_kernel_times, heldout_report
+
+    def row(model, sym, n, seconds):
+        f = KernelFeatures(("add",), n, 8 * n, 4 * n, 0, "forward", ((n,), (n,)), ((n,),))
+        return {"type": "kernel", "model": model, "workload": model, "calls": 2,
+                "function": "f", "role": "forward", "symbol": sym, "features": f.to_json(),
+                "seconds": seconds}
+
+    rows = [row("sweep", f"s{n}", n, n * 1e-10 + 5e-7) for n in (256, 4096, 65536, 262144)]
+    rows += [row("a", "add", 512, 3e-6), row("a", "add1", 1 << 20, 2e-5),
+             row("b", "add", 512, 3.2e-6), row("b", "add2", 2048, 1e-6)]
+    rows += [{"type": "step", "model": m, "workload": m, "seconds": 5e-5, "n_calls": 4}
+             for m in ("a", "b")]
+    rep = heldout_report(rows, load_profile("local-cpu"), ("linear",))
+    kt = rep["steps"]["a"]["kernel_times"]
+    assert set(kt) == {"linear", "linear/unscaled"}
+    assert set(kt["linear"]) == {"f|forward|add", "f|forward|add1"}
+    assert kt["linear"]["f|forward|add"] == pytest.approx(3.2e-6)  # b's twin, looked up
+    kept = _chosen_kernel_times(rep["steps"], "linear")
+    assert set(kept["a"]["kernel_times"]) == {"linear"}
+    assert kept["a"]["linear"] == rep["steps"]["a"]["linear"]
