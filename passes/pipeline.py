@@ -117,8 +117,9 @@ def with_step_costs(cfg: PlanConfig, graph: OpGraph, dev, srv,
     """``cfg.op_costs``: each side whose cost model is a learned profile calibrated on a CPU
     target gets its op costs (and the server its loss) from the compiled training step
     (``cost_models/step_costs.py`` says how and why). ``auto``: for training plans, where a
-    side allows it; ``step``: both sides must (else ``InputError``); ``ops``: never."""
-    from splitc import InputError
+    side allows it and its step builds (else that side's ops are priced alone, and progress
+    says why); ``step``: both sides must (else the error); ``ops``: never."""
+    from splitc import InputError, SplitcError
     from splitc.cost_models.learned import LearnedModel
     from splitc.cost_models.step_costs import LOSS, step_op_costs, step_target
 
@@ -142,18 +143,26 @@ def with_step_costs(cfg: PlanConfig, graph: OpGraph, dev, srv,
     ops = [(op.name, op.features) for op in graph.ops if op.features is not None]
     costs: dict[str, dict] = {}
     for side, m in sides.items():
-        if side == "server" and "device" in costs and m.profile == dev.profile:
-            costs[side] = costs["device"]  # one profile on both sides: priced once
+        if side == "server" and "device" in sides and m.profile == dev.profile:
+            if "device" in costs:  # one profile on both sides: priced (or failed) once
+                costs[side] = costs["device"]
             continue
         say(f"pricing the {side}'s ops from the compiled training step ({m.profile.name})")
-        costs[side] = step_op_costs(cfg.model, m, ops, cfg.batch_size, cfg.input_shapes or None,
-                                    cfg.loss, cfg.optimizer, say)
+        try:
+            costs[side] = step_op_costs(cfg.model, m, ops, cfg.batch_size,
+                                        cfg.input_shapes or None, cfg.loss, cfg.optimizer, say)
+        except SplitcError as e:  # a step the split cannot build: auto prices ops alone
+            if cfg.op_costs == "step":
+                raise
+            say(f"the training step did not build ({e}); pricing the {side}'s ops alone")
+    if not costs:
+        return graph
     dc, sc = costs.get("device", {}), costs.get("server", {})
     new_ops = tuple(replace(op, device=dc.get(op.name, op.device),
                             server=sc.get(op.name, op.server)) for op in graph.ops)
     return replace(graph, ops=new_ops, loss_server=sc.get(LOSS, graph.loss_server),
                    cost_model=graph.cost_model + f"; op costs from the compiled step "
-                   f"({', '.join(sides)})")
+                   f"({', '.join(costs)})")
 
 
 def plan_model(cfg: PlanConfig, progress: Callable[[str], None] | None = None) -> PlanResult:

@@ -151,3 +151,29 @@ def test_heldout_report_keeps_each_kernels_time_alone_for_the_chosen_candidate()
     kept = _chosen_kernel_times(rep["steps"], "linear")
     assert set(kept["a"]["kernel_times"]) == {"linear"}
     assert kept["a"]["linear"] == rep["steps"]["a"]["linear"]
+
+
+def test_auto_prices_ops_alone_when_the_training_step_does_not_build(calibrated,
+                                                                     tiny_cnn_onnx,
+                                                                     monkeypatch):
+    import splitc.cost_models.step_costs as sc
+    from splitc import UnsupportedError
+
+    calls = []
+
+    def fail(*a, **k):
+        calls.append(1)
+        raise UnsupportedError("SplitModule: no step here")
+
+    monkeypatch.setattr(sc, "step_op_costs", fail)
+    cfg = {"model": tiny_cnn_onnx, "device": str(calibrated), "server": str(calibrated)}
+    said = []
+    _, _, g = annotate_model(PlanConfig(**cfg), progress=said.append)
+    _, _, g0 = annotate_model(PlanConfig(**cfg, op_costs="ops"))
+    assert calls == [1]  # one profile on both sides: tried once
+    assert said[-1] == ("the training step did not build (SplitModule: no step here); pricing "
+                        "the device's ops alone")
+    assert g.cost_model == g0.cost_model and [op.device for op in g.ops] == [
+        op.device for op in g0.ops]
+    with pytest.raises(UnsupportedError, match=r"^SplitModule: no step here$"):
+        annotate_model(PlanConfig(**cfg, op_costs="step"))
