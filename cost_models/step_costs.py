@@ -24,7 +24,8 @@ kernel predictions attributed this way, all 27 plans were the measured plans (0.
 Limits: only for a profile calibrated on a CPU (llvm) target, the kernels the profile was
 fitted on (``passes/build.py`` schedules others for GPUs); a profile calibrated with
 ``--target host`` is scheduled for the planning machine's CPU, which is the calibrated one
-unless the profile was copied elsewhere. It takes the time of scheduling the step (about a
+unless the profile was copied elsewhere. The step is scheduled with the default schedules,
+also for a profile calibrated with ``--tuning-records``. It takes the time of scheduling the step (about a
 second for tiny_transformer; the op-level costs take milliseconds). Like calibration, it
 needs the compiler: ``passes`` is imported inside the functions only.
 """
