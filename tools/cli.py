@@ -299,7 +299,7 @@ def profiles(files, as_json):
         rows.append({"name": name, "kind": p.kind, "peak_flops": dict(p.peak_flops),
                      "mem_bandwidth": p.mem_bandwidth, "kernel_overhead": p.kernel_overhead,
                      "learned": bool(p.learned), "accuracy": acc,
-                     "provenance": dict(p.provenance or {})})
+                     "op_costs": _op_costs(p), "provenance": dict(p.provenance or {})})
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -310,9 +310,26 @@ def profiles(files, as_json):
                 f"{prov.get('status', '?'):<10} {prov.get('source', '')}")
         if acc and isinstance(acc.get(acc["chosen"]), dict):
             line += "  " + _accuracy_line(acc)
+        if r["op_costs"] == "step":
+            line += "  op costs from the compiled step"
         if acc and acc.get("warning"):
             line += f"  WARNING: {acc['warning']}"
         click.echo(line)
+
+
+def _op_costs(p) -> str:
+    """How `splitc plan --op-costs auto` prices a training plan's ops on profile ``p``:
+    ``step`` (from the compiled training step, ``cost_models/step_costs.py``) or ``ops``."""
+    from splitc import SplitcError
+    from splitc.cost_models.learned import LearnedModel
+    from splitc.cost_models.step_costs import step_target
+
+    if not p.learned:
+        return "ops"
+    try:
+        return "step" if step_target(LearnedModel(p)) else "ops"
+    except SplitcError:  # a profile of another version: plan says so when it is used
+        return "ops"
 
 
 def _accuracy_line(acc: dict) -> str:

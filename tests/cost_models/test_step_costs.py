@@ -127,6 +127,13 @@ def test_plan_cli_takes_op_costs(calibrated, tiny_cnn_onnx, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["graph"]["cost_model"].endswith(
         "; op costs from the compiled step (device, server)")
+    # splitc profiles says which profiles price ops this way
+    r = CliRunner().invoke(cli, ["profiles", str(calibrated), "--json"])
+    assert r.exit_code == 0, r.output
+    got = {p["name"]: p["op_costs"] for p in json.loads(r.stdout)}
+    assert got[str(calibrated)] == "step" and got["jetson-orin-nano"] == "ops"
+    r = CliRunner().invoke(cli, ["profiles", str(calibrated)])
+    assert r.stdout.splitlines()[-1].endswith("op costs from the compiled step")
 
 
 def test_heldout_report_keeps_each_kernels_time_alone_for_the_chosen_candidate():
