@@ -38,11 +38,18 @@ from splitc.cost_models.features import op_kernels
 from splitc.cost_models.profiles import DeviceProfile
 from splitc.cost_models.roofline import RooflineModel
 
-__all__ = ["LOSS", "attribute"]
+__all__ = ["LOSS", "attribute", "row_sites"]
 
 LOSS = "<loss>"  # passes/provenance.py: LOSS (the loss is no planner op)
 
 _ROLE = {"forward": 0, "backward": 1, "update": 2}
+
+
+def row_sites(kernels: list[dict]) -> list[dict]:
+    """The ``sites`` argument of ``attribute`` from kernel rows that carry them (one entry per
+    call: ``function``, ``symbol``, ``parts``); empty when none do."""
+    return [{"function": r["function"], "symbol": r["symbol"], "parts": p}
+            for r in kernels for p in r.get("sites", ())]
 
 
 def attribute(ops: list[tuple[str, OpFeatures]], kernels: list[dict],

@@ -160,10 +160,13 @@ class LearnedModel:
                 t[i] *= self.op_scale.get(f"{k.role}/*", 1.0)
         if op_level:  # op_scale and op_overhead were fitted against whole steps
             return t + self.op_overhead
-        if alone:
-            return t
-        return (step_scales(ks, self.step_scale, self.step_scale_large, self.large_bytes) * t
-                + self.call_overhead)
+        return t if alone else self.in_step(ks, t)
+
+    def in_step(self, ks: list[KernelFeatures], alone: np.ndarray) -> np.ndarray:
+        """Seconds per call inside the step of kernels ``ks`` that take ``alone`` timed
+        alone: the step scale of each (``step_scales``) plus the VM's call overhead."""
+        return (step_scales(ks, self.step_scale, self.step_scale_large, self.large_bytes)
+                * alone + self.call_overhead)
 
     def op_cost(self, f: OpFeatures) -> OpCost:
         byte_mult, flop_per = OPTIMIZERS[self.optimizer]

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitc import InputError
-from splitc.cost_models.attribute import LOSS, attribute
+from splitc.cost_models.attribute import LOSS, attribute, row_sites
 from splitc.cost_models.base import OpCost, OpFeatures
 from splitc.cost_models.features import KernelFeatures
 
@@ -74,9 +74,7 @@ def op_costs_from_kernels(ops: list[tuple[str, OpFeatures]], rows: list[dict],
     if len(rows) != len(alone):
         raise ValueError(f"op_costs_from_kernels: {len(rows)} kernel rows, {len(alone)} times")
     timed = [dict(r, seconds=float(t)) for r, t in zip(rows, alone)]
-    sites = [{"function": r["function"], "symbol": r["symbol"], "parts": p}
-             for r in rows for p in r.get("sites", ())]
-    return attribute(ops, timed, step_seconds, prof, sites=sites or None)
+    return attribute(ops, timed, step_seconds, prof, sites=row_sites(rows) or None)
 
 
 def step_target(model: LearnedModel) -> str | None:
@@ -102,7 +100,6 @@ def step_op_costs(path: Path, model: LearnedModel, ops: list[tuple[str, OpFeatur
     training step of the ONNX model at ``path``, priced by ``model`` (see the module
     docstring). Raises ``InputError`` when the profile was not calibrated on a CPU target."""
     from splitc.cost_models.kernels import resolve
-    from splitc.cost_models.learned import step_scales
     from splitc.cost_models.workloads import model_module
 
     text = step_target(model)
@@ -116,9 +113,7 @@ def step_op_costs(path: Path, model: LearnedModel, ops: list[tuple[str, OpFeatur
     ks = [KernelFeatures.from_json(r["features"]) for r in rows]
     calls = [r["calls"] for r in rows]
     alone = model.kernel_times(ks, alone=True)
-    inside = (step_scales(ks, model.step_scale, model.step_scale_large, model.large_bytes)
-              * alone + model.call_overhead)  # what kernel_times(ks) gives
-    step = float(sum(c * t for c, t in zip(calls, inside)))
+    step = float(sum(c * t for c, t in zip(calls, model.in_step(ks, alone))))
     say(f"priced {len(rows)} kernels ({sum(calls)} calls) of the compiled step: "
         f"{step * 1e3:.3f} ms")
     return op_costs_from_kernels(ops, rows, list(alone), step, model.profile)

@@ -224,7 +224,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
          big: bool, family_sweep: int, train_rows: tuple[Path, ...], roofline_from: str,
          step_processes: int, in_process: bool) -> None:
     import torch
-    from splitc.cost_models.attribute import attribute
+    from splitc.cost_models.attribute import attribute, row_sites
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
     from splitc.cost_models.dataset import load_train_rows
     from splitc.cost_models.fit import UNSCALED_SUFFIX
@@ -308,8 +308,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
         results["steps"][name] = {"measured": meas, "second_pass_vs_first": again,
                                   "kernel_sum": ksum, "op_sum": opsum, "roofline_op_sum": roofsum}
         # per binding where calibration traced the kernels (rows with "sites"), else by bucket
-        sites = [{"function": r["function"], "symbol": r["symbol"], "parts": p}
-                 for r in kern for p in r.get("sites", ())]
+        sites = row_sites(kern)
         measured_ops = attribute([(op.name, op.features) for op in g.ops
                                   if op.features is not None], kern, step["seconds"], base,
                                  sites=sites or None)
