@@ -75,6 +75,7 @@ from splitc.cost_models.fresh import time_fresh
 from splitc.cost_models.kernels import resolve as _target
 from splitc.cost_models.measure import measure_workload, schedules_label
 from splitc.cost_models.profiles import DeviceProfile
+from splitc.cost_models.regressors import fit_jobs
 from splitc.cost_models.sampling import Probe
 from splitc.cost_models.workloads import model_module, sweep_module, synthetic_models
 
@@ -145,6 +146,9 @@ class CalibrateConfig:
     # time each workload in a fresh Python process (fresh.py says why: a long-lived timing
     # process drifts slow); False: every workload in this one
     fresh_processes: bool = True
+    # worker processes for the fit (``regressors.fit_jobs``; the timing is over by then);
+    # None: one per CPU this process may run on
+    jobs: int | None = None
     progress: Callable[[str], None] | None = field(default=None, compare=False)
 
     @property
@@ -187,6 +191,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if cfg.rounds < 1 or cfg.max_rounds < cfg.rounds:
         raise InputError(f"Calibrate: rounds {cfg.rounds} and max_rounds {cfg.max_rounds} "
                          "must satisfy 1 <= rounds <= max_rounds")
+    if cfg.jobs is not None and cfg.jobs < 1:  # now, not after the timing
+        raise InputError(f"Calibrate: --jobs must be >= 1, got {cfg.jobs}")
     models = tuple(Path(m) for m in (cfg.models or default_models()))
     for m in models:
         if not m.is_file():
@@ -258,8 +264,9 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     finally:
         fh.close()
         runner.close()
-    say("fitting the cost model")
-    learned = fit_learned(rows + extra, base)
+    with fit_jobs(cfg.jobs) as jobs:
+        say(f"fitting the cost model ({jobs} job{'s' if jobs > 1 else ''})")
+        learned = fit_learned(rows + extra, base)
     name = cfg.name or Path(cfg.output).stem
     acc = learned["accuracy"]
     best = learned["kernel_regressor_name"]

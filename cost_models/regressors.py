@@ -20,13 +20,15 @@ outside the sizes the trees saw.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from splitc import InputError
 from splitc.cost_models.features import FAMILIES, FEATURE_NAMES
 
-__all__ = ["Regressor", "fit_regressor", "mape", "within"]
+__all__ = ["Regressor", "fit_jobs", "fit_regressor", "mape", "within"]
 
 
 @dataclass(frozen=True)
@@ -240,17 +242,69 @@ def fit_regressor(kind: str, X: np.ndarray, y: np.ndarray, seed: int = 0,
         # 42-45 % within +-10 % vs 29 % for one depth-3 ensemble (MAPE 21-27 % vs 42 %)
         col = FEATURE_NAMES.index(f"family={FAMILIES[0]}")
         fam = X[:, col:col + len(FAMILIES)].argmax(1)
-        fams = {f: [_fit_trees(X[fam == i], y[fam == i], seed + b, depth=5,
-                               quantile=_QUANTILE if f in _QUANTILE_FAMILIES else None)
-                    for b in range(_BAGS)]
-                for i, f in enumerate(FAMILIES) if (fam == i).sum() >= _MIN_FAMILY_ROWS}
+        fits = {(f, b): ((X[fam == i], y[fam == i], seed + b),
+                         {"depth": 5,
+                          "quantile": _QUANTILE if f in _QUANTILE_FAMILIES else None})
+                for i, f in enumerate(FAMILIES) if (fam == i).sum() >= _MIN_FAMILY_ROWS
+                for b in range(_BAGS)}
         # the global ensemble only serves families with < 30 kernels: depth 3 is plenty
+        fits.update({(None, b): ((X, y, seed + b), {}) for b in range(_BAGS)})
+        done = _fit_many(fits)
+        fams = {f: [done[f, b] for b in range(_BAGS)] for f, b in done if f is not None}
         return Regressor("family_trees", {"family_column": col, "family_names": list(FAMILIES),
                                           "families": fams,
-                                          "global": [_fit_trees(X, y, seed + b)
-                                                     for b in range(_BAGS)]})
+                                          "global": [done[None, b] for b in range(_BAGS)]})
     raise InputError(f"LearnedModel: unknown regressor {kind!r}; use linear, trees or "
                      "family_trees")
+
+
+# Fitting in worker processes (``fit_jobs``): only when the largest ensemble of a fit (the
+# global one, on every row) has this many rows; smaller fits take a few seconds in all, less
+# than starting the workers.
+_PARALLEL_MIN_ROWS = 5000
+_JOBS = 1  # worker processes for the ensembles of one fit; fit_jobs sets it
+_POOL = None  # fit_jobs's pool, started by the first fit that uses it
+
+
+@contextmanager
+def fit_jobs(jobs: int | None = None):
+    """Inside this block, ``fit_regressor`` fits the ensembles of a ``family_trees``
+    regressor (a bag per family and the global bag: ~40 on a calibration's rows) in ``jobs``
+    worker processes; None: one per CPU this process may run on. The trees are the same as
+    fitted in one process (each ensemble has its own seed): only the wall time changes. Yields
+    the number of jobs. Fits on small data stay in this process (``_PARALLEL_MIN_ROWS``)."""
+    global _JOBS, _POOL
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    if jobs < 1:
+        raise InputError(f"fit: jobs must be at least 1, got {jobs}")
+    prev = _JOBS, _POOL
+    _JOBS, _POOL = jobs, None
+    try:
+        yield jobs
+    finally:
+        if _POOL is not None:
+            _POOL.shutdown(cancel_futures=True)
+        _JOBS, _POOL = prev
+
+
+def _fit_many(fits: dict) -> dict:
+    """``{key: (args, kwargs)}`` of ``_fit_trees`` -> ``{key: ensemble}``, in ``fit_jobs``'s
+    workers when there are several and the data is large enough, the largest first."""
+    global _POOL
+    rows = max(len(a[1]) for a, _ in fits.values())
+    if _JOBS < 2 or len(fits) < 2 or rows < _PARALLEL_MIN_ROWS:
+        return {k: _fit_trees(*a, **kw) for k, (a, kw) in fits.items()}
+    if _POOL is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: workers do not inherit this process's threads (TVM's, the timer's)
+        _POOL = ProcessPoolExecutor(_JOBS, mp_context=multiprocessing.get_context("forkserver"))
+    order = sorted(fits, key=lambda k: -len(fits[k][0][1]))
+    futures = {k: _POOL.submit(_fit_trees, *fits[k][0], **fits[k][1]) for k in order}
+    return {k: futures[k].result() for k in fits}
 
 
 def mape(pred: np.ndarray, meas: np.ndarray) -> float:

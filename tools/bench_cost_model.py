@@ -217,12 +217,14 @@ def _fresh_lines(fresh: dict) -> list[str]:
 @click.option("--step-processes", type=click.IntRange(min=0), default=0, show_default=True,
               help="also time each test model's step in this many fresh processes and score "
               "the predicted steps against their median (tools/time_steps.py)")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="worker processes for the fits (default: one per CPU this process may use)")
 @click.option("--in-process", is_flag=True,
               help="time every workload in this process, as the reused --train-rows were "
               "timed (splitc calibrate --in-process), not each in a fresh one")
 def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: int,
          big: bool, family_sweep: int, train_rows: tuple[Path, ...], roofline_from: str,
-         step_processes: int, in_process: bool) -> None:
+         step_processes: int, in_process: bool, jobs: int | None) -> None:
     import torch
     from splitc.cost_models.attribute import attribute, row_sites
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
@@ -231,6 +233,7 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
     from splitc.cost_models.learned import LearnedModel
     from splitc.cost_models.link import Link
     from splitc.cost_models.profiles import DeviceProfile, load_profile
+    from splitc.cost_models.regressors import fit_jobs
     from splitc.cost_models.roofline import RooflineModel
     from splitc.cost_models.step_costs import kernel_id, op_costs_from_kernels
     from splitc.passes.annotate_costs import annotate_costs
@@ -248,7 +251,8 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
                                           synthetic_large=synthetic_large, recheck=True,
                                           family_sweep=family_sweep, train_rows=train_rows,
                                           base_profile=roofline_from,
-                                          fresh_processes=not in_process, progress=log))
+                                          fresh_processes=not in_process, jobs=jobs,
+                                          progress=log))
     click.echo(f"calibrated in {time.time() - t0:.0f}s (measure + fit)")
     prof = load_profile(str(prof_path))
     acc = prof.learned["accuracy"]
@@ -283,8 +287,9 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
             continue
         w = by_model[mname]
         held = [r for r in rows if r["model"] != mname]
-        learned = fit_learned(held, base, (prof.learned["regressor"]["kind"],), heldout=False,
-                              sched=False)  # op costs: plain features only
+        with fit_jobs(jobs):  # op costs: plain features only
+            learned = fit_learned(held, base, (prof.learned["regressor"]["kind"],),
+                                  heldout=False, sched=False)
         lp = dataclasses.replace(base, learned=learned)
         step = next(r for r in rows if r["type"] == "step" and r["workload"] == w)
         kern = [r for r in rows if r["type"] == "kernel" and r["workload"] == w]
