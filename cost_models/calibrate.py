@@ -146,6 +146,9 @@ class CalibrateConfig:
     # time each workload in a fresh Python process (fresh.py says why: a long-lived timing
     # process drifts slow); False: every workload in this one
     fresh_processes: bool = True
+    # False: time and save the rows, no fit (a later run with the same output fits them: every
+    # row is done by then); calibrate returns the dataset's path
+    fit: bool = True
     # worker processes for the fit (``regressors.fit_jobs``; the timing is over by then);
     # None: one per CPU this process may run on
     jobs: int | None = None
@@ -181,7 +184,8 @@ def failed_message(m, error: str, b=None) -> str:
 
 # -- entry point -----------------------------------------------------------------------------
 def calibrate(cfg: CalibrateConfig) -> Path:
-    """Measure (resumably), fit, and write the calibrated profile to ``cfg.output``."""
+    """Measure (resumably), fit, and write the calibrated profile to ``cfg.output``; returns
+    its path (the dataset's with ``cfg.fit`` False: timed, not fitted)."""
     from splitc.cost_models.profiles import load_profile
     from splitc.cost_models.rpc import Runner
 
@@ -264,6 +268,9 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     finally:
         fh.close()
         runner.close()
+    if not cfg.fit:
+        say(f"timed; {len(rows)} rows in {ds}, not fitted")
+        return ds
     with fit_jobs(cfg.jobs) as jobs:
         say(f"fitting the cost model ({jobs} job{'s' if jobs > 1 else ''})")
         learned = fit_learned(rows + extra, base)

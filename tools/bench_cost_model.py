@@ -217,6 +217,9 @@ def _fresh_lines(fresh: dict) -> list[str]:
 @click.option("--step-processes", type=click.IntRange(min=0), default=0, show_default=True,
               help="also time each test model's step in this many fresh processes and score "
               "the predicted steps against their median (tools/time_steps.py)")
+@click.option("--time-only", is_flag=True, help="time and save the rows, then stop: the same "
+              "command without it fits and scores them (so the training rows can be swept on "
+              "another core meanwhile)")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="worker processes for the fits (default: one per CPU this process may use)")
 @click.option("--in-process", is_flag=True,
@@ -224,7 +227,7 @@ def _fresh_lines(fresh: dict) -> list[str]:
               "timed (splitc calibrate --in-process), not each in a fresh one")
 def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: int,
          big: bool, family_sweep: int, train_rows: tuple[Path, ...], roofline_from: str,
-         step_processes: int, in_process: bool, jobs: int | None) -> None:
+         step_processes: int, in_process: bool, time_only: bool, jobs: int | None) -> None:
     import torch
     from splitc.cost_models.attribute import attribute, row_sites
     from splitc.cost_models.calibrate import CalibrateConfig, calibrate, fit_learned, load_rows
@@ -252,7 +255,11 @@ def main(out: Path, target: str, repeats: int, synthetic: int, synthetic_large: 
                                           family_sweep=family_sweep, train_rows=train_rows,
                                           base_profile=roofline_from,
                                           fresh_processes=not in_process, jobs=jobs,
-                                          progress=log))
+                                          fit=not time_only, progress=log))
+    if time_only:
+        click.echo(f"timed into {prof_path} in {time.time() - t0:.0f}s; run again without "
+                   "--time-only to fit and score")
+        return
     click.echo(f"calibrated in {time.time() - t0:.0f}s (measure + fit)")
     prof = load_profile(str(prof_path))
     acc = prof.learned["accuracy"]

@@ -176,6 +176,8 @@ def bench(ctx, name, args):
 @click.option("--in-process", is_flag=True, help="time every workload in this process, not "
               "each in a fresh one (a long-lived timing process drifted 5-18% slow here)")
 @click.option("--no-resume", is_flag=True, help="re-measure rows already in the dataset")
+@click.option("--no-fit", is_flag=True, help="time and save the rows only; the same "
+              "command without --no-fit then fits them without timing anything again")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="worker processes for the fit, after the timing (default: one per CPU "
               "this process may use; the same trees either way)")
@@ -188,7 +190,7 @@ def bench(ctx, name, args):
 @_errors
 def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning_records,
               synthetic, synthetic_large, family_sweep, train_rows, recheck, roofline_from,
-              no_sweep, in_process, no_resume, jobs, name, output, as_json, quiet):
+              no_sweep, in_process, no_resume, no_fit, jobs, name, output, as_json, quiet):
     """Time compiled kernels (locally or over TVM RPC) and fit a learned cost model."""
     from splitc.cost_models.calibrate import CalibrateConfig
     from splitc.cost_models.calibrate import calibrate as run
@@ -206,8 +208,14 @@ def calibrate(target, rpc_tracker, rpc_key, models, batch_sizes, repeats, tuning
                           synthetic_large=synthetic_large, family_sweep=family_sweep,
                           train_rows=tuple(train_rows), recheck=recheck,
                           fresh_processes=not in_process, base_profile=roofline_from,
-                          jobs=jobs, progress=_progress(quiet))
+                          jobs=jobs, fit=not no_fit, progress=_progress(quiet))
     path = run(cfg)
+    if no_fit:
+        if as_json:
+            click.echo(json.dumps({"profile": None, "dataset": str(path)}, indent=1))
+        else:
+            click.echo(f"timed into {path}; run again without --no-fit to fit the profile")
+        return
     if as_json:
         p = load_profile(path)
         click.echo(json.dumps({"profile": str(path), "dataset": str(cfg.dataset_path),

@@ -167,6 +167,19 @@ def test_calibrate_local_resume_and_plan(tmp_path, tiny_cnn_onnx, tiny_cnn):
     assert all(op.device.training > 0 for op in g.ops)
 
 
+def test_calibrate_no_fit_times_then_the_same_run_fits(tmp_path, tiny_cnn_onnx):
+    """fit=False (``--no-fit``) times and saves the rows and returns the dataset; the same
+    calibration again times nothing and fits them."""
+    ds, msgs = _calibrate(tmp_path, tiny_cnn_onnx, fit=False)
+    assert ds == tmp_path / "cal.jsonl" and not (tmp_path / "cal.json").exists()
+    n = len(ds.read_text().splitlines())
+    assert msgs[-1] == f"timed; {n} rows in {ds}, not fitted"
+    out, msgs = _calibrate(tmp_path, tiny_cnn_onnx, jobs=1)
+    assert out == tmp_path / "cal.json" and len(ds.read_text().splitlines()) == n
+    assert "fitting the cost model (1 job)" in msgs
+    assert load_profile(str(out)).learned["dataset"]["rows"] == n
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -177,10 +177,18 @@ def test_calibrate_passes_the_synthetic_model_counts(tmp_path, monkeypatch):
               str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
     assert seen[1].base_profile == "jetson-orin-nano" and not seen[1].fresh_processes
+    assert seen[1].fit and seen[1].jobs is None  # fitted, in one worker per CPU
+    r = _run(["calibrate", "--no-fit", "--jobs", "3", "-q", "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert not seen[2].fit and seen[2].jobs == 3
+    assert r.output == f"timed into {tmp_path / 'p.json'}; run again without --no-fit to fit " \
+        "the profile\n"
+    r = _run(["calibrate", "--jobs", "0", "-q", "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and len(seen) == 3
     # a bad name fails before anything is timed
     r = _run(["calibrate", "--roofline-from", str(tmp_path / "none.json"), "-q", "-o",
               str(tmp_path / "p.json")])
-    assert r.exit_code == 2 and len(seen) == 2
+    assert r.exit_code == 2 and len(seen) == 3
     assert f"error: Profile: profile file {str(tmp_path / 'none.json')!r} does not exist" \
         in r.output
 
