@@ -273,7 +273,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         return ds
     with fit_jobs(cfg.jobs) as jobs:
         say(f"fitting the cost model ({jobs} job{'s' if jobs > 1 else ''})")
-        learned = fit_learned(rows + extra, base)
+        learned = fit_learned(rows + extra, base, progress=say)
     name = cfg.name or Path(cfg.output).stem
     acc = learned["accuracy"]
     best = learned["kernel_regressor_name"]

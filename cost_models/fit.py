@@ -139,12 +139,12 @@ def noise_warning(accuracy: dict) -> str | None:
             "machine was loaded while timing); recalibrate when it is quiet")
 
 
-def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_trees")
-                   ) -> dict:
+def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_trees"),
+                   progress=None) -> dict:
     """Leave-one-model-out: for each model, fit on every other model's kernels plus the sweep
     and predict this model's kernels and whole step. Returns per regressor (and ``roofline``)
     the share of kernels within +-10 %, the MAPE (%), and per model the predicted and measured
-    step."""
+    step. ``progress(msg)``: told as each held-out model's fits begin."""
     kern = [r for r in rows if r["type"] == "kernel"]
     steps = {r["workload"]: r for r in rows if r["type"] == "step"}
     models = test_models(kern)
@@ -154,11 +154,15 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
     # per held-out kernel: its model, priced by look-up? by a batch-scaled one?
     owner, looked, batch_scaled = [], [], []
     cands = _candidates(kinds, kern)
-    for m in models:
+    for i, m in enumerate(models):
         train = [r for r in kern if r["model"] != m]
         test = [r for r in kern if r["model"] == m]
         if not train or not test:
             continue
+        if progress:
+            fits = len({(c[1], c[2]) for c in cands})
+            progress(f"held out {i + 1}/{len(models)}: {m} ({len(test)} kernels; {fits} "
+                     f"regressor{'s' if fits > 1 else ''} fitted on the other {len(train)})")
         # features once per fold and feature set, not per candidate
         xs = {sched: (_xy(train, prof, sched), _xy(test, prof, sched))
               for sched in {c[2] for c in cands} | {False}}
@@ -246,7 +250,7 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
 
 
 def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_trees"),
-                heldout: bool = True, sched: bool = True) -> dict:
+                heldout: bool = True, sched: bool = True, progress=None) -> dict:
     """The ``learned`` section of a calibrated profile, refitted on every row:
 
     - ``regressor``: the plain-feature regressor with the lower held-out MAPE, for op costs
@@ -257,12 +261,15 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
 
     Trees when there is nothing to hold out. ``heldout=False`` skips the leave-one-model-out
     comparison and fits ``kinds[0]`` (plain and, when the rows have them, schedule-aware).
-    ``sched=False``: plain features only (``kernel_regressor`` = ``regressor``)."""
+    ``sched=False``: plain features only (``kernel_regressor`` = ``regressor``).
+    ``progress(msg)``: told as each stage of the fit begins (a calibration's fit can take half
+    an hour)."""
     kern = [r for r in rows if r["type"] == "kernel"]
     if len(kern) < 8:
         raise SplitcError(f"Calibrate: only {len(kern)} kernels measured; add models or enable "
                           "the op sweep")
-    report = heldout_report(rows, prof, kinds) if heldout else {"models": [], "kernels": 0}
+    report = (heldout_report(rows, prof, kinds, progress) if heldout
+              else {"models": [], "kernels": 0})
     cands = [c for c in _candidates(kinds, kern) if sched or not c[2]]
     scored = [c for c in cands if c[0] in report]
     default = [c for c in cands if c[1] == kinds[-1 if heldout else 0] and c[3]]
@@ -275,6 +282,9 @@ def fit_learned(rows: list[dict], prof: DeviceProfile, kinds=("linear", "family_
     plain = [c for c in scored if not c[2] and c[3] == best[3]]
     best_plain = max(plain, key=lambda c: report[c[0]]["within_10pct"]) if plain \
         else default[0]
+    if progress:
+        progress(f"fitting the profile's regressors ({best_plain[0]}, {best[0]}) on "
+                 f"{len(kern)} kernels")
     ks, X, y = _xy(kern, prof)
     off = label_floor(kern)  # as in heldout_report
     reg: Regressor = fit_regressor(best_plain[1], X, y, offset_overhead=off)

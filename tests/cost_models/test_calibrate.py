@@ -406,7 +406,10 @@ def test_heldout_report_groups_by_size_pricing_and_model():
     # its own; b likewise
     rows += [row("a", 512, 3e-6), row("a", 1 << 20, 2e-5), row("b", 512, 3e-6),
              row("b", 2048, 1e-6), relayout("a", 4, 4e-5), relayout("b", 8, 7.6e-5)]
-    rep = heldout_report(rows, load_profile("local-cpu"), ("linear",))
+    said = []
+    rep = heldout_report(rows, load_profile("local-cpu"), ("linear",), said.append)
+    assert said == ["held out 1/2: a (3 kernels; 1 regressor fitted on the other 9)",
+                    "held out 2/2: b (3 kernels; 1 regressor fitted on the other 9)"]
     n = rep["group_kernels"]
     assert rep["kernels"] == 6 and rep["looked_up"] == 2 and rep["scaled"] == 2
     assert n["lt_2us"] + n["2_to_10us"] + n["ge_10us"] == 6
