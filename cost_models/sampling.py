@@ -57,11 +57,14 @@ def timing_lock(runner, say: Callable[[str], None] | None = None):
     ``$SPLITC_TIMING_LOCK``); other processes may compile meanwhile. Nothing for a board behind
     RPC (it times there) or with ``SPLITC_TIMING_LOCK=`` (empty).
 
-    Why (session 19, 2 cores): with a family sweep timing on each core, the probe read 1.3x
-    its best in most rounds and no round ran quiet; with the other sweep stopped, 1.06-1.14x.
-    The 9 test models timed twice beside a sweep agreed within +-10 % for 92.4 % of kernels
-    (97-99 % alone). Two sweeps that take turns keep most of the throughput: a block spends
-    about half its time starting its process and compiling."""
+    Why: two processes timing at once on two cores share the cache and the memory bus. In
+    session 19 (2 cores) the 9 test models timed twice beside a family sweep agreed within
+    +-10 % for 92.4 % of kernels (97-99 % alone in earlier sessions), and the probe read
+    1.3x its best in most rounds, 1.06-1.14x with the sweep stopped. That the turns help is
+    not established: later the same day, with turns, the host's own load kept the probe at
+    1.08-1.92x with the other sweep stopped. Turns cost little: a block spends about half its
+    time starting its process and compiling (two sweeps taking turns timed 3.6 and 3.8 blocks
+    a minute)."""
     path = os.environ.get(LOCK_ENV, os.path.join(tempfile.gettempdir(), "splitc-timing.lock"))
     if getattr(runner, "remote", None) is not None or not path:
         yield
