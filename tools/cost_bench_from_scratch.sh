@@ -6,14 +6,12 @@
 #   tools/cost_bench_from_scratch.sh OUT [FAMILY_BLOCKS]
 #
 # Core 0: the bench's own rows (the 9 test models timed twice, the op sweep, 80 + 48 random
-#         models), then depthwise and attention blocks 320-799, conv and pool blocks 320-439.
-# Core 1: the family sweep (FAMILY_BLOCKS blocks of every kind, default 320), then conv and pool
-#         blocks 440-559.
+#         models), then depthwise and attention blocks 320-799.
+# Core 1: the family sweep (FAMILY_BLOCKS blocks of every kind, default 320).
 # The two take turns timing (cost_models/sampling.py: timing_lock; each compiles while the other
-# times): timing on both cores at once slowed the probe 1.3x (session 19). Then the 9 test models
-# are timed again alone, and the bench fits on both cores (--jobs 2) and scores.
-# About 2 h 15 min on the Zen 4 host of session 19. Every step resumes where a killed run
-# stopped: run the same command again.
+# times). Then the 9 test models are timed again with nothing beside them (their first timing
+# shared the machine with the sweep), and the bench fits on both cores (--jobs 2) and scores.
+# Every step resumes where a killed run stopped: run the same command again.
 set -euo pipefail
 OUT=${1:?usage: $0 OUT [FAMILY_BLOCKS]}
 FAMILY=${2:-320}
@@ -22,8 +20,7 @@ export TVM_NUM_THREADS=1
 BENCH=(--out "$OUT/bench" --synthetic 80 --synthetic-large 48 --big --step-processes 7
        --in-process)
 TRAIN=(--train-rows "$OUT/family/fam.jsonl" --train-rows "$OUT/dw/fam.jsonl"
-       --train-rows "$OUT/att/fam.jsonl" --train-rows "$OUT/cpa/fam.jsonl"
-       --train-rows "$OUT/cpb/fam.jsonl")
+       --train-rows "$OUT/att/fam.jsonl")
 SWEEP=(python -m splitc.tools.sweep_family)
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -31,11 +28,9 @@ log "timing on both cores: the bench's rows (core 0), the family sweep (core 1)"
 (taskset -c 0 python -m splitc.tools.bench_cost_model "${BENCH[@]}" --time-only \
    > "$OUT/bench_time.log" 2>&1
  taskset -c 0 "${SWEEP[@]}" "$OUT/dw" 800 --start 320 --kinds dwconv > "$OUT/dw.log" 2>&1
- taskset -c 0 "${SWEEP[@]}" "$OUT/att" 800 --start 320 --kinds attention > "$OUT/att.log" 2>&1
- taskset -c 0 "${SWEEP[@]}" "$OUT/cpa" 440 --start 320 --kinds conv,pool > "$OUT/cpa.log" 2>&1) &
+ taskset -c 0 "${SWEEP[@]}" "$OUT/att" 800 --start 320 --kinds attention > "$OUT/att.log" 2>&1) &
 core0=$!
-(taskset -c 1 "${SWEEP[@]}" "$OUT/family" "$FAMILY" > "$OUT/family.log" 2>&1
- taskset -c 1 "${SWEEP[@]}" "$OUT/cpb" 560 --start 440 --kinds conv,pool > "$OUT/cpb.log" 2>&1) &
+(taskset -c 1 "${SWEEP[@]}" "$OUT/family" "$FAMILY" > "$OUT/family.log" 2>&1) &
 core1=$!
 wait "$core0"
 wait "$core1"
@@ -45,6 +40,8 @@ python - "$OUT/bench/bench.jsonl" <<'EOF'
 import json, sys
 from pathlib import Path
 p = Path(sys.argv[1])
+if p.with_suffix(".both_cores.jsonl").exists():
+    sys.exit(0)  # set aside by an earlier run: the rows now are the ones timed alone
 rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 keep = [r for r in rows if r.get("train_only") or r.get("model") == "sweep"]
 p.with_suffix(".both_cores.jsonl").write_text(p.read_text())
