@@ -289,22 +289,48 @@ def fit_jobs(jobs: int | None = None):
         _JOBS, _POOL = prev
 
 
+def _watch_parent(pid: int) -> None:
+    """In a fit worker: exit when the process that started the pool is gone. A calibration
+    killed with SIGTERM mid-fit left its workers fitting on for minutes (session 19)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # the pid is someone else's now: ours is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _fit_many(fits: dict) -> dict:
     """``{key: (args, kwargs)}`` of ``_fit_trees`` -> ``{key: ensemble}``, in ``fit_jobs``'s
     workers when there are several and the data is large enough, the largest first."""
-    global _POOL
     rows = max(len(a[1]) for a, _ in fits.values())
     if _JOBS < 2 or len(fits) < 2 or rows < _PARALLEL_MIN_ROWS:
         return {k: _fit_trees(*a, **kw) for k, (a, kw) in fits.items()}
+    pool = _start_pool()
+    order = sorted(fits, key=lambda k: -len(fits[k][0][1]))
+    futures = {k: pool.submit(_fit_trees, *fits[k][0], **fits[k][1]) for k in order}
+    return {k: futures[k].result() for k in fits}
+
+
+def _start_pool():
+    """``fit_jobs``'s pool of ``_JOBS`` workers, started on first use."""
+    global _POOL
     if _POOL is None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # forkserver: workers do not inherit this process's threads (TVM's, the timer's)
-        _POOL = ProcessPoolExecutor(_JOBS, mp_context=multiprocessing.get_context("forkserver"))
-    order = sorted(fits, key=lambda k: -len(fits[k][0][1]))
-    futures = {k: _POOL.submit(_fit_trees, *fits[k][0], **fits[k][1]) for k in order}
-    return {k: futures[k].result() for k in fits}
+        _POOL = ProcessPoolExecutor(_JOBS, mp_context=multiprocessing.get_context("forkserver"),
+                                    initializer=_watch_parent, initargs=(os.getpid(),))
+    return _POOL
 
 
 def mape(pred: np.ndarray, meas: np.ndarray) -> float:

@@ -59,3 +59,44 @@ def test_calibrate_rejects_bad_jobs_before_timing(tmp_path):
     with pytest.raises(InputError, match=r"^Calibrate: --jobs must be >= 1, got 0$"):
         calibrate(CalibrateConfig(output=tmp_path / "p.json", jobs=0))
     assert not (tmp_path / "p.jsonl").exists()  # nothing timed
+
+
+def test_workers_exit_when_the_fitting_process_is_killed():
+    """A calibration killed mid-fit (SIGTERM: no Ctrl-C reaching its process group) does not
+    leave its workers fitting on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    code = textwrap.dedent("""
+        import time
+        from splitc.cost_models import regressors as R
+        with R.fit_jobs(2):
+            pool = R._start_pool()
+            busy = [pool.submit(time.sleep, 120) for _ in range(2)]  # two long "fits"
+            time.sleep(1.0)
+            print(*pool._processes, flush=True)
+            time.sleep(120)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = [int(x) for x in p.stdout.readline().split()]
+    assert len(workers) == 2
+    p.send_signal(signal.SIGTERM)
+    p.wait(10)
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie until its parent (the forkserver) reaps it: gone as far as work goes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+
+    t0 = time.time()
+    while any(alive(w) for w in workers) and time.time() - t0 < 10:
+        time.sleep(0.2)
+    assert not any(alive(w) for w in workers)
