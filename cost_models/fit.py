@@ -154,15 +154,15 @@ def heldout_report(rows: list[dict], prof: DeviceProfile, kinds=("linear", "fami
     # per held-out kernel: its model, priced by look-up? by a batch-scaled one?
     owner, looked, batch_scaled = [], [], []
     cands = _candidates(kinds, kern)
+    n_fits = len({(c[1], c[2]) for c in cands})  # one fit per kind and feature set
     for i, m in enumerate(models):
         train = [r for r in kern if r["model"] != m]
         test = [r for r in kern if r["model"] == m]
         if not train or not test:
             continue
         if progress:
-            fits = len({(c[1], c[2]) for c in cands})
-            progress(f"held out {i + 1}/{len(models)}: {m} ({len(test)} kernels; {fits} "
-                     f"regressor{'s' if fits > 1 else ''} fitted on the other {len(train)})")
+            progress(f"held out {i + 1}/{len(models)}: {m} ({len(test)} kernels; {n_fits} "
+                     f"regressor{'s' if n_fits > 1 else ''} fitted on the other {len(train)})")
         # features once per fold and feature set, not per candidate
         xs = {sched: (_xy(train, prof, sched), _xy(test, prof, sched))
               for sched in {c[2] for c in cands} | {False}}

@@ -300,9 +300,7 @@ def _watch_parent(pid: int) -> None:
             time.sleep(1.0)
             try:
                 os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            except PermissionError:  # the pid is someone else's now: ours is gone
+            except (ProcessLookupError, PermissionError):  # gone, or the pid is someone else's
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
