@@ -174,6 +174,13 @@ _STATS = {"min": np.min, "median": np.median}
 # host, the two timing passes agreeing for 99.1 % of kernels): look-ups of held-out kernels
 # under 100 ns 128 -> 136 of 146 within +-10 %, all 265 -> 274 of 289.
 TWIN_STAT = "median"
+# Tried in session 20, not adopted: where a key has twins timed in a quiet round (the probe
+# within 5 % of its best) and twins timed in none, only the quiet ones. Held-out look-ups of
+# the 9 test models (391 kernels): 340 -> 344 within +-10 % on session 19's rows (timed on a
+# host loaded from outside), 378 -> 377 on the same blocks re-timed on a quiet host. The flag
+# is a weak witness: 85 % of the re-timed sweep's kernels had no quiet round (two sweeps taking
+# turns, the probe at 1.06-1.09x its best beside the other's compiling), yet they priced the
+# look-ups to 378 of 391. What fixed session 19's rows was timing them again.
 
 
 MAX_RATIO = 4.0  # a measured batch at most 4x bigger or smaller
