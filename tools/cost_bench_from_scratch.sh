@@ -12,6 +12,10 @@
 # times). Then the 9 test models are timed again with nothing beside them (their first timing
 # shared the machine with the sweep), and the bench fits on both cores (--jobs 2) and scores.
 # Every step resumes where a killed run stopped: run the same command again.
+# If the host was loaded while the sweeps ran, time their blocks again when it is quiet, e.g.
+#   taskset -c 1 python -m splitc.tools.sweep_family NEW 320 --blocks OUT/family/family
+# and pass NEW's rows instead (session 20: session 19's sweeps timed again this way took the
+# held-out kernels from 453 to 495 of 539; the rows' `quiet` flag did not tell which were off).
 set -euo pipefail
 OUT=${1:?usage: $0 OUT [FAMILY_BLOCKS]}
 FAMILY=${2:-320}
