@@ -272,7 +272,10 @@ def fit_jobs(jobs: int | None = None):
     regressor (a bag per family and the global bag: ~40 on a calibration's rows) in ``jobs``
     worker processes; None: one per CPU this process may run on. The trees are the same as
     fitted in one process (each ensemble has its own seed): only the wall time changes. Yields
-    the number of jobs. Fits on small data stay in this process (``_PARALLEL_MIN_ROWS``)."""
+    the number of jobs. Fits on small data stay in this process (``_PARALLEL_MIN_ROWS``).
+    The workers start by forkserver, which imports the caller's ``__main__`` again: a script
+    that fits with jobs > 1 needs ``if __name__ == "__main__":`` around its work, or every
+    worker runs the script and the pool breaks (``BrokenProcessPool``; session 20's harness)."""
     global _JOBS, _POOL
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
